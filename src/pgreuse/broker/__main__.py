@@ -1,0 +1,103 @@
+"""``python -m pgreuse.broker``: run a broker in the foreground, optionally supervised.
+
+With ``--supervise`` this process stays small: it forks the real broker and forks a new one when the
+broker dies abnormally (with a backoff), forwards SIGTERM/SIGINT, and exits when ``--parent-pid`` (the
+Gunicorn master) is gone. Gunicorn reaps every child of the master with ``waitpid(-1)``, so the master
+cannot watch the broker's exit code itself; the supervisor is the broker's own parent and can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+from .config import BrokerConfig, ConfigError, parse_argv
+
+logger = logging.getLogger("pgreuse.broker")
+
+
+def run_broker(config: BrokerConfig) -> int:
+    from .server import Broker  # noqa: PLC0415 - keep the supervisor's memory small
+
+    try:
+        broker = Broker(config)
+        asyncio.run(broker.run())
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+def supervise(config: BrokerConfig) -> int:
+    stopping = False
+    child = 0
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child:
+            os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    backoff = 0.5
+    while True:
+        started = time.monotonic()
+        child = os.fork()
+        if child == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os._exit(run_broker(config))
+        while True:
+            try:
+                _, status = os.waitpid(child, 0)
+                break
+            except ChildProcessError:
+                status = 0
+                break
+            except InterruptedError:
+                continue
+        code = os.waitstatus_to_exitcode(status)
+        if stopping or code in (0, 2):
+            return code
+        if config.parent_pid and not _alive(config.parent_pid):
+            return 0
+        if time.monotonic() - started > 60:
+            backoff = 0.5
+        logger.error("broker pid %d exited with %d; restarting in %.1fs", child, code, backoff)
+        time.sleep(backoff)
+        backoff = min(backoff * 2, 10.0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config, supervised = parse_argv(argv)
+    except ConfigError as exc:
+        print(f"pgreuse broker: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s pgreuse[%(process)d] %(levelname)s %(message)s",
+    )
+    if supervised:
+        return supervise(config)
+    return run_broker(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

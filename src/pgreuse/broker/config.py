@@ -1,0 +1,192 @@
+"""Broker settings: one frozen object, built from the command line (or by the Gunicorn hooks).
+
+Validation lives here so that every bad value is refused before anything is opened, with a message
+that names the flag, the value and what to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+import attrs
+
+DEFAULT_PORT = 6432
+DEFAULT_SOCKET_DIR = "/run/pgreuse"
+# sun_path is 108 bytes including the NUL; the longest name we put in the directory is
+# ".s.PGREUSE.<port>" (17 bytes for a 5-digit port) plus the slash.
+MAX_SOCKET_DIR = 107 - len("/.s.PGREUSE.65535")
+
+
+class ConfigError(ValueError):
+    """A broker setting is out of range; the message names it and says what to do."""
+
+
+@attrs.frozen
+class BrokerConfig:
+    dsn: str
+    socket_dir: str = DEFAULT_SOCKET_DIR
+    port: int = DEFAULT_PORT
+    max_size: int = 10
+    min_size: int = 1
+    wait_timeout: float = 30.0
+    idle_transaction_timeout: float = 0.0  # 0: PostgreSQL's own setting applies
+    shutdown_timeout: float = 10.0
+    log_level: str = "INFO"
+    parent_pid: int = 0  # exit when this process exits (the Gunicorn master)
+
+    def __attrs_post_init__(self) -> None:
+        if not self.dsn:
+            raise ConfigError(
+                "no PostgreSQL DSN: pass --dsn 'host=... dbname=... user=...' or set PGREUSE_DSN"
+            )
+        if not os.path.isabs(self.socket_dir):
+            raise ConfigError(
+                f"--socket-dir {self.socket_dir!r} must be an absolute path (libpq treats a host "
+                "that starts with '/' as a socket directory)"
+            )
+        if len(self.socket_dir) > MAX_SOCKET_DIR:
+            raise ConfigError(
+                f"--socket-dir {self.socket_dir!r} is {len(self.socket_dir)} bytes; Unix socket "
+                f"paths must fit in 107 bytes, so use a directory of at most {MAX_SOCKET_DIR} bytes"
+            )
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"--port {self.port} is not a port number (1-65535)")
+        if not 1 <= self.max_size <= 65535:
+            raise ConfigError(f"--max-size {self.max_size} must be between 1 and 65535")
+        if not 0 <= self.min_size <= self.max_size:
+            raise ConfigError(
+                f"--min-size {self.min_size} must be between 0 and --max-size ({self.max_size})"
+            )
+        if not self.wait_timeout > 0:
+            raise ConfigError(f"--wait-timeout {self.wait_timeout} must be > 0 seconds")
+        if self.idle_transaction_timeout < 0:
+            raise ConfigError(
+                f"--idle-transaction-timeout {self.idle_transaction_timeout} must be >= 0 seconds "
+                "(0 disables it)"
+            )
+        if self.shutdown_timeout < 0:
+            raise ConfigError(f"--shutdown-timeout {self.shutdown_timeout} must be >= 0 seconds")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"--log-level {self.log_level!r}: use one of DEBUG, INFO, WARNING, ERROR")
+
+    @property
+    def pg_socket(self) -> str:
+        return os.path.join(self.socket_dir, f".s.PGSQL.{self.port}")
+
+    @property
+    def control_socket(self) -> str:
+        return os.path.join(self.socket_dir, f".s.PGREUSE.{self.port}")
+
+    def to_argv(self) -> list[str]:
+        """The command-line flags that rebuild this config (used to spawn a broker process)."""
+        return [
+            "--socket-dir", self.socket_dir, "--port", str(self.port),
+            "--max-size", str(self.max_size), "--min-size", str(self.min_size),
+            "--wait-timeout", str(self.wait_timeout),
+            "--idle-transaction-timeout", str(self.idle_transaction_timeout),
+            "--shutdown-timeout", str(self.shutdown_timeout), "--log-level", self.log_level,
+            "--parent-pid", str(self.parent_pid),
+        ]  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pgreuse.broker",
+        description=(
+            "Own a bounded set of PostgreSQL connections and lend them, one transaction at a time, "
+            "to every pgreuse client on this host. Clients connect with "
+            "host=<socket-dir> port=<port>."
+        ),
+    )
+    p.add_argument(
+        "--dsn",
+        default=os.environ.get("PGREUSE_DSN", ""),
+        help="libpq conninfo of the PostgreSQL the backends connect to "
+        "(default: $PGREUSE_DSN). The password may also come from PGPASSWORD.",
+    )
+    p.add_argument(
+        "--socket-dir",
+        default=DEFAULT_SOCKET_DIR,
+        help="directory for the broker's sockets and shared-memory table; created with mode "
+        "0700 if missing (default: %(default)s)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="number in the socket names .s.PGSQL.<port> and .s.PGREUSE.<port>: what clients "
+        "pass as port= (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-size",
+        type=int,
+        default=10,
+        help="most backend connections open at once (default: %(default)s)",
+    )
+    p.add_argument(
+        "--min-size",
+        type=int,
+        default=1,
+        help="backends kept open even when idle (default: %(default)s)",
+    )
+    p.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client may queue for a backend before it gets PoolTimeout (default: %(default)s)",
+    )
+    p.add_argument(
+        "--idle-transaction-timeout",
+        type=float,
+        default=0.0,
+        help="seconds a holder may sit idle inside a transaction before PostgreSQL ends the "
+        "session and the broker replaces the backend; 0 leaves PostgreSQL's "
+        "idle_in_transaction_session_timeout alone (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, seconds to wait for lent backends to come back before closing them "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="INFO",
+        help="DEBUG, INFO, WARNING or ERROR (default: %(default)s)",
+    )
+    p.add_argument(
+        "--parent-pid",
+        type=int,
+        default=0,
+        help="exit when the process with this pid exits (set by the Gunicorn hooks)",
+    )
+    p.add_argument(
+        "--supervise",
+        action="store_true",
+        help="run the broker in a child process and restart it if it dies",
+    )
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BrokerConfig:
+    return BrokerConfig(
+        dsn=args.dsn,
+        socket_dir=args.socket_dir,
+        port=args.port,
+        max_size=args.max_size,
+        min_size=args.min_size,
+        wait_timeout=args.wait_timeout,
+        idle_transaction_timeout=args.idle_transaction_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level.upper(),
+        parent_pid=args.parent_pid,
+    )
+
+
+def parse_argv(argv: Sequence[str] | None = None) -> tuple[BrokerConfig, bool]:
+    """Parse the command line; return the config and whether to supervise."""
+    args = build_parser().parse_args(argv)
+    return config_from_args(args), bool(args.supervise)

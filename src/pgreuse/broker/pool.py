@@ -1,0 +1,606 @@
+"""The pool: the broker's backends, the FIFO of waiters, and every decision about lending.
+
+Invariants:
+
+* At most ``max_size`` slots hold a socket (connecting, idle, lent or resetting) at any time.
+* A slot changes state only through :meth:`Pool._transition` (which checks the state machine and mirrors
+  the slot into the shared-memory table).
+* A backend is lent only from ``idle``, and reaches ``idle`` only from a fresh connect or after a
+  ``resetting`` step that proved nothing is left unread on its socket.
+* A backend whose holder process died, or whose holder saw it fail, is closed (``shutdown()`` first:
+  other workers may still cache a dup of its fd) and never lent again; a replacement is opened in a
+  fresh generation of the same slot.
+* Waiters are served first-come first-served; each has a deadline after which it is denied.
+
+All of this runs on the broker's one asyncio loop thread; nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import select
+import socket
+import time
+from collections import deque
+from collections.abc import Coroutine
+from typing import Any, Protocol
+
+import attrs
+
+from ..shm import Table
+from ..wire import control
+from ..wire.frames import terminate
+from ..wire.states import CloseReason, SlotState, check_transition
+from .config import BrokerConfig
+from .connector import (
+    BackendConnectError,
+    BackendQueryError,
+    BackendTarget,
+    open_backend,
+    run_simple_query,
+    send_cancel,
+)
+
+logger = logging.getLogger("pgreuse.broker")
+
+# Parameters that change how values are encoded or parsed by the client (DESIGN.md §3 rule 7): every
+# backend of a pool must report the same values, because parked clients cached them at startup.
+PINNED_PARAMETERS = ("client_encoding", "DateStyle", "IntervalStyle", "TimeZone")
+CHECKED_PARAMETERS = (
+    *PINNED_PARAMETERS,
+    "standard_conforming_strings",
+    "integer_datetimes",
+    "server_encoding",
+)
+RESET_QUERY = "DISCARD ALL"
+_RDHUP = getattr(select, "POLLRDHUP", 0x2000)
+
+
+class Client(Protocol):
+    """What the pool needs of a control-channel client (one worker process)."""
+
+    pid: int
+    fds: dict[int, int]  # slot -> generation of the fd this process holds
+
+    def send(self, msg: control.Message, fd: int | None = None) -> None: ...
+
+
+@attrs.define(eq=False)
+class Backend:
+    index: int
+    state: SlotState = SlotState.CLOSED
+    generation: int = 0
+    sock: socket.socket | None = None
+    pid: int = 0
+    secret: int = 0
+    holder: Client | None = None
+    parking: int = 0  # parking key the current lease serves: where a CancelRequest is routed
+    lease_started_ns: int = 0
+    leases: int = 0
+    use_ns: int = 0
+    opened_at: float = 0.0
+    dirty: bool = False
+    close_reason: CloseReason = CloseReason.NONE
+    watched: bool = False
+
+
+@attrs.define(eq=False)
+class Waiter:
+    client: Client
+    request: int
+    parking: int
+    enqueued_ns: int
+    timer: asyncio.TimerHandle | None = None
+
+
+class Pool:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        target: BackendTarget,
+        table: Table,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.config = config
+        self.target = target
+        self.table = table
+        self.loop = loop
+        self.slots = [Backend(i) for i in range(config.max_size)]
+        self.idle: list[Backend] = []  # used as a stack: the most recently returned goes out first
+        self.waiters: deque[Waiter] = deque()
+        self.parameters: dict[str, str] | None = None
+        self.last_connect_error: str | None = None
+        self.closing = False
+        self._retry_at = 0.0  # monotonic: no new connect attempt before this after failures
+        self._backoff = 0.0
+        self._attempt_done = asyncio.Event()  # set after every connect attempt (for parking)
+        self._tasks: set[asyncio.Task[None]] = set()
+        for b in self.slots:
+            self._publish(b)
+
+    def __repr__(self) -> str:
+        counts = {s: 0 for s in SlotState}
+        for b in self.slots:
+            counts[b.state] += 1
+        return (
+            f"<Pool {self.target.database!r} idle={counts[SlotState.IDLE]} "
+            f"lent={counts[SlotState.LENT]} connecting={counts[SlotState.CONNECTING]} "
+            f"waiting={len(self.waiters)}>"
+        )
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def _transition(self, b: Backend, new: SlotState, reason: str) -> None:
+        check_transition(b.index, b.state, new, reason)
+        logger.debug("slot %d gen %d: %s -> %s (%s)", b.index, b.generation, b.state.name,
+                     new.name, reason)  # fmt: skip
+        b.state = new
+        self._publish(b)
+
+    def _publish(self, b: Backend) -> None:
+        self.table.write_slot(
+            b.index,
+            state=b.state,
+            close_reason=b.close_reason,
+            dirty=b.dirty,
+            generation=b.generation,
+            backend_pid=b.pid,
+            holder_pid=b.holder.pid if b.holder else 0,
+            lease_started_ns=b.lease_started_ns,
+            leases=b.leases,
+            use_ns=b.use_ns,
+            opened_at=b.opened_at,
+        )
+
+    def _alive(self) -> int:
+        return sum(1 for b in self.slots if b.state is not SlotState.CLOSED)
+
+    def _count(self, state: SlotState) -> int:
+        return sum(1 for b in self.slots if b.state is state)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        async def runner() -> None:
+            try:
+                await coro
+            except Exception:
+                logger.exception("internal error in a pool task")
+
+        task = self.loop.create_task(runner())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- opening backends -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open ``min_size`` backends (at least one: its parameters are what parked clients see)."""
+        for _ in range(max(1, self.config.min_size)):
+            self._open_one()
+
+    def _open_one(self) -> bool:
+        if self.closing:
+            return False
+        b = next((s for s in self.slots if s.state is SlotState.CLOSED), None)
+        if b is None:
+            return False
+        b.generation += 1
+        b.close_reason = CloseReason.NONE
+        b.dirty = False
+        self._transition(b, SlotState.CONNECTING, "opening a backend")
+        self._spawn(self._connect(b))
+        return True
+
+    def _startup_options(self) -> str | None:
+        opts = []
+        if self.config.idle_transaction_timeout > 0:
+            ms = max(1, int(self.config.idle_transaction_timeout * 1000))
+            opts.append(f"-c idle_in_transaction_session_timeout={ms}")
+        if self.parameters is not None:
+            # Pin what the first backend reported, so a server default changed later (ALTER
+            # SYSTEM, a reload) cannot give new backends values that parked clients did not see.
+            for name in PINNED_PARAMETERS:
+                if name in self.parameters:
+                    value = self.parameters[name].replace("\\", "\\\\").replace(" ", "\\ ")
+                    opts.append(f"-c {name}={value}")
+        return " ".join(opts) or None
+
+    async def _connect(self, b: Backend) -> None:
+        try:
+            opened = await open_backend(self.target, extra_options=self._startup_options())
+        except BackendConnectError as exc:
+            self.last_connect_error = str(exc)
+            self.table.add("connect_failures")
+            self._backoff = min(5.0, max(0.25, self._backoff * 2))
+            self._retry_at = time.monotonic() + self._backoff
+            logger.warning("slot %d: %s (next attempt in %.2fs)", b.index, exc, self._backoff)
+            b.close_reason = CloseReason.CONNECT_FAILED
+            self.table.count_close(CloseReason.CONNECT_FAILED)
+            self._transition(b, SlotState.CLOSED, "connect failed")
+            self._connect_failed()
+            self._attempt_done.set()
+            self._attempt_done = asyncio.Event()
+            return
+        if self.closing:
+            opened.sock.close()
+            b.close_reason = CloseReason.SHUTDOWN
+            self._transition(b, SlotState.CLOSED, "opened during shutdown")
+            return
+        mismatch = self._parameter_mismatch(opened.parameters)
+        b.sock = opened.sock
+        b.pid = opened.backend_pid
+        b.secret = opened.backend_secret
+        b.opened_at = time.time()
+        b.leases = 0
+        b.use_ns = 0
+        self.table.add("backends_opened")
+        self.table.add("connect_ns", int(opened.connect_seconds * 1e9))
+        if mismatch:
+            self.last_connect_error = mismatch
+            logger.error("slot %d: %s", b.index, mismatch)
+            self._transition(b, SlotState.IDLE, "connected")
+            self._close(b, CloseReason.PARAMETER_MISMATCH, graceful=True)
+            self._connect_failed()
+            self._attempt_done.set()
+            self._attempt_done = asyncio.Event()
+            return
+        if self.parameters is None:
+            self.parameters = dict(opened.parameters)
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self.last_connect_error = None
+        logger.info(
+            "slot %d gen %d: backend pid %d open in %.1f ms",
+            b.index, b.generation, b.pid, opened.connect_seconds * 1000,
+        )  # fmt: skip
+        self._transition(b, SlotState.IDLE, "connected")
+        self._make_idle(b)
+        self._attempt_done.set()
+        self._attempt_done = asyncio.Event()
+
+    def _parameter_mismatch(self, params: dict[str, str]) -> str | None:
+        if self.parameters is None:
+            return None
+        for name in CHECKED_PARAMETERS:
+            want, got = self.parameters.get(name), params.get(name)
+            if want != got:
+                return (
+                    f"new backend reports {name}={got!r} but the pool's clients were started "
+                    f"with {name}={want!r}; restart the broker after changing server defaults"
+                )
+        return None
+
+    def _connect_failed(self) -> None:
+        """Deny every waiter when nothing that could serve them is left."""
+        if self._alive():
+            return
+        msg = f"the broker cannot reach PostgreSQL: {self.last_connect_error}"
+        while self.waiters:
+            w = self.waiters.popleft()
+            self._deny(w, control.DenyCode.UNAVAILABLE, msg, counter="unavailable")
+        self.table.set("pending", 0)
+
+    async def wait_parameters(self, timeout: float) -> dict[str, str]:
+        """The parameters parked clients are told; raise ``BackendConnectError`` if unreachable."""
+        deadline = time.monotonic() + timeout
+        while self.parameters is None:
+            if not any(b.state is SlotState.CONNECTING for b in self.slots):
+                if time.monotonic() < self._retry_at and self.last_connect_error:
+                    raise BackendConnectError(self.last_connect_error)
+                if not self._open_one():
+                    raise BackendConnectError(self.last_connect_error or "no slot free to connect")
+            done = self._attempt_done
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BackendConnectError(
+                    f"no backend opened within {timeout}s; last error: {self.last_connect_error}"
+                )
+            try:
+                await asyncio.wait_for(done.wait(), remaining)
+            except TimeoutError:
+                continue
+            if self.parameters is None and self.last_connect_error:
+                raise BackendConnectError(self.last_connect_error)
+        return self.parameters
+
+    # -- lending ----------------------------------------------------------------------------------
+
+    def request(self, client: Client, request: int, parking: int) -> None:
+        """A worker asks for a backend (``Acquire``)."""
+        w = Waiter(client, request, parking, time.monotonic_ns())
+        if self.closing:
+            self._deny(w, control.DenyCode.CLOSED, "the broker is shutting down")
+            return
+        if self.idle and not self.waiters:
+            self._grant(self.idle.pop(), w)
+            return
+        if not self._alive() and self.last_connect_error and time.monotonic() < self._retry_at:
+            # PostgreSQL was unreachable a moment ago: fail now with the reason instead of making
+            # the caller sit out the whole wait timeout.
+            self._deny(
+                w,
+                control.DenyCode.UNAVAILABLE,
+                f"the broker cannot reach PostgreSQL: {self.last_connect_error}",
+                counter="unavailable",
+            )
+            return
+        w.timer = self.loop.call_later(self.config.wait_timeout, self._expire, w)
+        self.waiters.append(w)
+        self.table.set("pending", len(self.waiters))
+        snap_max = self.table.snapshot().counters["max_pending"]
+        if len(self.waiters) > snap_max:
+            self.table.set("max_pending", len(self.waiters))
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        while self.waiters and self.idle:
+            self._grant(self.idle.pop(), self.waiters.popleft())
+        self.table.set("pending", len(self.waiters))
+        # Open more backends for whoever still waits, up to max_size.
+        need = len(self.waiters) - self._count(SlotState.CONNECTING)
+        while need > 0 and self._open_one():
+            need -= 1
+
+    def _grant(self, b: Backend, w: Waiter) -> None:
+        if w.timer:
+            w.timer.cancel()
+        self._unwatch(b)
+        now = time.monotonic_ns()
+        waited = now - w.enqueued_ns
+        b.holder = w.client
+        b.parking = w.parking
+        b.lease_started_ns = now
+        b.leases += 1
+        self._transition(b, SlotState.LENT, f"granted to pid {w.client.pid}")
+        self.table.add("leases")
+        if w.timer is not None:
+            self.table.add("waits")
+            self.table.add("wait_ns", waited)
+        self.table.observe_wait(waited / 1e9)
+        send_fd = w.client.fds.get(b.index) != b.generation
+        assert b.sock is not None
+        if send_fd:
+            w.client.fds[b.index] = b.generation
+        w.client.send(
+            control.Grant(w.request, b.index, b.generation, b.pid, send_fd),
+            b.sock.fileno() if send_fd else None,
+        )
+
+    def _deny(self, w: Waiter, code: control.DenyCode, message: str, counter: str = "") -> None:
+        if w.timer:
+            w.timer.cancel()
+        if counter:
+            self.table.add(counter)
+        w.client.send(control.Deny(w.request, code, message))
+
+    def _expire(self, w: Waiter) -> None:
+        try:
+            self.waiters.remove(w)
+        except ValueError:
+            return
+        self.table.set("pending", len(self.waiters))
+        w.timer = None
+        detail = (
+            f"; last connection error: {self.last_connect_error}"
+            if (self.last_connect_error and not self._alive())
+            else ""
+        )
+        self._deny(
+            w,
+            control.DenyCode.TIMEOUT,
+            f"no backend free within {self.config.wait_timeout:g}s (--wait-timeout; all "
+            f"{self.config.max_size} of --max-size are in use){detail}",
+            counter="timeouts",
+        )
+
+    def abandon(self, client: Client, request: int) -> None:
+        for w in self.waiters:
+            if w.client is client and w.request == request:
+                self.waiters.remove(w)
+                if w.timer:
+                    w.timer.cancel()
+                self.table.set("pending", len(self.waiters))
+                return
+        # Already granted or denied: the worker handles the late answer itself.
+
+    def release(self, client: Client, index: int, generation: int, outcome: control.Outcome) -> None:
+        if not 0 <= index < len(self.slots):
+            logger.warning("pid %d released slot %d, which does not exist", client.pid, index)
+            return
+        b = self.slots[index]
+        if b.generation != generation or b.holder is not client or b.state is not SlotState.LENT:
+            # The broker already took this backend back (it died while lent, or was revoked).
+            logger.debug("pid %d released stale slot %d gen %d", client.pid, index, generation)
+            return
+        self._end_lease(b)
+        if outcome is control.Outcome.BROKEN:
+            self._close(b, CloseReason.CLIENT_REPORTED_BROKEN, graceful=False)
+            return
+        self._transition(b, SlotState.RESETTING, outcome.name.lower())
+        if outcome is control.Outcome.DIRTY:
+            b.dirty = True
+            self._spawn(self._reset(b))
+            return
+        problem = self._unread(b)
+        if problem is not None:
+            self._close(b, problem, graceful=False)
+            return
+        self._transition(b, SlotState.IDLE, "clean release")
+        self._make_idle(b)
+
+    def _end_lease(self, b: Backend) -> None:
+        if b.lease_started_ns:
+            used = time.monotonic_ns() - b.lease_started_ns
+            b.use_ns += used
+            self.table.add("use_ns", used)
+        b.holder = None
+        b.parking = 0
+        b.lease_started_ns = 0
+
+    def _unread(self, b: Backend) -> CloseReason | None:
+        """A backend returned at ReadyForQuery 'I' must have nothing waiting on its socket."""
+        assert b.sock is not None
+        p = select.poll()
+        p.register(b.sock.fileno(), select.POLLIN | _RDHUP)
+        events = p.poll(0)
+        if not events:
+            return None
+        ev = events[0][1]
+        if ev & (_RDHUP | select.POLLHUP | select.POLLERR):
+            return CloseReason.SERVER_CLOSED
+        return CloseReason.UNREAD_DATA
+
+    async def _reset(self, b: Backend) -> None:
+        assert b.sock is not None
+        try:
+            q = await run_simple_query(b.sock, RESET_QUERY, timeout=10.0)
+        except BackendQueryError as exc:
+            logger.warning("slot %d: reset failed: %s", b.index, exc)
+            self._close(b, CloseReason.RESET_FAILED, graceful=False)
+            return
+        if q.error is not None or q.transaction_status != b"I":
+            logger.warning("slot %d: %s failed: %s", b.index, RESET_QUERY, q.error)
+            self._close(b, CloseReason.RESET_FAILED, graceful=False)
+            return
+        b.dirty = False
+        self._transition(b, SlotState.IDLE, "reset")
+        self._make_idle(b)
+
+    def _make_idle(self, b: Backend) -> None:
+        if self.closing:
+            self._close(b, CloseReason.SHUTDOWN, graceful=True)
+            return
+        self._watch(b)
+        self.idle.append(b)
+        self._dispatch()
+
+    # -- watching idle backends -------------------------------------------------------------------
+
+    def _watch(self, b: Backend) -> None:
+        assert b.sock is not None
+        self.loop.add_reader(b.sock.fileno(), self._idle_readable, b)
+        b.watched = True
+
+    def _unwatch(self, b: Backend) -> None:
+        if b.watched and b.sock is not None:
+            self.loop.remove_reader(b.sock.fileno())
+        b.watched = False
+
+    def _idle_readable(self, b: Backend) -> None:
+        # An idle backend speaks only to say goodbye (a FATAL on shutdown or termination).
+        assert b.sock is not None
+        try:
+            data = b.sock.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data = str(exc).encode()
+        logger.warning(
+            "slot %d: backend pid %d %s while idle; replacing it",
+            b.index, b.pid, "closed the connection" if not data else f"sent {data[:60]!r}",
+        )  # fmt: skip
+        self._close(b, CloseReason.SERVER_CLOSED, graceful=False)
+
+    # -- closing ----------------------------------------------------------------------------------
+
+    def _close(self, b: Backend, reason: CloseReason, *, graceful: bool) -> None:
+        """Close slot ``b``'s backend for ``reason`` and open a replacement if anyone needs one."""
+        self._unwatch(b)
+        if b in self.idle:
+            self.idle.remove(b)
+        if b.sock is not None:
+            try:
+                if graceful:
+                    b.sock.send(terminate())
+                # shutdown() acts on the socket itself, not on this fd: every worker that cached
+                # a dup of it sees the connection end too, and PostgreSQL ends the session
+                # (rolling back whatever a dead holder left half done).
+                b.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            b.sock.close()
+            b.sock = None
+            self.table.add("backends_closed")
+        self._end_lease(b)
+        b.close_reason = reason
+        self.table.count_close(reason)
+        logger.info("slot %d gen %d: backend pid %d closed: %s",
+                    b.index, b.generation, b.pid, reason.name.lower())  # fmt: skip
+        self._transition(b, SlotState.CLOSED, reason.name.lower())
+        self._refill()
+
+    def _refill(self) -> None:
+        if self.closing:
+            return
+        if time.monotonic() < self._retry_at:
+            return  # the janitor tries again after the backoff
+        while self._alive() < self.config.min_size and self._open_one():
+            pass
+        self._dispatch()
+
+    def client_gone(self, client: Client) -> None:
+        """A worker process closed its control channel (it exited, or died)."""
+        for w in [w for w in self.waiters if w.client is client]:
+            self.waiters.remove(w)
+            if w.timer:
+                w.timer.cancel()
+        self.table.set("pending", len(self.waiters))
+        for b in self.slots:
+            if b.holder is client and b.state is SlotState.LENT:
+                # Its protocol state is unknown (a dead worker's unread result would come back as
+                # the answer to the next holder's query): never reuse it.
+                logger.warning(
+                    "slot %d: holder pid %d went away holding backend pid %d; closing it",
+                    b.index, client.pid, b.pid,
+                )  # fmt: skip
+                self._close(b, CloseReason.HOLDER_EXITED, graceful=False)
+
+    def cancel(self, parking: int) -> None:
+        """Forward a CancelRequest for the lease that parking connection ``parking`` holds."""
+        for b in self.slots:
+            if b.state is SlotState.LENT and b.parking == parking:
+                logger.info("forwarding cancel to backend pid %d (slot %d)", b.pid, b.index)
+                self._spawn(send_cancel(self.target, b.pid, b.secret))
+                return
+        logger.debug("cancel for parking %d: no lease held, nothing to cancel", parking)
+
+    # -- janitor ----------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Periodic checks: dead lent backends, min_size after a failure backoff."""
+        for b in self.slots:
+            if b.state is SlotState.LENT and b.sock is not None:
+                p = select.poll()
+                p.register(b.sock.fileno(), _RDHUP)
+                if p.poll(0):
+                    # PostgreSQL ended this session while a worker held it (idle-in-transaction
+                    # timeout, pg_terminate_backend, a crash). The holder gets the server's error
+                    # on its next read; the slot gets a new backend now.
+                    holder = b.holder.pid if b.holder else 0
+                    logger.warning(
+                        "slot %d: backend pid %d hung up while lent to pid %d; replacing it",
+                        b.index, b.pid, holder,
+                    )  # fmt: skip
+                    self._close(b, CloseReason.DIED_WHILE_LENT, graceful=False)
+        if not self.closing and time.monotonic() >= self._retry_at:
+            self._refill()
+
+    async def shutdown(self, timeout: float) -> None:
+        """Deny waiters, give lent backends ``timeout`` seconds to come back, close everything."""
+        self.closing = True
+        while self.waiters:
+            self._deny(self.waiters.popleft(), control.DenyCode.CLOSED, "the broker is shutting down")
+        for b in list(self.idle):
+            self._close(b, CloseReason.SHUTDOWN, graceful=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(
+            b.state in (SlotState.LENT, SlotState.RESETTING) for b in self.slots
+        ):
+            await asyncio.sleep(0.05)
+        for b in self.slots:
+            if b.state is not SlotState.CLOSED and b.sock is not None:
+                self._close(b, CloseReason.SHUTDOWN, graceful=b.state is SlotState.IDLE)
+        for t in list(self._tasks):
+            t.cancel()
+        pid = os.getpid()
+        logger.info("pool closed (broker pid %d)", pid)

@@ -1,0 +1,498 @@
+"""The broker process: its two listeners, the clients on them, and its lifecycle.
+
+* ``<socket-dir>/.s.PGSQL.<port>`` speaks the PostgreSQL protocol. A pgreuse connection's libpq does its
+  startup here and then *parks*: the broker answers with the parameters of a real backend and a parking
+  key, and the socket stays quiet until the connection closes. CancelRequests arrive here too and are
+  forwarded to the backend currently leased by the connection that owns the key.
+* ``<socket-dir>/.s.PGREUSE.<port>`` (``SOCK_SEQPACKET``) carries lease messages, one channel per worker
+  process, and the backend fds (``SCM_RIGHTS``).
+
+Malformed input closes that client with a log line; it never takes the broker or a backend down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import getpass
+import logging
+import os
+import pwd
+import secrets
+import signal
+import socket
+import struct
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from ..shm import Table, table_path
+from ..wire import control, frames
+from .config import BrokerConfig, ConfigError
+from .connector import BackendConnectError, BackendTarget, parse_target
+from .pool import CHECKED_PARAMETERS, Pool
+
+logger = logging.getLogger("pgreuse.broker")
+
+# Startup parameters a client may send that do not change how values are encoded (accepted, shown in
+# the stats) — everything else must match the pool or is refused.
+HARMLESS_PARAMETERS = frozenset({"application_name", "fallback_application_name"})
+# Startup parameters that change encoding/parsing: must equal the pool's (DESIGN.md §3 rule 7).
+MATCHED_PARAMETERS = ("client_encoding", "DateStyle", "IntervalStyle", "TimeZone",
+                      "standard_conforming_strings")  # fmt: skip
+_PEERCRED = struct.Struct("3i")
+PARKING_KEY_BASE = 1 << 30  # above any real pid (pid_max <= 2**22): a parking key is never a pid
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return pid, uid, gid
+
+
+class ControlClient:
+    """One worker process's control channel."""
+
+    def __init__(self, sock: socket.socket, pid: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.sock = sock
+        self.pid = pid
+        self.fds: dict[int, int] = {}
+        self._loop = loop
+        self._outbox: list[tuple[bytes, int | None]] = []
+        self.dead = False
+
+    def __repr__(self) -> str:
+        return f"<ControlClient pid={self.pid} fds={len(self.fds)}>"
+
+    def send(self, msg: control.Message, fd: int | None = None) -> None:
+        if self.dead:
+            return
+        self._outbox.append((control.encode(msg), fd))
+        if len(self._outbox) == 1:
+            self._flush()
+
+    def _flush(self) -> None:
+        # Messages are tiny; the socket buffer fills only if the worker stopped reading. Keep order.
+        while self._outbox:
+            data, fd = self._outbox[0]
+            try:
+                if fd is None:
+                    self.sock.send(data)
+                else:
+                    socket.send_fds(self.sock, [data], [fd])
+            except BlockingIOError:
+                self._loop.add_writer(self.sock.fileno(), self._writable)
+                return
+            except OSError as exc:
+                logger.info("control channel of pid %d: send failed: %s", self.pid, exc)
+                self.dead = True
+                self._outbox.clear()
+                return
+            self._outbox.pop(0)
+
+    def _writable(self) -> None:
+        self._loop.remove_writer(self.sock.fileno())
+        self._flush()
+
+
+class Parking:
+    """A parked libpq connection: what its CancelRequests may name."""
+
+    def __init__(self, key: int, secret: int, peer_pid: int, application_name: str) -> None:
+        self.key = key
+        self.secret = secret
+        self.peer_pid = peer_pid
+        self.application_name = application_name
+
+
+class StartupRefused(Exception):
+    def __init__(self, sqlstate: str, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.hint = hint
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        try:
+            self.target: BackendTarget = parse_target(config.dsn)
+        except ValueError as exc:
+            raise ConfigError(f"--dsn: {exc}") from exc
+        self.allowed_uids = {os.geteuid(), 0}
+        self.parkings: dict[int, Parking] = {}
+        self._next_key = PARKING_KEY_BASE
+        self._stop = asyncio.Event()
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.table: Table | None = None
+        self.pool: Pool | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        self._prepare_dir()
+        self.table = Table.create(
+            table_path(cfg.socket_dir, cfg.port),
+            max_size=cfg.max_size,
+            min_size=cfg.min_size,
+            wait_timeout=cfg.wait_timeout,
+            database=self.target.database,
+            user=self.target.user,
+        )
+        self.pool = Pool(cfg, self.target, self.table, loop)
+        pg = self._listen(cfg.pg_socket, socket.SOCK_STREAM)
+        ctl = self._listen(cfg.control_socket, socket.SOCK_SEQPACKET)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        parent_fd = self._watch_parent(loop)
+        self.pool.start()
+        self._spawn(self._accept(pg, self._serve_pg))
+        self._spawn(self._accept(ctl, self._serve_control))
+        self._spawn(self._janitor())
+        logger.info(
+            "pgreuse broker pid %d ready: clients connect with host=%s port=%d; backends: %s, "
+            "max-size %d",
+            os.getpid(), cfg.socket_dir, cfg.port, self.target.describe(), cfg.max_size,
+        )  # fmt: skip
+        try:
+            await self._stop.wait()
+        finally:
+            logger.info("shutting down")
+            for s in self._listeners:
+                with contextlib.suppress(OSError):
+                    os.unlink(s.getsockname())
+                s.close()
+            await self.pool.shutdown(cfg.shutdown_timeout)
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if parent_fd is not None:
+                loop.remove_reader(parent_fd)
+                os.close(parent_fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.table.path)
+            self.table.close()
+
+    def _prepare_dir(self) -> None:
+        d = self.config.socket_dir
+        try:
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--socket-dir {d!r}: cannot create it: {exc}") from exc
+        if not os.path.isdir(d):
+            raise ConfigError(f"--socket-dir {d!r} exists and is not a directory")
+
+    def _listen(self, path: str, kind: int) -> socket.socket:
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, kind)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale: left by a broker that was killed
+            else:
+                raise ConfigError(
+                    f"another broker is already listening on {path}; stop it or use another --port"
+                )
+            finally:
+                probe.close()
+        s = socket.socket(socket.AF_UNIX, kind)
+        s.bind(path)
+        s.listen(512)
+        s.setblocking(False)
+        self._listeners.append(s)
+        return s
+
+    def _watch_parent(self, loop: asyncio.AbstractEventLoop) -> int | None:
+        if not self.config.parent_pid:
+            return None
+        try:
+            fd = os.pidfd_open(self.config.parent_pid)
+        except ProcessLookupError:
+            logger.error("parent pid %d is gone; exiting", self.config.parent_pid)
+            self.stop()
+            return None
+
+        def parent_exited() -> None:
+            logger.warning("parent pid %d exited; shutting down", self.config.parent_pid)
+            self.stop()
+
+        loop.add_reader(fd, parent_exited)
+        return fd
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept(
+        self, lsock: socket.socket, handler: Callable[[socket.socket], Coroutine[Any, Any, None]]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(lsock)
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    logger.error("accept failed: %s; raise the open-files limit", exc)
+                    await asyncio.sleep(0.1)
+                    continue
+                raise
+            conn.setblocking(False)
+            self._spawn(handler(conn))
+
+    async def _janitor(self) -> None:
+        assert self.pool is not None
+        while True:
+            await asyncio.sleep(0.25)
+            self.pool.tick()
+
+    def _allowed(self, sock: socket.socket, what: str) -> int | None:
+        pid, uid, _gid = peer_credentials(sock)
+        if uid not in self.allowed_uids:
+            logger.warning("%s from pid %d uid %d refused: uid not allowed", what, pid, uid)
+            return None
+        return pid
+
+    # -- the PostgreSQL-protocol listener ---------------------------------------------------------
+
+    async def _serve_pg(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        parking: Parking | None = None
+        try:
+            peer_pid = self._allowed(sock, "connection")
+            if peer_pid is None:
+                await loop.sock_sendall(sock, frames.error_response(
+                    "28000", "pgreuse broker: your user id may not use this broker",
+                    severity="FATAL"))  # fmt: skip
+                return
+            reader = frames.StartupReader()
+            while True:
+                packet = reader.next_packet()
+                if packet is None:
+                    data = await loop.sock_recv(sock, 16384)
+                    if not data:
+                        return
+                    reader.feed(data)
+                    continue
+                if isinstance(packet, frames.SSLRequest | frames.GSSENCRequest):
+                    await loop.sock_sendall(sock, b"N")
+                    continue
+                if isinstance(packet, frames.CancelRequest):
+                    self._cancel(packet.pid, packet.secret)
+                    return
+                break
+            assert isinstance(packet, frames.StartupMessage)
+            try:
+                reply, parking = await self._startup(packet, peer_pid)
+            except StartupRefused as exc:
+                logger.info("startup from pid %d refused: %s", peer_pid, exc.message)
+                await loop.sock_sendall(sock, frames.error_response(
+                    exc.sqlstate, exc.message, severity="FATAL", hint=exc.hint))  # fmt: skip
+                return
+            await loop.sock_sendall(sock, reply)
+            await self._parked(sock, parking, reader.rest())
+        except (frames.ProtocolError, ConnectionError) as exc:
+            logger.info("client connection dropped: %s", exc)
+            if self.table is not None:
+                self.table.add("protocol_errors")
+        finally:
+            if parking is not None:
+                self.parkings.pop(parking.key, None)
+                assert self.table is not None
+                self.table.set("parked", len(self.parkings))
+            sock.close()
+
+    async def _startup(self, packet: frames.StartupMessage, peer_pid: int) -> tuple[bytes, Parking]:
+        assert self.pool is not None
+        if packet.version_major != 3:
+            raise StartupRefused("0A000", f"unsupported protocol version {packet.version_major}")
+        params = packet.params
+        pool_user, pool_db = self.target.user, self.target.database
+        user = params.get("user", "")
+        if user not in (pool_user, _os_user(os.geteuid()), _os_user_of(peer_pid)):
+            raise StartupRefused(
+                "28000",
+                f'user "{user}" does not match this broker\'s pool (user "{pool_user}")',
+                hint=f"connect with user={pool_user}, or leave user out",
+            )
+        database = params.get("database", user)
+        if database != pool_db:
+            raise StartupRefused(
+                "3D000",
+                f'database "{database}" is not served by this broker (its pool is database "{pool_db}")',
+                hint=f"connect with dbname={pool_db}",
+            )
+        if params.get("replication"):
+            raise StartupRefused("0A000", "replication connections cannot go through pgreuse")
+        try:
+            pool_params = await self.pool.wait_parameters(self.config.wait_timeout)
+        except BackendConnectError as exc:
+            raise StartupRefused("08006", f"pgreuse broker cannot reach PostgreSQL: {exc}") from exc
+        for name, value in params.items():
+            if name in ("user", "database") or name in HARMLESS_PARAMETERS:
+                continue
+            if name == "options":
+                if value.strip():
+                    raise StartupRefused(
+                        "0A000",
+                        f"startup options {value!r} cannot be honoured: backends are shared "
+                        "and were opened with the pool's settings",
+                        hint="remove options= (or PGOPTIONS) from the client, or set them on "
+                        "the broker's --dsn",
+                    )
+                continue
+            matched = next((m for m in MATCHED_PARAMETERS if m.lower() == name.lower()), None)
+            if matched is not None:
+                have = pool_params.get(matched, "")
+                if _norm(value) != _norm(have):
+                    raise StartupRefused(
+                        "0A000",
+                        f"{matched}={value!r} differs from the pool's {matched}={have!r}; "
+                        "backends are shared, so every client must use the pool's value",
+                        hint=f"remove {matched} from the client's settings, or set it on the "
+                        "broker's --dsn (options='-c ...')",
+                    )
+                continue
+            raise StartupRefused(
+                "0A000",
+                f"startup parameter {name}={value!r} cannot be honoured: backends are shared",
+                hint="set it with SET inside each transaction, or on the broker's --dsn",
+            )
+        self._next_key += 1
+        parking = Parking(
+            self._next_key,
+            secrets.randbits(31),
+            peer_pid,
+            params.get("application_name", ""),
+        )
+        self.parkings[parking.key] = parking
+        assert self.table is not None
+        self.table.set("parked", len(self.parkings))
+        out = [frames.auth_ok()]
+        if packet.version_minor > 0:
+            unrecognized = [k for k in params if k.startswith("_pq_.")]
+            out.insert(0, frames.negotiate_protocol_version(0, unrecognized))
+        for name, value in pool_params.items():
+            shown = parking.application_name if name == "application_name" else value
+            out.append(frames.parameter_status(name, shown))
+        out.append(frames.backend_key_data(parking.key, parking.secret))
+        out.append(frames.ready_for_query(b"I"))
+        return b"".join(out), parking
+
+    async def _parked(self, sock: socket.socket, parking: Parking, pending: bytes) -> None:
+        """Hold a parked connection until it goes away."""
+        loop = asyncio.get_running_loop()
+        reader = frames.FrameReader()
+        reader.feed(pending)
+        while True:
+            msg = reader.next_message()
+            if msg is None:
+                data = await loop.sock_recv(sock, 16384)
+                if not data:
+                    return
+                reader.feed(data)
+                continue
+            if msg.type == b"X":
+                # Terminate. A forked child closing its copy of the connection also sends this, so
+                # keep the registration until the socket itself is gone (EOF).
+                continue
+            await loop.sock_sendall(sock, frames.error_response(
+                "0A000",
+                "pgreuse broker: this socket parks pgreuse connections only "
+                "(pgreuse.connect()); proxying other clients such as psql is not built yet",
+                severity="FATAL"))  # fmt: skip
+            return
+
+    def _cancel(self, key: int, secret: int) -> None:
+        assert self.pool is not None
+        parking = self.parkings.get(key)
+        if parking is None or parking.secret != secret:
+            logger.info("cancel request with an unknown key %d ignored", key)
+            return
+        self.pool.cancel(key)
+
+    # -- the control listener ---------------------------------------------------------------------
+
+    async def _serve_control(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.pool is not None and self.table is not None
+        peer_pid = self._allowed(sock, "control channel")
+        if peer_pid is None:
+            sock.close()
+            return
+        client = ControlClient(sock, peer_pid, loop)
+        self.table.add("clients")
+        try:
+            while True:
+                packet = await loop.sock_recv(sock, control.MAX_MESSAGE + 1)
+                if not packet:
+                    return
+                self._handle_control(client, control.decode(packet))
+        except control.ControlError as exc:
+            logger.warning("control channel of pid %d dropped: %s", peer_pid, exc)
+            self.table.add("protocol_errors")
+        except ConnectionError:
+            pass
+        finally:
+            client.dead = True
+            self.table.add("clients", -1)
+            self.pool.client_gone(client)
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_writer(sock.fileno())
+            sock.close()
+
+    def _handle_control(self, client: ControlClient, msg: control.Message) -> None:
+        assert self.pool is not None
+        match msg:
+            case control.Hello(version, _pid):
+                if version != control.VERSION:
+                    raise control.ControlError(
+                        f"client speaks control protocol {version}, broker {control.VERSION}"
+                    )
+                client.send(control.Welcome(control.VERSION, os.getpid(), self.config.max_size))
+            case control.Acquire(request, parking_key):
+                parking = self.parkings.get(parking_key)
+                if parking is None or parking.peer_pid != client.pid:
+                    client.send(control.Deny(
+                        request, control.DenyCode.BAD_REQUEST,
+                        f"parking connection {parking_key} is not known to this broker (pid "
+                        f"{os.getpid()}): the broker restarted, or the connection was opened "
+                        "in another process; open a new connection"))  # fmt: skip
+                    return
+                self.pool.request(client, request, parking_key)
+            case control.Release(slot, generation, outcome):
+                self.pool.release(client, slot, generation, outcome)
+            case control.Abandon(request):
+                self.pool.abandon(client, request)
+            case _:
+                raise control.ControlError(f"unexpected message from a worker: {msg!r}")
+
+
+def _norm(value: str) -> str:
+    return value.replace(" ", "").replace("-", "").replace("_", "").lower()
+
+
+def _os_user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return getpass.getuser()
+
+
+def _os_user_of(pid: int) -> str:
+    try:
+        return _os_user(os.stat(f"/proc/{pid}").st_uid)
+    except OSError:
+        return ""
+
+
+# Checked parameters are exported so tests can assert the replay covers them.
+__all__ = ["CHECKED_PARAMETERS", "Broker", "ControlClient"]

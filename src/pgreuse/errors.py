@@ -1,0 +1,59 @@
+"""The whole pgreuse error tree.
+
+Every error a user can see subclasses a psycopg error class, so that code written against psycopg (and
+``except psycopg.OperationalError`` in frameworks) keeps catching them. Pool errors keep psycopg_pool's
+names. Messages say what happened, which value caused it, and what to do.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+
+class PoolTimeout(psycopg.OperationalError):
+    """No backend could be leased within the broker's wait timeout."""
+
+
+class TooManyRequests(psycopg.OperationalError):
+    """Too many requests are already waiting for a backend."""
+
+
+class PoolClosed(psycopg.OperationalError):
+    """The broker is shutting down and lends no more backends."""
+
+
+class BrokerUnavailable(psycopg.OperationalError):
+    """No broker answers at the socket path the connection names, or it went away."""
+
+
+class BackendUnavailable(psycopg.OperationalError):
+    """The broker cannot open a backend: PostgreSQL is down or refuses the broker's connections."""
+
+
+class LeaseRevoked(psycopg.OperationalError):
+    """The broker took the leased backend back (e.g. it died, or the holder idled too long)."""
+
+
+class NotSupported(psycopg.NotSupportedError):
+    """A psycopg feature or setting that cannot work when backends are shared per transaction."""
+
+
+class WrongProcess(psycopg.ProgrammingError):
+    """A pgreuse connection was used in a process other than the one that opened it (e.g. after fork)."""
+
+
+class ProtocolMismatch(psycopg.InterfaceError):
+    """The broker and this client speak different control-protocol versions."""
+
+
+__all__ = [
+    "BackendUnavailable",
+    "BrokerUnavailable",
+    "LeaseRevoked",
+    "NotSupported",
+    "PoolClosed",
+    "PoolTimeout",
+    "ProtocolMismatch",
+    "TooManyRequests",
+    "WrongProcess",
+]

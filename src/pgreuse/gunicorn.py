@@ -1,0 +1,168 @@
+"""Gunicorn hooks: the master starts and supervises the broker; workers connect after fork.
+
+One line in ``gunicorn.conf.py``::
+
+    from pgreuse.gunicorn import install; install(globals(), dsn="host=/var/run/postgresql dbname=app")
+
+or, with the settings in the environment (``PGREUSE_DSN``, ``PGREUSE_SOCKET_DIR``, ``PGREUSE_PORT``,
+``PGREUSE_MAX_SIZE``, ``PGREUSE_MIN_SIZE``, ``PGREUSE_WAIT_TIMEOUT``,
+``PGREUSE_IDLE_TRANSACTION_TIMEOUT``)::
+
+    from pgreuse.gunicorn import *  # noqa: F403
+
+The broker runs as a child process of the master (``python -m pgreuse.broker --supervise``), never as
+threads in the master, which forks workers. Its supervisor restarts it if it dies and exits with the
+master. Nothing is opened in the master before fork: workers open their pgreuse connections lazily.
+The hooks also export ``PGREUSE_CONNINFO`` (``host=<socket-dir> port=<port> dbname=<db>``) for the app.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+import attrs
+
+from .broker.config import BrokerConfig
+from .broker.connector import parse_target
+
+_broker: subprocess.Popen[bytes] | None = None
+_config: BrokerConfig | None = None
+START_TIMEOUT = 30.0
+
+
+def config_from_env(**overrides: Any) -> BrokerConfig:
+    env = os.environ
+    values: dict[str, Any] = {
+        "dsn": env.get("PGREUSE_DSN", ""),
+        "socket_dir": env.get("PGREUSE_SOCKET_DIR", "/run/pgreuse"),
+        "port": int(env.get("PGREUSE_PORT", "6432")),
+        "max_size": int(env.get("PGREUSE_MAX_SIZE", "10")),
+        "min_size": int(env.get("PGREUSE_MIN_SIZE", "1")),
+        "wait_timeout": float(env.get("PGREUSE_WAIT_TIMEOUT", "30")),
+        "idle_transaction_timeout": float(env.get("PGREUSE_IDLE_TRANSACTION_TIMEOUT", "0")),
+        "log_level": env.get("PGREUSE_LOG_LEVEL", "INFO").upper(),
+    }
+    values.update(overrides)
+    return BrokerConfig(**values)
+
+
+def start_broker(config: BrokerConfig) -> subprocess.Popen[bytes]:
+    """Start a supervised broker for ``config`` and wait until it accepts clients.
+
+    Raises:
+        RuntimeError: the broker exited or did not become ready within 30 s (its exit code and
+            the reason are in the message and on stderr).
+    """
+    cmd = [sys.executable, "-m", "pgreuse.broker", "--supervise", *config.to_argv()]
+    env = dict(os.environ, PGREUSE_DSN=config.dsn)  # not on the command line: it may hold a password
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        code = proc.poll()
+        if code is not None:
+            raise RuntimeError(
+                f"pgreuse broker exited with code {code} before it was ready (see its log above)"
+            )
+        if _accepts(config.control_socket):
+            return proc
+        time.sleep(0.05)
+    stop_broker(proc)
+    raise RuntimeError(f"pgreuse broker not ready within {START_TIMEOUT}s at {config.socket_dir}")
+
+
+def _accepts(path: str) -> bool:
+    import socket  # noqa: PLC0415
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        s.connect(path)
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
+def stop_broker(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    except ChildProcessError:
+        pass  # the Gunicorn master reaped it with waitpid(-1) first
+
+
+def conninfo_for(config: BrokerConfig) -> str:
+    return f"host={config.socket_dir} port={config.port} dbname={parse_target(config.dsn).database}"
+
+
+def _make_hooks(get_config: Callable[[], BrokerConfig]) -> dict[str, Callable[..., None]]:
+    def on_starting(server: Any) -> None:
+        global _broker, _config  # noqa: PLW0603
+        # The broker exits with the master (pidfd), even if the master is SIGKILLed.
+        _config = cfg = attrs.evolve(get_config(), parent_pid=os.getpid())
+        _broker = start_broker(cfg)
+        os.environ["PGREUSE_CONNINFO"] = conninfo_for(cfg)
+        server.log.info(
+            "pgreuse broker pid %s serving %s (max-size %d)",
+            _broker.pid, cfg.socket_dir, cfg.max_size,
+        )  # fmt: skip
+
+    def post_fork(server: Any, worker: Any) -> None:
+        # Nothing to open here: pgreuse connections are opened lazily in the worker, and any state
+        # inherited from the master is dropped by pgreuse's own at-fork handler.
+        pass
+
+    def on_exit(server: Any) -> None:
+        if _broker is not None:
+            stop_broker(_broker)
+
+    return {"on_starting": on_starting, "post_fork": post_fork, "on_exit": on_exit}
+
+
+def install(namespace: MutableMapping[str, Any], **settings: Any) -> None:
+    """Put pgreuse's hooks into a ``gunicorn.conf.py`` namespace (call with ``globals()``).
+
+    ``settings`` are :class:`~pgreuse.broker.BrokerConfig` fields (``dsn``, ``socket_dir``, ``port``,
+    ``max_size``, ...); missing ones come from the ``PGREUSE_*`` environment variables. A hook the
+    config already defines is chained: pgreuse's runs first.
+    """
+    config = config_from_env(**settings)  # validate now: a bad value stops Gunicorn at once
+    for name, hook in _make_hooks(lambda: config).items():
+        existing = namespace.get(name)
+        namespace[name] = _chain(hook, existing) if callable(existing) else hook
+
+
+def _chain(first: Callable[..., None], second: Callable[..., None]) -> Callable[..., None]:
+    # Gunicorn checks each hook's arity, so the chained hook keeps the exact positional signature.
+    if first.__code__.co_argcount == 2:
+
+        def chained2(server: Any, worker: Any) -> None:
+            first(server, worker)
+            second(server, worker)
+
+        return chained2
+
+    def chained1(server: Any) -> None:
+        first(server)
+        second(server)
+
+    return chained1
+
+
+_env_hooks = _make_hooks(config_from_env)
+on_starting = _env_hooks["on_starting"]
+post_fork = _env_hooks["post_fork"]
+on_exit = _env_hooks["on_exit"]
+
+__all__ = ["on_exit", "on_starting", "post_fork"]

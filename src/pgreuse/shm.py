@@ -1,0 +1,269 @@
+"""The shared-memory table: one versioned layout, written by the broker, readable by every process.
+
+The file ``<socket-dir>/pgreuse.<port>.shm`` is ``mmap``'d by the broker (read-write) and by anyone who
+wants the pool's truth (read-only): ``pgreuse stats``, the telemetry of every worker. It holds
+
+* a header: magic, layout version, broker pid, a generation (the broker's start time in ns: a restarted
+  broker is a new table), pool limits and identity;
+* pool-wide counters (monotonic totals and a few gauges) and a wait-time histogram;
+* one record per slot: state, generation, backend pid, holder pid, lease start, per-slot totals.
+
+This module is the only one that knows offsets. Values are written with ``struct.pack_into`` one field
+group at a time, so a reader may see a slot mid-update; readers are statistics, never decisions. The
+fast path (a worker claiming an idle slot itself) will add an OFD ``fcntl`` lock per slot byte range;
+the layout already keeps one record per slot so such a lock covers exactly one record.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from collections.abc import Sequence
+
+import attrs
+
+from .wire.states import CloseReason, SlotState
+
+MAGIC = b"PGREUSE\0"
+LAYOUT_VERSION = 1
+
+# Upper bounds (seconds) of the wait-time histogram buckets; the last bucket is open-ended.
+WAIT_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+COUNTERS: tuple[str, ...] = (
+    "leases",  # leases granted
+    "waits",  # leases that had to queue first
+    "wait_ns",  # total time spent queued, ns
+    "use_ns",  # total time backends spent lent, ns
+    "timeouts",  # requests denied after --wait-timeout
+    "unavailable",  # requests denied because PostgreSQL could not be reached
+    "backends_opened",
+    "backends_closed",
+    "connect_ns",  # total time spent opening backends, ns
+    "connect_failures",
+    "protocol_errors",  # clients dropped for malformed input
+    "pending",  # gauge: requests queued now
+    "clients",  # gauge: control channels (worker processes) now
+    "parked",  # gauge: parking connections now
+    "max_pending",  # high-water mark of pending
+)
+
+_HEADER = struct.Struct("<8sIIQIIdd64s64s")
+_COUNTER = struct.Struct("<Q")
+_SLOT = struct.Struct("<BBBxIIIQQQd")
+_N_REASONS = len(CloseReason)
+_COUNTERS_OFF = _HEADER.size
+_REASONS_OFF = _COUNTERS_OFF + len(COUNTERS) * 8
+_HIST_OFF = _REASONS_OFF + _N_REASONS * 8
+_SLOTS_OFF = _HIST_OFF + (len(WAIT_BUCKETS) + 1) * 8
+
+
+class TableError(RuntimeError):
+    """The file is not a pgreuse table of this layout version."""
+
+
+def table_path(socket_dir: str, port: int) -> str:
+    return os.path.join(socket_dir, f"pgreuse.{port}.shm")
+
+
+def table_size(max_size: int) -> int:
+    return _SLOTS_OFF + max_size * _SLOT.size
+
+
+@attrs.frozen
+class SlotRecord:
+    index: int
+    state: SlotState
+    close_reason: CloseReason
+    dirty: bool
+    generation: int
+    backend_pid: int
+    holder_pid: int
+    lease_started_ns: int  # CLOCK_MONOTONIC, same clock in every process; 0 when not lent
+    leases: int
+    use_ns: int
+    opened_at: float  # epoch seconds, 0 when never opened
+
+
+@attrs.frozen
+class Snapshot:
+    broker_pid: int
+    generation: int
+    max_size: int
+    min_size: int
+    started_at: float
+    wait_timeout: float
+    database: str
+    user: str
+    counters: dict[str, int]
+    closed_by_reason: dict[str, int]
+    wait_histogram: tuple[int, ...]  # counts per WAIT_BUCKETS bound, plus one open-ended bucket
+    slots: tuple[SlotRecord, ...]
+
+    def count(self, state: SlotState) -> int:
+        return sum(1 for s in self.slots if s.state == state)
+
+
+class Table:
+    """A mapped table. ``create()`` for the broker, ``open()`` for readers."""
+
+    def __init__(self, path: str, mm: mmap.mmap, max_size: int, writable: bool) -> None:
+        self.path = path
+        self._mm = mm
+        self.max_size = max_size
+        self.writable = writable
+
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        *,
+        max_size: int,
+        min_size: int,
+        wait_timeout: float,
+        database: str,
+        user: str,
+    ) -> Table:
+        size = table_size(max_size)
+        # Write to a temporary name and rename: a reader never maps a half-initialised file.
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        _HEADER.pack_into(
+            mm, 0, MAGIC, LAYOUT_VERSION, os.getpid(), time.time_ns(), max_size, min_size,
+            time.time(), wait_timeout, database.encode()[:64], user.encode()[:64],
+        )  # fmt: skip
+        os.rename(tmp, path)
+        return cls(path, mm, max_size, writable=True)
+
+    @classmethod
+    def open(cls, path: str) -> Table:
+        """Map an existing table read-only; raise :class:`TableError` or ``OSError``."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size < _SLOTS_OFF:
+                raise TableError(f"{path}: {size} bytes is too small for a pgreuse table")
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        magic, version, *_rest = _HEADER.unpack_from(mm, 0)
+        if magic != MAGIC:
+            mm.close()
+            raise TableError(f"{path} is not a pgreuse table (magic {magic!r})")
+        if version != LAYOUT_VERSION:
+            mm.close()
+            raise TableError(
+                f"{path} has layout version {version}, this pgreuse reads {LAYOUT_VERSION}: "
+                "use the same pgreuse version as the broker"
+            )
+        max_size = _HEADER.unpack_from(mm, 0)[4]
+        if size < table_size(max_size):
+            mm.close()
+            raise TableError(f"{path}: {size} bytes is too small for {max_size} slots")
+        return cls(path, mm, max_size, writable=False)
+
+    def close(self) -> None:
+        self._mm.close()
+
+    # -- writers (broker only) -------------------------------------------------------------------
+
+    def write_slot(
+        self,
+        index: int,
+        *,
+        state: SlotState,
+        close_reason: CloseReason,
+        dirty: bool,
+        generation: int,
+        backend_pid: int,
+        holder_pid: int,
+        lease_started_ns: int,
+        leases: int,
+        use_ns: int,
+        opened_at: float,
+    ) -> None:
+        _SLOT.pack_into(
+            self._mm, _SLOTS_OFF + index * _SLOT.size, state, close_reason, dirty, generation,
+            backend_pid, holder_pid, lease_started_ns, leases, use_ns, opened_at,
+        )  # fmt: skip
+
+    def add(self, counter: str, n: int = 1) -> None:
+        off = _COUNTERS_OFF + COUNTERS.index(counter) * 8
+        (value,) = _COUNTER.unpack_from(self._mm, off)
+        _COUNTER.pack_into(self._mm, off, max(0, value + n))
+
+    def set(self, counter: str, value: int) -> None:
+        _COUNTER.pack_into(self._mm, _COUNTERS_OFF + COUNTERS.index(counter) * 8, max(0, value))
+
+    def count_close(self, reason: CloseReason) -> None:
+        off = _REASONS_OFF + int(reason) * 8
+        _COUNTER.pack_into(self._mm, off, _COUNTER.unpack_from(self._mm, off)[0] + 1)
+
+    def observe_wait(self, seconds: float) -> None:
+        bucket = next((i for i, b in enumerate(WAIT_BUCKETS) if seconds <= b), len(WAIT_BUCKETS))
+        off = _HIST_OFF + bucket * 8
+        _COUNTER.pack_into(self._mm, off, _COUNTER.unpack_from(self._mm, off)[0] + 1)
+
+    # -- readers ---------------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        mm = self._mm
+        (_m, _v, pid, gen, max_size, min_size, started, wait_timeout, db, user) = _HEADER.unpack_from(mm, 0)
+        counters = {
+            name: _COUNTER.unpack_from(mm, _COUNTERS_OFF + i * 8)[0] for i, name in enumerate(COUNTERS)
+        }
+        reasons = {
+            r.name.lower(): _COUNTER.unpack_from(mm, _REASONS_OFF + int(r) * 8)[0]
+            for r in CloseReason
+            if r is not CloseReason.NONE
+        }
+        hist = tuple(_COUNTER.unpack_from(mm, _HIST_OFF + i * 8)[0] for i in range(len(WAIT_BUCKETS) + 1))
+        slots = []
+        for i in range(self.max_size):
+            (state, reason, dirty, generation, bpid, holder, started_ns, leases, use_ns, opened) = (
+                _SLOT.unpack_from(mm, _SLOTS_OFF + i * _SLOT.size)
+            )
+            slots.append(
+                SlotRecord(
+                    i,
+                    SlotState(state),
+                    CloseReason(reason),
+                    bool(dirty),
+                    generation,
+                    bpid,
+                    holder,
+                    started_ns,
+                    leases,
+                    use_ns,
+                    opened,
+                )
+            )
+        return Snapshot(
+            pid, gen, max_size, min_size, started, wait_timeout,
+            db.rstrip(b"\0").decode(), user.rstrip(b"\0").decode(),
+            counters, reasons, hist, tuple(slots),
+        )  # fmt: skip
+
+
+def histogram_quantile(hist: Sequence[int], q: float) -> float:
+    """Upper bound (seconds) of the bucket holding quantile ``q`` of the waits; inf if open-ended."""
+    total = sum(hist)
+    if not total:
+        return 0.0
+    rank = q * total
+    seen = 0
+    for i, n in enumerate(hist):
+        seen += n
+        if seen >= rank:
+            return WAIT_BUCKETS[i] if i < len(WAIT_BUCKETS) else float("inf")
+    return float("inf")
