@@ -30,9 +30,16 @@ logger = logging.getLogger("pgreuse.client")
 
 # psycopg generators that only check the connection's state when it is idle and outside a
 # pipeline: running them needs no backend, so no lease is taken for them (Django sets autocommit on
-# every new connection).
+# every new connection; commit() and rollback() with no transaction open return at once).
 _STATE_ONLY_GENERATORS = frozenset(
-    {"_set_autocommit_gen", "_set_isolation_level_gen", "_set_read_only_gen", "_set_deferrable_gen"}
+    {
+        "_set_autocommit_gen",
+        "_set_isolation_level_gen",
+        "_set_read_only_gen",
+        "_set_deferrable_gen",
+        "_commit_gen",
+        "_rollback_gen",
+    }
 )
 
 # The broker answers an Acquire within its own --wait-timeout; this bounds our wait when it does not.
@@ -161,6 +168,7 @@ class Connection(psycopg.Connection[Any]):
             name in _STATE_ONLY_GENERATORS
             and self.pgconn.transaction_status == pq.TransactionStatus.IDLE
             and self.pgconn.pipeline_status == pq.PipelineStatus.OFF
+            and self._pipeline is None
         )
 
     def _take_lease(self) -> None:

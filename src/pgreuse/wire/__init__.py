@@ -1,0 +1,1 @@
+"""Sans-IO protocol code: never imports socket, selectors, time or anyio."""

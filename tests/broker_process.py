@@ -1,0 +1,133 @@
+"""A real broker process for tests: started with ``python -m pgreuse.broker``, stopped or killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+from psycopg.conninfo import conninfo_to_dict
+
+import pgreuse
+from pgreuse.shm import Snapshot, Table, table_path
+
+
+class BrokerProcess:
+    def __init__(self, dsn: str, socket_dir: str, port: int, args: Sequence[str] = ()) -> None:
+        self.dsn = dsn
+        self.socket_dir = socket_dir
+        self.port = port
+        self.args = list(args)
+        self.log_path = os.path.join(socket_dir, f"broker.{port}.log")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.dbname = str(conninfo_to_dict(dsn).get("dbname") or "postgres")
+
+    @property
+    def conninfo(self) -> str:
+        return f"host={self.socket_dir} port={self.port} dbname={self.dbname}"
+
+    @property
+    def control_socket(self) -> str:
+        return os.path.join(self.socket_dir, f".s.PGREUSE.{self.port}")
+
+    def start(self, timeout: float = 20.0) -> BrokerProcess:
+        cmd = [
+            sys.executable, "-m", "pgreuse.broker", "--dsn", self.dsn,
+            "--socket-dir", self.socket_dir, "--port", str(self.port), "--log-level", "DEBUG",
+            *self.args,
+        ]  # fmt: skip
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
+            if self._accepts():
+                return self
+            time.sleep(0.02)
+        raise RuntimeError(f"broker not ready in {timeout}s:\n{self.log()}")
+
+    def _accepts(self) -> bool:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            s.connect(self.control_socket)
+        except OSError:
+            return False
+        finally:
+            s.close()
+        return True
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()[-20000:]
+        except OSError:
+            return ""
+
+    def connect(self, **kwargs: object) -> pgreuse.Connection:
+        return pgreuse.connect(self.conninfo, **kwargs)  # type: ignore[arg-type]
+
+    def snapshot(self) -> Snapshot:
+        t = Table.open(table_path(self.socket_dir, self.port))
+        try:
+            return t.snapshot()
+        finally:
+            t.close()
+
+    def wait_for(self, predicate: object, timeout: float = 10.0, what: str = "condition") -> Snapshot:
+        """Poll the shared-memory table until ``predicate(snapshot)`` holds."""
+        deadline = time.monotonic() + timeout
+        snap = self.snapshot()
+        while time.monotonic() < deadline:
+            snap = self.snapshot()
+            if predicate(snap):  # type: ignore[operator]
+                return snap
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}; last table: {snap}\n{self.log()}")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"broker ignored SIGTERM for {timeout}s:\n{self.log()}") from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- fixtures (imported by the conftest.py of the test folders that need a broker) -------------------
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def make_broker(pg, short_tmp):  # type: ignore[no-untyped-def]
+    """Start brokers on the shared cluster: ``make_broker("--max-size", "1", dsn=...)``."""
+    started: list[BrokerProcess] = []
+
+    def make(*args: str, dsn: str | None = None, port: int = 6432) -> BrokerProcess:
+        b = BrokerProcess(dsn or pg.dsn(), short_tmp, port + len(started), args)
+        started.append(b)
+        return b.start()
+
+    yield make
+    for b in started:
+        b.stop()
+
+
+@pytest.fixture
+def broker(make_broker):  # type: ignore[no-untyped-def]
+    """A broker with two backends on the shared cluster."""
+    return make_broker("--max-size", "2")

@@ -1,0 +1,185 @@
+"""Fault injection: processes really killed, backends really terminated, servers really restarted."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psycopg
+import pytest
+
+import pgreuse
+from broker_process import BrokerProcess
+from pgreuse.wire.states import SlotState
+
+
+def _fork(fn) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    """Run ``fn(write_fd)`` in a child; return (pid, read end of its pipe)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            fn(w)
+        finally:
+            os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def _alive_backends(pg, pids) -> list[int]:  # type: ignore[no-untyped-def]
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        rows = admin.execute("select pid from pg_stat_activity where pid = any(%s)", (list(pids),)).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_worker_killed_mid_transaction_never_commits(make_broker, pg):
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute("drop table if exists crash_t; create table crash_t (v int)")
+    broker = make_broker("--max-size", "1")
+
+    def child(w: int) -> None:
+        conn = pgreuse.connect(broker.conninfo)
+        conn.execute("insert into crash_t values (1)")
+        os.write(w, str(conn.lease.backend_pid).encode())
+        time.sleep(60)
+
+    pid, r = _fork(child)
+    victim = int(os.read(r, 32))
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+    snap = broker.wait_for(
+        lambda s: s.closed_by_reason["holder_exited"] == 1 and s.slots[0].state == SlotState.IDLE,
+        what="the dead holder's backend replaced",
+    )
+    assert snap.slots[0].backend_pid != victim
+    assert snap.slots[0].generation == 2
+    with broker.connect() as conn:
+        assert conn.execute("select count(*) from crash_t").fetchone() == (0,)
+        assert conn.lease.backend_pid != victim
+    deadline = time.monotonic() + 10
+    while _alive_backends(pg, [victim]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _alive_backends(pg, [victim]) == []  # PostgreSQL ended (and rolled back) that session
+
+
+def test_worker_killed_while_a_large_result_streams(make_broker):
+    broker = make_broker("--max-size", "1")
+
+    def child(w: int) -> None:
+        conn = pgreuse.connect(broker.conninfo)
+        rows = conn.cursor().stream("select g, repeat('x', 500) from generate_series(1, 2000000) g")
+        next(iter(rows))
+        os.write(w, str(conn.lease.backend_pid).encode())
+        time.sleep(60)  # the server keeps writing; the socket buffers fill up
+
+    pid, r = _fork(child)
+    victim = int(os.read(r, 32))
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    broker.wait_for(lambda s: s.slots[0].state == SlotState.IDLE, what="slot back")
+    # The next holder must get its own answers, not the dead worker's unread rows.
+    with broker.connect(autocommit=True) as conn:
+        for i in range(20):
+            assert conn.execute("select %s::int, 'mine'", (i,)).fetchone() == (i, "mine")
+        assert broker.snapshot().slots[0].backend_pid != victim
+
+
+def test_pg_terminate_backend_of_a_leased_backend(broker, pg):
+    conn = broker.connect()
+    conn.execute("select 1")
+    victim = conn.lease.backend_pid
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute("select pg_terminate_backend(%s)", (victim,))
+    with pytest.raises(psycopg.OperationalError, match="terminat"):
+        conn.execute("select 1")
+    assert conn.closed and conn.lease is None
+    conn.close()
+    snap = broker.wait_for(
+        lambda s: s.closed_by_reason["died_while_lent"] + s.closed_by_reason["client_reported_broken"] == 1,
+        what="the terminated backend closed",
+    )
+    assert snap.counters["backends_closed"] >= 1
+    with broker.connect() as again:
+        (pid,) = again.execute("select pg_backend_pid()").fetchone()
+        assert pid != victim
+
+
+def test_idle_in_transaction_timeout_takes_the_backend_back(make_broker):
+    broker = make_broker("--max-size", "1", "--idle-transaction-timeout", "0.5")
+    conn = broker.connect()
+    conn.execute("select 1")
+    victim = conn.lease.backend_pid
+    # The broker notices the hang-up itself, without the holder doing anything.
+    broker.wait_for(lambda s: s.closed_by_reason["died_while_lent"] == 1, timeout=10,
+                    what="backend taken back")  # fmt: skip
+    with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout, match="idle-in-transaction"):
+        conn.execute("select 2")
+    assert conn.closed and conn.lease is None  # as with any lost connection
+    conn.close()
+    with broker.connect() as other:  # the pool is back to full strength
+        assert other.execute("select pg_backend_pid() <> %s", (victim,)).fetchone() == (True,)
+
+
+def test_postgresql_restart_fails_clearly_then_heals(pg_private, short_tmp):
+    broker = BrokerProcess(pg_private.dsn(), short_tmp, 6432, ["--max-size", "2"]).start()
+    try:
+        conn = broker.connect(autocommit=True)
+        assert conn.execute("select 1").fetchone() == (1,)
+        pg_private.stop()
+        with pytest.raises(psycopg.OperationalError) as info:
+            conn.execute("select 1")
+        assert isinstance(info.value, pgreuse.BackendUnavailable)
+        assert "cannot reach PostgreSQL" in str(info.value)
+        pg_private.start()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert conn.execute("select 2").fetchone() == (2,)
+                break
+            except pgreuse.BackendUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        # The same connection works again: it never held a dead backend.
+        assert not conn.closed
+        conn.close()
+    finally:
+        broker.stop()
+
+
+def test_broker_sigterm_removes_its_files_and_backends(make_broker, pg):
+    broker = make_broker("--max-size", "2", "--min-size", "2")
+    snap = broker.wait_for(lambda s: s.count(SlotState.IDLE) == 2, what="two warm backends")
+    pids = [s.backend_pid for s in snap.slots]
+    assert broker.stop() == 0
+    assert sorted(os.listdir(broker.socket_dir)) == [os.path.basename(broker.log_path)]
+    deadline = time.monotonic() + 10
+    while _alive_backends(pg, pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _alive_backends(pg, pids) == []
+
+
+def test_broker_killed_and_restarted(make_broker):
+    broker = make_broker("--max-size", "1")
+    conn = broker.connect(autocommit=True)
+    assert conn.execute("select 1").fetchone() == (1,)
+    broker.kill()
+    with pytest.raises(psycopg.OperationalError, match="broker"):
+        conn.execute("select 1")
+    broker.start()  # finds the stale socket files and replaces them
+    with pytest.raises(psycopg.OperationalError, match="not known to this broker"):
+        conn.execute("select 1")  # its parking connection died with the old broker
+    conn.close()
+    with broker.connect(autocommit=True) as fresh:
+        assert fresh.execute("select 3").fetchone() == (3,)
+
+
+def test_tls_backend_dsn_is_refused_until_proxy_mode(pg, short_tmp):
+    broker = BrokerProcess(pg.tcp_dsn(sslmode="require"), short_tmp, 6432)
+    with pytest.raises(RuntimeError, match="exited with 2") as info:
+        broker.start()
+    assert "proxy mode" in str(info.value)
