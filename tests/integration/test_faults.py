@@ -167,13 +167,17 @@ def test_broker_killed_and_restarted(make_broker):
     broker = make_broker("--max-size", "1")
     conn = broker.connect(autocommit=True)
     assert conn.execute("select 1").fetchone() == (1,)
+    idle = broker.connect(autocommit=True)  # parked at the old broker, not used until it is back
     broker.kill()
-    with pytest.raises(psycopg.OperationalError, match="broker"):
+    with pytest.raises(pgreuse.BrokerUnavailable, match="broker"):
         conn.execute("select 1")
-    broker.start()  # finds the stale socket files and replaces them
-    with pytest.raises(psycopg.OperationalError, match="not known to this broker"):
-        conn.execute("select 1")  # its parking connection died with the old broker
+    assert conn.closed  # broken for good, like a connection whose server went away
     conn.close()
+    broker.start()  # finds the stale socket files and replaces them
+    with pytest.raises(pgreuse.BrokerUnavailable, match="not known to this broker"):
+        idle.execute("select 1")
+    assert idle.closed
+    idle.close()
     with broker.connect(autocommit=True) as fresh:
         assert fresh.execute("select 3").fetchone() == (3,)
 

@@ -215,6 +215,7 @@ def _deny_error(msg: control.Deny) -> Exception:
         control.DenyCode.UNAVAILABLE: errors.BackendUnavailable,
         control.DenyCode.CLOSED: errors.PoolClosed,
         control.DenyCode.TOO_MANY: errors.TooManyRequests,
+        control.DenyCode.BAD_REQUEST: errors.BrokerUnavailable,
     }.get(msg.code, errors.BrokerUnavailable)
     return kind(msg.message)
 

@@ -185,9 +185,16 @@ class Connection(psycopg.Connection[Any]):
         fd_number = self.pgconn.socket
         parking = self.pgconn.backend_pid
         t0 = time.monotonic()
-        if self._channel.dead:
-            self._channel = channel_for(self._channel.path)
-        grant = self._channel.acquire(parking, self._lease_timeout)
+        try:
+            if self._channel.dead:
+                self._channel = channel_for(self._channel.path)
+            grant = self._channel.acquire(parking, self._lease_timeout)
+        except errors.BrokerUnavailable:
+            # The broker that parked this connection is gone (or restarted and does not know its
+            # parking key): the connection can never lease again. Make it report closed/broken,
+            # as psycopg does for a lost server, so frameworks open a new one.
+            self.pgconn.finish()
+            raise
         t1 = time.monotonic()
         try:
             home = os.dup(fd_number)
