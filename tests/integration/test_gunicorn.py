@@ -50,7 +50,7 @@ def _start(worker_class: str, pg, short_tmp):  # type: ignore[no-untyped-def]
             "--threads",
             "4",
             "app:app",
-        ],  # fmt: skip
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -71,8 +71,18 @@ def _start(worker_class: str, pg, short_tmp):  # type: ignore[no-untyped-def]
 
 
 def _broker_pids(short_tmp: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", f"pgreuse.broker.*{short_tmp}"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"pgreuse.broker" in args and short_tmp.encode() in args:
+            pids.append(int(entry))
+    return pids
 
 
 def _ppid(pid: int) -> int:

@@ -34,7 +34,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
             "backend": lease.backend_pid,
             "count": count,
             "waited": lease.waited,
-        }  # fmt: skip
+        }
     ).encode()
     start_response("200 OK", [("Content-Type", "application/json"),
                               ("Content-Length", str(len(body)))])  # fmt: skip
