@@ -168,6 +168,7 @@ class DevCluster:
                     f"running as root, but there is no {_RUN_AS!r} OS user to run PostgreSQL as "
                     f"(initdb refuses root): {_INSTALL_HINT}, or run as a non-root user"
                 ) from None
+        port = _free_port()
         # The socket path (<dir>/.s.PGSQL.<port>) must stay under 107 bytes: a short dir in /tmp,
         # never pytest's tmp_path or a long $TMPDIR.
         socket_dir = tempfile.mkdtemp(prefix="pgr-", dir="/tmp")
@@ -180,7 +181,7 @@ class DevCluster:
             bindir=bindir,
             datadir=datadir,
             socket_dir=socket_dir,
-            port=_free_port(),
+            port=port,
             dbname=dbname,
         )
         try:

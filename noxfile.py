@@ -1,0 +1,87 @@
+"""Developer and CI commands: ``nox -s lint typecheck tests`` is what CI runs (see .ci/run)."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["lint", "typecheck", "tests"]  # demo is interactive: run it by name
+
+LINT_PATHS = ["src", "tests", "noxfile.py", "examples"]
+PASSTHROUGH_ENV = ["PGREUSE_TEST_DSN", "PGREUSE_PG_BINDIR"]
+
+# The handoff hook rests on psycopg internals, so test the oldest and newest psycopg we support
+# (pyproject: psycopg>=3.2.0,<3.4) with both implementations: the C one with its bundled libpq,
+# and the pure-Python one on the system libpq (libpq5).
+PSYCOPG_NEWEST = "3.3.9"
+PSYCOPG_OLDEST = "3.2.0"
+PSYCOPG_MATRIX = [
+    (version, impl) for version in (PSYCOPG_NEWEST, PSYCOPG_OLDEST) for impl in ("binary", "python")
+]
+# Only these rest on psycopg internals; the newest binary combination runs the whole suite.
+# The handoff rests on psycopg internals: the client tests and the fault tests (libpq seeing its
+# backend die, close while leased, fork) run on every psycopg of the matrix.
+PSYCOPG_SENSITIVE_TESTS = ["tests/client", "tests/wire", "tests/integration/test_faults.py"]
+_SHOW_PSYCOPG = (
+    "import psycopg; "
+    "print('psycopg', psycopg.__version__, psycopg.pq.__impl__, 'libpq', psycopg.pq.version())"
+)
+
+
+def _passthrough_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in PASSTHROUGH_ENV if name in os.environ}
+
+
+@nox.session
+@nox.parametrize(
+    ("psycopg", "impl"),
+    PSYCOPG_MATRIX,
+    ids=[f"psycopg{version}-{impl}" for version, impl in PSYCOPG_MATRIX],
+)
+def tests(session: nox.Session, psycopg: str, impl: str) -> None:
+    """Run pytest against a real PostgreSQL; ``nox -s tests -- <pytest args>`` picks the tests."""
+    requirements = [f"psycopg=={psycopg}"]
+    if impl == "binary":
+        # Not psycopg[binary]==V: 3.2.0's extra pins the unpublished psycopg-binary==3.2.0.dev1
+        # (psycopg/psycopg#853, fixed in 3.2.1), so name the C package itself.
+        requirements.append(f"psycopg-binary=={psycopg}")
+    session.install("-e", ".[test]", *requirements)
+    if impl == "python":
+        # A reused venv may still hold the C implementation from an earlier layout of this session.
+        session.run("python", "-m", "pip", "uninstall", "-y", "-q", "psycopg-binary", "psycopg-c")
+    env = {**_passthrough_env(), "PSYCOPG_IMPL": impl}
+    # Prove what is under test before running it: PSYCOPG_IMPL makes psycopg fail if it is missing.
+    session.run(
+        "python",
+        "-c",
+        f"{_SHOW_PSYCOPG}; assert psycopg.__version__ == {psycopg!r}, psycopg.__version__",
+        env=env,
+    )
+    whole_suite = (psycopg, impl) == (PSYCOPG_NEWEST, "binary")
+    selection = session.posargs or ([] if whole_suite else PSYCOPG_SENSITIVE_TESTS)
+    session.run("pytest", "-n", "2", *selection, env=env)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check (config in pyproject.toml)."""
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", *LINT_PATHS)
+    session.run("ruff", "format", "--check", *LINT_PATHS)
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over src/pgreuse (config in pyproject.toml)."""
+    session.install("-e", ".[binary,dev]")
+    session.run("mypy", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Start a throwaway cluster and a broker and show them working: ``nox -s demo -- --help``."""
+    session.install("-e", ".[binary,gunicorn]")
+    session.run("python", "-m", "pgreuse.demo", *session.posargs, env=_passthrough_env())
