@@ -187,3 +187,34 @@ def test_tls_backend_dsn_is_refused_until_proxy_mode(pg, short_tmp):
     with pytest.raises(RuntimeError, match="exited with 2") as info:
         broker.start()
     assert "proxy mode" in str(info.value)
+
+
+def test_sigterm_waits_for_a_lease_to_come_back(make_broker, pg):
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute("drop table if exists term_t; create table term_t (v int)")
+    broker = make_broker("--max-size", "1", "--shutdown-timeout", "10")
+    conn = broker.connect()
+    other = broker.connect(autocommit=True)
+    conn.execute("insert into term_t values (1)")
+    broker.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert broker.proc.poll() is None  # still waiting for our lease
+    assert not os.path.exists(broker.control_socket)  # but accepting no one new
+    with pytest.raises(pgreuse.PoolClosed, match="shutting down"):
+        other.execute("select 1")  # and lending nothing new
+    conn.commit()  # the holder finishes its transaction normally
+    assert broker.proc.wait(10) == 0
+    conn.close()
+    other.close()
+    with psycopg.connect(pg.dsn()) as admin:
+        assert admin.execute("select count(*) from term_t").fetchone() == (1,)
+
+
+def test_connect_while_postgresql_is_unreachable_names_the_reason(pg, short_tmp):
+    dead = pg.tcp_dsn(port="1")  # nothing listens on port 1
+    broker = BrokerProcess(dead, short_tmp, 6432).start()  # the broker itself starts and waits
+    try:
+        with pytest.raises(psycopg.OperationalError, match=r"cannot reach PostgreSQL.*127\.0\.0\.1:1"):
+            broker.connect()
+    finally:
+        assert broker.stop() == 0

@@ -115,6 +115,7 @@ class Pool:
         self.closing = False
         self._retry_at = 0.0  # monotonic: no new connect attempt before this after failures
         self._backoff = 0.0
+        self._max_pending = 0
         self._attempt_done = asyncio.Event()  # set after every connect attempt (for parking)
         self._tasks: set[asyncio.Task[None]] = set()
         for b in self.slots:
@@ -327,9 +328,9 @@ class Pool:
         w.timer = self.loop.call_later(self.config.wait_timeout, self._expire, w)
         self.waiters.append(w)
         self.table.set("pending", len(self.waiters))
-        snap_max = self.table.snapshot().counters["max_pending"]
-        if len(self.waiters) > snap_max:
-            self.table.set("max_pending", len(self.waiters))
+        if len(self.waiters) > self._max_pending:
+            self._max_pending = len(self.waiters)
+            self.table.set("max_pending", self._max_pending)
         self._dispatch()
 
     def _dispatch(self) -> None:
