@@ -51,6 +51,7 @@ COUNTERS: tuple[str, ...] = (
     "clients",  # gauge: control channels (worker processes) now
     "parked",  # gauge: parking connections now
     "max_pending",  # high-water mark of pending
+    "resets",  # backends reset (DISCARD ALL) after a lease left session state behind
 )
 
 _HEADER = struct.Struct("<8sIIQIIdd64s64s")

@@ -19,12 +19,13 @@ from typing import Any
 
 import attrs
 import psycopg
-from psycopg import pq
+from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict
 
 from .. import errors
 from ..wire import control
 from .channel import Channel, channel_for
+from .session import LISTEN_REFUSED, REPORTED_PARAMETERS, Verdict, changed_parameters, classify_sql
 
 logger = logging.getLogger("pgreuse.client")
 
@@ -78,6 +79,19 @@ def broker_socket_dir_and_port(params: dict[str, Any]) -> tuple[str, int]:
         raise psycopg.ProgrammingError(f"port={port!r} is not a number") from None
 
 
+class Cursor(psycopg.Cursor[Any]):
+    """psycopg's cursor, noting what each statement leaves in the session (see ``session.py``)."""
+
+    def _convert_query(self, *args: Any, **kwargs: Any) -> Any:
+        # Every way of sending a statement (execute, executemany, stream, copy) goes through here,
+        # and the result holds the final query bytes, whatever form the query was written in.
+        pgq = super()._convert_query(*args, **kwargs)
+        conn = self._conn
+        if isinstance(conn, Connection):
+            conn._note_statement(pgq.query)
+        return pgq
+
+
 class Connection(psycopg.Connection[Any]):
     """A psycopg connection whose backend is leased from a pgreuse broker per transaction.
 
@@ -90,11 +104,16 @@ class Connection(psycopg.Connection[Any]):
     _channel: Channel | None = None
     _owner_pid: int = 0
     _lease_timeout: float = DEFAULT_LEASE_TIMEOUT
+    _session_dirty: bool = False
+    _baseline: dict[str, str | None]
 
     def __init__(self, pgconn: pq.abc.PGconn, *args: Any, **kwargs: Any) -> None:
         super().__init__(pgconn, *args, **kwargs)
         self._held = None
         self._owner_pid = os.getpid()
+        self._session_dirty = False
+        self._baseline = {}
+        self.cursor_factory = Cursor
         _live.add(self)
 
     @classmethod
@@ -125,6 +144,7 @@ class Connection(psycopg.Connection[Any]):
         assert isinstance(conn, Connection)
         conn._channel = channel
         conn._lease_timeout = lease_timeout
+        conn._baseline = conn._reported()
         return conn
 
     # prepare_threshold is forced to None (DESIGN.md §3 rule 6).
@@ -221,9 +241,63 @@ class Connection(psycopg.Connection[Any]):
             pgconn.transaction_status == pq.TransactionStatus.IDLE
             and pgconn.pipeline_status == pq.PipelineStatus.OFF
         ):
-            self._give_back(broken=False)
+            try:
+                restored = self._restore_parameters()
+            except psycopg.Error:
+                # The backend refused the reset: its session state is unknown.
+                self._give_back(broken=True)
+                raise
+            dirty = restored or self._session_dirty
+            self._session_dirty = False
+            self._give_back(broken=False, dirty=dirty)
 
-    def _give_back(self, *, broken: bool) -> None:
+    # -- session state (DESIGN.md §6) ----------------------------------------------------------------
+
+    def _reported(self) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for name in REPORTED_PARAMETERS:
+            value = self.pgconn.parameter_status(name.encode())
+            out[name] = value.decode() if value is not None else None
+        return out
+
+    def _note_statement(self, query: bytes) -> None:
+        verdict = classify_sql(query)
+        if verdict is Verdict.DIRTY:
+            self._session_dirty = True
+        elif verdict is Verdict.REFUSE:
+            raise errors.NotSupported(LISTEN_REFUSED)
+
+    def _restore_parameters(self) -> bool:
+        """Put back reported parameters a statement changed; True if the session was touched.
+
+        Runs while the backend is still leased, so that PostgreSQL's ParameterStatus answers bring
+        libpq's cache (which psycopg's adapters read: TimeZone, DateStyle, client_encoding) back to
+        the values every backend of the pool has.
+        """
+        changed = changed_parameters(self._baseline, self._reported())
+        if not changed:
+            return False
+        statements: list[sql.SQL | sql.Composed] = []
+        if "session_authorization" in changed or "is_superuser" in changed:
+            statements.append(sql.SQL("RESET SESSION AUTHORIZATION"))
+        settable = [n for n in changed if n not in ("session_authorization", "is_superuser")]
+        if settable:
+            statements.append(
+                sql.SQL("SELECT {}").format(
+                    sql.SQL(", ").join(
+                        sql.SQL("pg_catalog.set_config({}, {}, false)").format(
+                            sql.Literal(n), sql.Literal(self._baseline.get(n) or "")
+                        )
+                        for n in settable
+                    )
+                )
+            )
+        for stmt in statements:
+            super().wait(self._exec_command(stmt))
+        logger.debug("restored session parameters %s after a lease", changed)
+        return True
+
+    def _give_back(self, *, broken: bool, dirty: bool = False) -> None:
         held = self._held
         if held is None:
             return
@@ -237,8 +311,24 @@ class Connection(psycopg.Connection[Any]):
         # number it gave up — it may belong to someone else by now.
         os.close(held.home)
         assert self._channel is not None
-        outcome = control.Outcome.BROKEN if broken else control.Outcome.CLEAN
+        if broken:
+            outcome = control.Outcome.BROKEN
+        elif dirty:
+            outcome = control.Outcome.DIRTY  # the broker runs DISCARD ALL before lending it again
+        else:
+            outcome = control.Outcome.CLEAN
         self._channel.release(held.lease.slot, held.lease.generation, outcome)
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("withhold"):
+            raise errors.NotSupported(
+                "WITH HOLD cursors outlive their transaction, and the backend goes to another "
+                "client at commit; fetch the rows inside the transaction instead (withhold=False)"
+            )
+        return super().cursor(*args, **kwargs)
+
+    def notifies(self, *args: Any, **kwargs: Any) -> Any:
+        raise errors.NotSupported(LISTEN_REFUSED)
 
     @contextlib.contextmanager
     def pipeline(self) -> Iterator[psycopg.Pipeline]:
