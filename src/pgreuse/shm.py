@@ -113,11 +113,14 @@ class Snapshot:
 class Table:
     """A mapped table. ``create()`` for the broker, ``open()`` for readers."""
 
-    def __init__(self, path: str, mm: mmap.mmap, max_size: int, writable: bool) -> None:
+    def __init__(self, path: str, mm: mmap.mmap, max_size: int, writable: bool, inode: int = 0) -> None:
         self.path = path
         self._mm = mm
         self.max_size = max_size
         self.writable = writable
+        # Readers compare it with the path's current inode: a restarted broker renames a new table
+        # over the old one, and the old mapping would go on showing a dead broker's last state.
+        self.inode = inode
 
     @classmethod
     def create(
@@ -151,7 +154,8 @@ class Table:
         """Map an existing table read-only; raise :class:`TableError` or ``OSError``."""
         fd = os.open(path, os.O_RDONLY)
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            size = st.st_size
             if size < _SLOTS_OFF:
                 raise TableError(f"{path}: {size} bytes is too small for a pgreuse table")
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
@@ -171,7 +175,7 @@ class Table:
         if size < table_size(max_size):
             mm.close()
             raise TableError(f"{path}: {size} bytes is too small for {max_size} slots")
-        return cls(path, mm, max_size, writable=False)
+        return cls(path, mm, max_size, writable=False, inode=st.st_ino)
 
     def close(self) -> None:
         self._mm.close()
