@@ -19,8 +19,29 @@ DEFAULT_SOCKET_DIR = "/run/pgreuse"
 MAX_SOCKET_DIR = 107 - len("/.s.PGREUSE.65535")
 
 
+POOL_MODES = ("transaction", "session")
+# The TCP listener does not authenticate clients (the Unix socket checks SO_PEERCRED), so it may
+# only bind loopback addresses: anything else would lend backends to the network.
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
 class ConfigError(ValueError):
     """A broker setting is out of range; the message names it and says what to do."""
+
+
+def parse_listen_addr(text: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 as ``[::1]:port``) of the TCP listener; raise :class:`ConfigError`."""
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(f"--listen-addr {text!r} is not host:port; e.g. --listen-addr 127.0.0.1:6432")
+    if host not in LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"--listen-addr {text!r}: the TCP listener does not authenticate clients, so it binds "
+            f"loopback addresses only ({', '.join(LOOPBACK_HOSTS)}); use the Unix socket for "
+            "access control by uid"
+        )
+    return host, int(port_text)
 
 
 @attrs.frozen
@@ -35,6 +56,11 @@ class BrokerConfig:
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
     parent_pid: int = 0  # exit when this process exits (the Gunicorn master)
+    # Proxy mode (DESIGN.md §5): how long a proxied client keeps its backend.
+    pool_mode: str = "transaction"
+    max_client_conn: int = 0  # 0: no limit besides the open-files limit
+    listen_addr: str = ""  # "host:port" for a TCP listener; "" (default): Unix socket only
+    reset_query: str = "DISCARD ALL"
 
     def __attrs_post_init__(self) -> None:
         if not self.dsn:
@@ -68,6 +94,19 @@ class BrokerConfig:
             )
         if self.shutdown_timeout < 0:
             raise ConfigError(f"--shutdown-timeout {self.shutdown_timeout} must be >= 0 seconds")
+        if self.pool_mode not in POOL_MODES:
+            raise ConfigError(
+                f"--pool-mode {self.pool_mode!r}: use 'transaction' (a backend per transaction) or "
+                "'session' (a backend for the whole client connection)"
+            )
+        if self.max_client_conn < 0:
+            raise ConfigError(f"--max-client-conn {self.max_client_conn} must be >= 0 (0: no limit)")
+        if self.listen_addr:
+            parse_listen_addr(self.listen_addr)
+        if not self.reset_query.strip():
+            raise ConfigError(
+                "--reset-query is empty: give the SQL that clears session state (default DISCARD ALL)"
+            )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"--log-level {self.log_level!r}: use one of DEBUG, INFO, WARNING, ERROR")
 
@@ -87,7 +126,9 @@ class BrokerConfig:
             "--wait-timeout", str(self.wait_timeout),
             "--idle-transaction-timeout", str(self.idle_transaction_timeout),
             "--shutdown-timeout", str(self.shutdown_timeout), "--log-level", self.log_level,
-            "--parent-pid", str(self.parent_pid),
+            "--parent-pid", str(self.parent_pid), "--pool-mode", self.pool_mode,
+            "--max-client-conn", str(self.max_client_conn), "--listen-addr", self.listen_addr,
+            "--reset-query", self.reset_query,
         ]  # fmt: skip
 
 
@@ -164,6 +205,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit when the process with this pid exits (set by the Gunicorn hooks)",
     )
     p.add_argument(
+        "--pool-mode",
+        default="transaction",
+        choices=POOL_MODES,
+        help="for proxied clients (psql, pgbench, any non-pgreuse client): 'transaction' lends a "
+        "backend per transaction, 'session' for the whole client connection and resets it with "
+        "--reset-query afterwards (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-client-conn",
+        type=int,
+        default=0,
+        help="most client connections (parked, proxied and admin) at once; a client over it gets "
+        "SQLSTATE 53300. 0: no limit (default: %(default)s)",
+    )
+    p.add_argument(
+        "--listen-addr",
+        default="",
+        help="also accept PostgreSQL clients on this TCP host:port (loopback only: TCP clients are "
+        "not authenticated); off by default",
+    )
+    p.add_argument(
+        "--reset-query",
+        default="DISCARD ALL",
+        help="SQL that clears a backend's session state before it is lent again, after session "
+        "mode or a lease that changed session state (default: %(default)s)",
+    )
+    p.add_argument(
         "--supervise",
         action="store_true",
         help="run the broker in a child process and restart it if it dies",
@@ -183,6 +251,10 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         shutdown_timeout=args.shutdown_timeout,
         log_level=args.log_level.upper(),
         parent_pid=args.parent_pid,
+        pool_mode=args.pool_mode,
+        max_client_conn=args.max_client_conn,
+        listen_addr=args.listen_addr,
+        reset_query=args.reset_query,
     )
 
 

@@ -54,17 +54,27 @@ CHECKED_PARAMETERS = (
     "integer_datetimes",
     "server_encoding",
 )
-RESET_QUERY = "DISCARD ALL"
 _RDHUP = getattr(select, "POLLRDHUP", 0x2000)
 
 
 class Client(Protocol):
-    """What the pool needs of a control-channel client (one worker process)."""
+    """What the pool needs of a lease holder: a control-channel client (one worker process), or a
+    proxy session inside the broker (:mod:`pgreuse.broker.proxy`)."""
 
     pid: int
     fds: dict[int, int]  # slot -> generation of the fd this process holds
 
     def send(self, msg: control.Message, fd: int | None = None) -> None: ...
+
+
+class InProcessHolder(Protocol):
+    """A holder inside the broker that reads and writes the backend socket itself (a proxy session).
+
+    The pool calls :meth:`revoked` just before it closes a backend such a holder has lent (the backend
+    died, shutdown): the holder must stop using the socket, whose fd number is about to be reused.
+    """
+
+    def revoked(self, backend: Backend) -> None: ...
 
 
 @attrs.define(eq=False)
@@ -113,6 +123,9 @@ class Pool:
         self.parameters: dict[str, str] | None = None
         self.last_connect_error: str | None = None
         self.closing = False
+        # PAUSE (admin console): nothing is lent until RESUME; requests queue and may time out.
+        self.paused = False
+        self._max_pending = 0
         self._retry_at = 0.0  # monotonic: no new connect attempt before this after failures
         self._backoff = 0.0
         self._max_pending = 0
@@ -312,7 +325,7 @@ class Pool:
         if self.closing:
             self._deny(w, control.DenyCode.CLOSED, "the broker is shutting down")
             return
-        if self.idle and not self.waiters:
+        if self.idle and not self.waiters and not self.paused:
             self._grant(self.idle.pop(), w)
             return
         if not self._alive() and self.last_connect_error and time.monotonic() < self._retry_at:
@@ -334,6 +347,9 @@ class Pool:
         self._dispatch()
 
     def _dispatch(self) -> None:
+        if self.paused:
+            self.table.set("pending", len(self.waiters))
+            return
         while self.waiters and self.idle:
             self._grant(self.idle.pop(), self.waiters.popleft())
         self.table.set("pending", len(self.waiters))
@@ -454,13 +470,13 @@ class Pool:
     async def _reset(self, b: Backend) -> None:
         assert b.sock is not None
         try:
-            q = await run_simple_query(b.sock, RESET_QUERY, timeout=10.0)
+            q = await run_simple_query(b.sock, self.config.reset_query, timeout=10.0)
         except BackendQueryError as exc:
             logger.warning("slot %d: reset failed: %s", b.index, exc)
             self._close(b, CloseReason.RESET_FAILED, graceful=False)
             return
         if q.error is not None or q.transaction_status != b"I":
-            logger.warning("slot %d: %s failed: %s", b.index, RESET_QUERY, q.error)
+            logger.warning("slot %d: %s failed: %s", b.index, self.config.reset_query, q.error)
             self._close(b, CloseReason.RESET_FAILED, graceful=False)
             return
         b.dirty = False
@@ -509,6 +525,9 @@ class Pool:
         self._unwatch(b)
         if b in self.idle:
             self.idle.remove(b)
+        revoked = getattr(b.holder, "revoked", None)
+        if b.state is SlotState.LENT and revoked is not None:
+            revoked(b)  # an in-process holder (InProcessHolder) stops using the fd first
         if b.sock is not None:
             try:
                 if graceful:
@@ -555,6 +574,19 @@ class Pool:
                     b.index, client.pid, b.pid,
                 )  # fmt: skip
                 self._close(b, CloseReason.HOLDER_EXITED, graceful=False)
+
+    def pause(self) -> None:
+        """Stop lending (admin ``PAUSE``): requests queue, and time out after ``--wait-timeout``."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Lend again after :meth:`pause` (admin ``RESUME``), serving the queue in order."""
+        self.paused = False
+        self._dispatch()
+
+    def count(self, state: SlotState) -> int:
+        """Slots in ``state`` now."""
+        return self._count(state)
 
     def cancel(self, parking: int) -> None:
         """Forward a CancelRequest for the lease that parking connection ``parking`` holds."""

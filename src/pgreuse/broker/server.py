@@ -2,8 +2,11 @@
 
 * ``<socket-dir>/.s.PGSQL.<port>`` speaks the PostgreSQL protocol. A pgreuse connection's libpq does its
   startup here and then *parks*: the broker answers with the parameters of a real backend and a parking
-  key, and the socket stays quiet until the connection closes. CancelRequests arrive here too and are
-  forwarded to the backend currently leased by the connection that owns the key.
+  key, and the socket stays quiet until the connection closes. Any other client (psql, pgbench) sends
+  queries on it instead, and the broker proxies them to leased backends (:mod:`.proxy`). The
+  database ``pgreuse`` is the admin console (:mod:`.admin`). CancelRequests arrive here too and are
+  forwarded to the backend currently leased by the connection that owns the key. The same protocol is
+  served on ``--listen-addr`` (TCP, loopback only) when it is set.
 * ``<socket-dir>/.s.PGREUSE.<port>`` (``SOCK_SEQPACKET``) carries lease messages, one channel per worker
   process, and the backend fds (``SCM_RIGHTS``).
 
@@ -28,9 +31,11 @@ from typing import Any
 
 from ..shm import Table, table_path
 from ..wire import control, frames
-from .config import BrokerConfig, ConfigError
+from . import admin
+from .config import BrokerConfig, ConfigError, parse_listen_addr
 from .connector import BackendConnectError, BackendTarget, parse_target
 from .pool import CHECKED_PARAMETERS, Pool
+from .proxy import ProxySession, ProxyStats
 
 logger = logging.getLogger("pgreuse.broker")
 
@@ -129,6 +134,9 @@ class Broker:
         self._tasks: set[asyncio.Task[None]] = set()
         self.table: Table | None = None
         self.pool: Pool | None = None
+        self.sessions: dict[int, ProxySession] = {}  # parking key -> session (parked or proxied)
+        self.admin_sessions = 0
+        self.proxy_stats = ProxyStats()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -150,11 +158,14 @@ class Broker:
         self.pool = Pool(cfg, self.target, self.table, loop)
         pg = self._listen(cfg.pg_socket, socket.SOCK_STREAM)
         ctl = self._listen(cfg.control_socket, socket.SOCK_SEQPACKET)
+        tcp = self._listen_tcp(cfg.listen_addr) if cfg.listen_addr else None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         parent_fd = self._watch_parent(loop)
         self.pool.start()
         self._spawn(self._accept(pg, self._serve_pg))
+        if tcp is not None:
+            self._spawn(self._accept(tcp, self._serve_pg_tcp))
         self._spawn(self._accept(ctl, self._serve_control))
         self._spawn(self._janitor())
         logger.info(
@@ -167,9 +178,15 @@ class Broker:
         finally:
             logger.info("shutting down")
             for s in self._listeners:
-                with contextlib.suppress(OSError):
-                    os.unlink(s.getsockname())
+                if s.family == socket.AF_UNIX:
+                    with contextlib.suppress(OSError):
+                        os.unlink(s.getsockname())
                 s.close()
+            # Proxied clients between transactions are told and closed now; those inside one keep
+            # their backend for --shutdown-timeout, like handoff leases.
+            for session in list(self.sessions.values()):
+                if session.proxied:
+                    session.shutdown()
             await self.pool.shutdown(cfg.shutdown_timeout)
             for t in list(self._tasks):
                 t.cancel()
@@ -205,6 +222,23 @@ class Broker:
                 probe.close()
         s = socket.socket(socket.AF_UNIX, kind)
         s.bind(path)
+        s.listen(512)
+        s.setblocking(False)
+        self._listeners.append(s)
+        return s
+
+    def _listen_tcp(self, addr: str) -> socket.socket:
+        host, port = parse_listen_addr(addr)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            s.close()
+            raise ConfigError(
+                f"--listen-addr {addr!r}: cannot bind: {exc.strerror or exc}; pick a free port"
+            ) from exc
         s.listen(512)
         s.setblocking(False)
         self._listeners.append(s)
@@ -263,11 +297,24 @@ class Broker:
 
     # -- the PostgreSQL-protocol listener ---------------------------------------------------------
 
-    async def _serve_pg(self, sock: socket.socket) -> None:
+    async def _serve_pg_tcp(self, sock: socket.socket) -> None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await self._serve_pg(sock, tcp=True)
+
+    async def _serve_pg(self, sock: socket.socket, tcp: bool = False) -> None:
         loop = asyncio.get_running_loop()
         parking: Parking | None = None
+        session: ProxySession | None = None
+        is_admin = False
         try:
-            peer_pid = self._allowed(sock, "connection")
+            if tcp:
+                # Loopback only (config refuses other addresses); no peer credentials on TCP.
+                peer_pid: int | None = 0
+                host, port = sock.getpeername()[:2]
+                addr = f"{host}:{port}"
+            else:
+                peer_pid = self._allowed(sock, "connection")
+                addr = "unix"
             if peer_pid is None:
                 await loop.sock_sendall(sock, frames.error_response(
                     "28000", "pgreuse broker: your user id may not use this broker",
@@ -291,6 +338,14 @@ class Broker:
                 break
             assert isinstance(packet, frames.StartupMessage)
             try:
+                self._check_client_limit()
+                if packet.params.get("database") == admin.ADMIN_DATABASE:
+                    is_admin = True
+                    self.admin_sessions += 1
+                    await loop.sock_sendall(sock, admin.startup_reply(
+                        self, packet.params.get("application_name", "")))  # fmt: skip
+                    await admin.serve(self, sock, reader.rest())
+                    return
                 reply, parking = await self._startup(packet, peer_pid)
             except StartupRefused as exc:
                 logger.info("startup from pid %d refused: %s", peer_pid, exc.message)
@@ -298,17 +353,49 @@ class Broker:
                     exc.sqlstate, exc.message, severity="FATAL", hint=exc.hint))  # fmt: skip
                 return
             await loop.sock_sendall(sock, reply)
-            await self._parked(sock, parking, reader.rest())
+            assert self.pool is not None
+            params = packet.params
+            session = ProxySession(
+                sock,
+                self.pool,
+                parking_key=parking.key,
+                peer_pid=peer_pid,
+                session_mode=self.config.pool_mode == "session",
+                stats=self.proxy_stats,
+                user=params.get("user", ""),
+                database=params.get("database", params.get("user", "")),
+                application_name=parking.application_name,
+                addr=addr,
+            )
+            self.sessions[parking.key] = session
+            session.start(reader.rest())
+            await session.done
         except (frames.ProtocolError, ConnectionError) as exc:
             logger.info("client connection dropped: %s", exc)
             if self.table is not None:
                 self.table.add("protocol_errors")
         finally:
+            if session is not None:
+                session.close()  # before sock.close(): it unregisters the fd from the loop
+            if is_admin:
+                self.admin_sessions -= 1
             if parking is not None:
                 self.parkings.pop(parking.key, None)
+                self.sessions.pop(parking.key, None)
                 assert self.table is not None
                 self.table.set("parked", len(self.parkings))
             sock.close()
+
+    def _check_client_limit(self) -> None:
+        limit = self.config.max_client_conn
+        clients = len(self.parkings) + self.admin_sessions
+        if limit and clients >= limit:
+            raise StartupRefused(
+                "53300",
+                f"no more connections allowed (max_client_conn): {clients} clients are connected "
+                f"and --max-client-conn is {limit}",
+                hint="close idle connections, or restart the broker with a higher --max-client-conn",
+            )
 
     async def _startup(self, packet: frames.StartupMessage, peer_pid: int) -> tuple[bytes, Parking]:
         assert self.pool is not None
@@ -386,30 +473,6 @@ class Broker:
         out.append(frames.backend_key_data(parking.key, parking.secret))
         out.append(frames.ready_for_query(b"I"))
         return b"".join(out), parking
-
-    async def _parked(self, sock: socket.socket, parking: Parking, pending: bytes) -> None:
-        """Hold a parked connection until it goes away."""
-        loop = asyncio.get_running_loop()
-        reader = frames.FrameReader()
-        reader.feed(pending)
-        while True:
-            msg = reader.next_message()
-            if msg is None:
-                data = await loop.sock_recv(sock, 16384)
-                if not data:
-                    return
-                reader.feed(data)
-                continue
-            if msg.type == b"X":
-                # Terminate. A forked child closing its copy of the connection also sends this, so
-                # keep the registration until the socket itself is gone (EOF).
-                continue
-            await loop.sock_sendall(sock, frames.error_response(
-                "0A000",
-                "pgreuse broker: this socket parks pgreuse connections only "
-                "(pgreuse.connect()); proxying other clients such as psql is not built yet",
-                severity="FATAL"))  # fmt: skip
-            return
 
     def _cancel(self, key: int, secret: int) -> None:
         assert self.pool is not None

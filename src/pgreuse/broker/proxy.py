@@ -1,0 +1,586 @@
+"""Proxy mode: one client connection on the PG-protocol listener, forwarded to leased backends.
+
+Contract (DESIGN.md §5). After startup every client of ``.s.PGSQL.<port>`` gets a
+:class:`ProxySession`. A pgreuse connection parks there and never sends anything but Terminate; any
+other client (psql, pgbench, a Go service) sends queries, and then:
+
+* the first message that needs a server leases a backend from the :class:`~.pool.Pool` *in process*
+  (the session is the pool's ``Client``; the lease carries the parking key, so a CancelRequest with
+  that key reaches this backend);
+* client bytes go to the backend and backend bytes to the client unchanged; only frame headers are
+  parsed, to count sync points (Query, Sync, FunctionCall: each gets exactly one ReadyForQuery) and
+  to read ReadyForQuery's status byte;
+* in transaction mode the backend goes back at ReadyForQuery ``I`` once every sync point sent was
+  answered and no message is half sent (so COPY, open transactions and pipelined batches keep it);
+  in session mode it stays until the client leaves, and is then reset (``Outcome.DIRTY``);
+* a backend that reports a ParameterStatus while lent changed session state (``SET``): it goes back
+  ``DIRTY`` and the pool resets it before lending it again;
+* a client that leaves while its backend is not idle (mid-transaction, mid-COPY, a query running)
+  returns it ``BROKEN``: the pool closes it, PostgreSQL rolls back, it is never reused;
+* a backend that fails or is revoked mid-lease gets the client a FATAL ErrorResponse, then the client
+  is closed (its transaction is gone);
+* a request the pool denies (``--wait-timeout``, PostgreSQL down) answers the waiting query with an
+  ErrorResponse and ReadyForQuery, exactly as a server error would, and the session goes on.
+
+Named prepared statements are per backend: in transaction mode a statement prepared in one
+transaction is unknown to the next one's backend (``pgbench -M prepared`` fails). Unnamed statements
+(``-M extended``, psycopg) work.
+
+All of this runs as callbacks on the broker's loop thread: readers and writers registered with
+``add_reader``/``add_writer`` on non-blocking sockets, no task per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import struct
+import time
+
+import attrs
+
+from ..wire import control, frames
+from .pool import Backend, Pool
+
+logger = logging.getLogger("pgreuse.broker")
+
+_RECV = 256 * 1024
+# Bytes a client may send while it waits for a backend before the broker stops reading from it.
+_MAX_PENDING = 1024 * 1024
+_HEADER = struct.Struct("!ci")
+_SYNC_POINTS = frozenset((b"Q", b"S", b"F"))
+# Messages that need no backend when none is held: COPY data after a failed COPY (a server drops
+# it too) and Flush with nothing in flight.
+_NO_BACKEND_NEEDED = frozenset((b"d", b"c", b"f", b"H"))
+# Client messages that belong to an exchange already counted (COPY data, Flush): they neither
+# start nor leave unfinished work of their own.
+_NEUTRAL = frozenset((b"d", b"c", b"f", b"H"))
+
+_DENY_SQLSTATE = {
+    # PgBouncer answers a query_wait_timeout with 08P01; tools keyed to it keep working.
+    control.DenyCode.TIMEOUT: "08P01",
+    control.DenyCode.UNAVAILABLE: "08006",
+    control.DenyCode.CLOSED: "57P01",
+    control.DenyCode.BAD_REQUEST: "08P01",
+    control.DenyCode.TOO_MANY: "53300",
+}
+
+
+@attrs.define
+class ProxyStats:
+    """Totals over every proxy session of a broker (``SHOW STATS``)."""
+
+    xacts: int = 0  # leases given back (transactions in transaction mode)
+    queries: int = 0  # sync points forwarded
+    received: int = 0  # bytes from clients
+    sent: int = 0  # bytes to clients
+    wait_ns: int = 0
+    denied: int = 0
+    broken: int = 0  # backends given back BROKEN
+
+
+class _Forward:
+    """Per-message decision while scanning a client chunk."""
+
+    FORWARD = 0
+    DROP = 1
+    REJECT = 2  # after a denied lease: answer like a server in error, until Sync
+
+
+class ProxySession:
+    """One client connection on the PG-protocol listener (see the module docstring)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        pool: Pool,
+        *,
+        parking_key: int,
+        peer_pid: int,
+        session_mode: bool,
+        stats: ProxyStats,
+        user: str,
+        database: str,
+        application_name: str,
+        addr: str,
+    ) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.pool = pool
+        self.parking_key = parking_key
+        self.pid = peer_pid  # pool.Client: shown as the holder pid
+        self.fds: dict[int, int] = {}  # pool.Client: unused, no fd crosses a process boundary
+        self.session_mode = session_mode
+        self.stats = stats
+        self.user = user
+        self.database = database
+        self.application_name = application_name
+        self.addr = addr
+        self.connect_time = time.time()
+        self.request_time = 0.0
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.proxied = False  # sent anything but Terminate: not a parked pgreuse connection
+        self.closed = False
+        # The lease.
+        self.backend: Backend | None = None
+        self._bsock: socket.socket | None = None
+        self._bfd = -1
+        self._request: int | None = None  # id of the request the pool has not answered yet
+        self._request_ns = 0
+        self._want_lease = False
+        # Client -> backend.
+        self._to_backend = bytearray()
+        self._c_left = 0  # bytes of the current client message still to come
+        self._c_action = _Forward.FORWARD
+        self._c_stash = b""  # an incomplete header at the end of the last chunk
+        self._rejecting: bytes | None = None  # ErrorResponse owed to a denied request
+        self._syncs = 0  # sync points forwarded and not yet answered by ReadyForQuery
+        self._unsynced = False  # a message forwarded since the last sync point
+        self._quitting = False  # Terminate seen: give the backend back when it is idle
+        # Backend -> client.
+        self._to_client = bytearray()
+        self._b_left = 0
+        self._b_stash = b""
+        self._tx = b"I"
+        self._dirty = False
+        # Readiness registrations.
+        self._c_reading = False
+        self._c_writing = False
+        self._b_reading = False
+        self._b_writing = False
+
+    def __repr__(self) -> str:
+        lease = f"slot={self.backend.index}" if self.backend else "no backend"
+        return f"<ProxySession key={self.parking_key} pid={self.pid} {lease} tx={self._tx!r}>"
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self, pending: bytes) -> None:
+        """Begin serving; ``pending`` is what the client pipelined behind its StartupMessage."""
+        if pending:
+            self._from_client(pending)
+        self._interest()
+
+    @property
+    def state(self) -> str:
+        """PgBouncer's client state names: ``active`` (has a backend), ``waiting``, ``idle``."""
+        if self.backend is not None:
+            return "active"
+        if self._request is not None:
+            return "waiting"
+        return "idle"
+
+    @property
+    def waiting_since_ns(self) -> int:
+        return self._request_ns if self._request is not None else 0
+
+    def close(self, error: bytes = b"") -> None:
+        """End the session: settle the lease, send ``error`` (best effort) and close the client."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._request is not None:
+            self.pool.abandon(self, self._request)
+            self._request = None
+        if self.backend is not None:
+            self._give_back(self._outcome_on_leave())
+        self._set_client(reading=False, writing=False)
+        if error:
+            with contextlib.suppress(OSError):
+                self.sock.send(bytes(self._to_client) + error)
+        self._to_client.clear()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def shutdown(self) -> bool:
+        """Broker shutdown: close the client now unless it is inside a transaction. True if closed."""
+        if self.backend is not None and not self._idle():
+            return False
+        self.close(frames.error_response("57P01", "pgreuse broker is shutting down", severity="FATAL"))
+        return True
+
+    def _outcome_on_leave(self) -> control.Outcome:
+        if not self._idle():
+            return control.Outcome.BROKEN
+        if self.session_mode or self._dirty:
+            return control.Outcome.DIRTY
+        return control.Outcome.CLEAN
+
+    def _idle(self) -> bool:
+        """The backend has answered everything and sits at ReadyForQuery ``I`` with nothing unread."""
+        return (
+            self._syncs == 0
+            and not self._unsynced
+            and self._tx == b"I"
+            and not self._b_left
+            and not self._b_stash
+            and not self._to_backend
+            and not self._c_left
+        )
+
+    # -- readiness --------------------------------------------------------------------------------
+
+    def _interest(self) -> None:
+        """Register exactly the readers and writers the buffers call for (backpressure)."""
+        if self.closed:
+            return
+        # With a backend, stop reading while it cannot take more; without one, bound the buffer.
+        limit = 1 if self.backend is not None else _MAX_PENDING
+        c_read = len(self._to_backend) < limit
+        self._set_client(reading=c_read, writing=bool(self._to_client))
+        if self._bsock is not None:
+            self._set_backend(reading=not self._to_client, writing=bool(self._to_backend))
+
+    def _set_client(self, *, reading: bool, writing: bool) -> None:
+        if reading != self._c_reading:
+            if reading:
+                self.loop.add_reader(self.fd, self._client_readable)
+            else:
+                self.loop.remove_reader(self.fd)
+            self._c_reading = reading
+        if writing != self._c_writing:
+            if writing:
+                self.loop.add_writer(self.fd, self._client_writable)
+            else:
+                self.loop.remove_writer(self.fd)
+            self._c_writing = writing
+
+    def _set_backend(self, *, reading: bool, writing: bool) -> None:
+        if reading != self._b_reading:
+            if reading:
+                self.loop.add_reader(self._bfd, self._backend_readable)
+            else:
+                self.loop.remove_reader(self._bfd)
+            self._b_reading = reading
+        if writing != self._b_writing:
+            if writing:
+                self.loop.add_writer(self._bfd, self._backend_writable)
+            else:
+                self.loop.remove_writer(self._bfd)
+            self._b_writing = writing
+
+    # -- client -> backend ------------------------------------------------------------------------
+
+    def _client_readable(self) -> None:
+        try:
+            data = self.sock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            logger.debug("client key %d: %s", self.parking_key, exc)
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        self.stats.received += len(data)
+        try:
+            self._from_client(data)
+        except frames.ProtocolError as exc:
+            logger.info("client key %d (pid %d) dropped: %s", self.parking_key, self.pid, exc)
+            self.close(frames.error_response("08P01", f"pgreuse broker: {exc}", severity="FATAL"))
+            return
+        self._interest()
+
+    def _from_client(self, data: bytes) -> None:
+        """Scan ``data`` for message boundaries and forward, drop or answer each message."""
+        if self._c_stash:
+            data = self._c_stash + data
+            self._c_stash = b""
+        n = len(data)
+        pos = 0
+        keep_from = 0  # start of the run of bytes to forward
+        out: list[bytes | memoryview] = []
+        view = memoryview(data)
+        while pos < n:
+            if self._c_left:
+                take = min(self._c_left, n - pos)
+                if self._c_action != _Forward.FORWARD:
+                    if keep_from < pos:
+                        out.append(view[keep_from:pos])
+                    keep_from = pos + take
+                pos += take
+                self._c_left -= take
+                continue
+            if n - pos < 5:
+                self._c_stash = bytes(view[pos:])
+                if keep_from < pos:
+                    out.append(view[keep_from:pos])
+                keep_from = n
+                break
+            type_, length = _HEADER.unpack_from(data, pos)
+            if length < 4 or length > frames.MAX_FRAME:
+                raise frames.ProtocolError(f"client message type {type_!r} has invalid length {length}")
+            action = self._decide(type_)
+            self._c_action = action
+            if action != _Forward.FORWARD:
+                if keep_from < pos:
+                    out.append(view[keep_from:pos])
+                keep_from = pos  # the _c_left branch moves it past the dropped bytes
+            self._c_left = 1 + length  # the next turn of the loop consumes the message itself
+        if keep_from < n:
+            out.append(view[keep_from:n])
+        for chunk in out:
+            self._forward(chunk)
+        if self._quitting and self.backend is not None and self._idle():
+            self._give_back(self._outcome_on_leave())
+        if self._want_lease and self._request is None and self.backend is None and not self.closed:
+            self._lease()
+
+    def _decide(self, type_: bytes) -> int:
+        """What to do with a client message of ``type_`` whose header was just read."""
+        if type_ == b"X":
+            # Terminate is never forwarded: the backend outlives this client. The client closes
+            # its socket next; a parked pgreuse connection's forked child may also send this on a
+            # shared socket, so the session itself lives on until EOF.
+            self._quitting = True
+            self._want_lease = False
+            if self._request is not None:
+                self.pool.abandon(self, self._request)
+                self._request = None
+            return _Forward.DROP
+        self._quitting = False
+        if self._rejecting is not None:
+            error = self._rejecting
+            if type_ in (b"S", b"Q"):
+                self._rejecting = None
+                self._reply(error + frames.ready_for_query(b"I"))
+            elif error:
+                self._rejecting = b""  # sent once; the rest is dropped until Sync
+                self._reply(error)
+            return _Forward.REJECT
+        self.proxied = True
+        if self.backend is None and self._request is None and not self._want_lease:
+            if type_ in _NO_BACKEND_NEEDED:
+                return _Forward.DROP
+            self._want_lease = True
+        if type_ in _SYNC_POINTS:
+            self._syncs += 1
+            self._unsynced = False
+            self.stats.queries += 1
+        elif type_ not in _NEUTRAL:
+            self._unsynced = True
+        return _Forward.FORWARD
+
+    def _forward(self, chunk: bytes | memoryview) -> None:
+        if self.backend is None or self._to_backend:
+            self._to_backend += chunk
+            return
+        assert self._bsock is not None
+        try:
+            sent = self._bsock.send(chunk)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._backend_failed(f"send failed: {exc}")
+            return
+        if sent < len(chunk):
+            self._to_backend += chunk[sent:]
+
+    def _backend_writable(self) -> None:
+        assert self._bsock is not None
+        try:
+            sent = self._bsock.send(self._to_backend)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._backend_failed(f"send failed: {exc}")
+            return
+        del self._to_backend[:sent]
+        self._interest()
+
+    # -- the lease --------------------------------------------------------------------------------
+
+    def _lease(self) -> None:
+        self._want_lease = False
+        self._request = next(self._ids)
+        self._request_ns = time.monotonic_ns()
+        self.request_time = time.time()
+        # May answer synchronously (an idle backend): send() below runs inside this call.
+        self.pool.request(self, self._request, self.parking_key)
+
+    def send(self, msg: control.Message, fd: int | None = None) -> None:
+        """The pool's answer to a request (``pool.Client``)."""
+        if not isinstance(msg, control.Grant | control.Deny) or msg.request != self._request:
+            return  # an answer to a request this session abandoned
+        self._request = None
+        self.stats.wait_ns += time.monotonic_ns() - self._request_ns
+        if isinstance(msg, control.Deny):
+            self._denied(msg)
+            return
+        b = self.pool.slots[msg.slot]
+        assert b.sock is not None
+        if self.closed:
+            # Cannot happen in process (abandon() runs before close() returns); never keep it.
+            self.pool.release(self, b.index, b.generation, control.Outcome.CLEAN)
+            return
+        self.backend, self._bsock, self._bfd = b, b.sock, b.sock.fileno()
+        self._dirty = False
+        pending = bytes(self._to_backend)
+        self._to_backend.clear()
+        if pending:
+            self._forward(pending)
+        self._interest()
+
+    def _denied(self, msg: control.Deny) -> None:
+        self.stats.denied += 1
+        sqlstate = _DENY_SQLSTATE.get(msg.code, "08P01")
+        prefix = "query_wait_timeout: " if msg.code is control.DenyCode.TIMEOUT else ""
+        if msg.code is control.DenyCode.CLOSED:
+            self.close(frames.error_response(sqlstate, f"pgreuse broker: {msg.message}", severity="FATAL"))
+            return
+        logger.info("client key %d (pid %d): no backend: %s", self.parking_key, self.pid, msg.message)
+        # Nothing queued was sent anywhere: answer it like a server whose first statement failed
+        # (ErrorResponse, then skip to the next Query or Sync), then carry on with what follows.
+        pending = bytes(self._to_backend)
+        self._to_backend.clear()
+        stash, self._c_stash = self._c_stash, b""
+        self._syncs = 0
+        self._unsynced = False
+        self._c_left = 0
+        self._rejecting = frames.error_response(
+            sqlstate,
+            f"{prefix}pgreuse broker: {msg.message}",
+            hint="retry later, or raise the broker's --max-size or --wait-timeout",
+        )
+        self._from_client(pending)
+        if self._c_stash:
+            raise AssertionError("a complete buffer left an incomplete header")  # pragma: no cover
+        self._c_stash = stash
+        self._interest()
+
+    def _give_back(self, outcome: control.Outcome) -> None:
+        b = self.backend
+        assert b is not None
+        self._set_backend(reading=False, writing=False)
+        self.backend, self._bsock, self._bfd = None, None, -1
+        self._to_backend.clear()
+        self._b_left = 0
+        self._b_stash = b""
+        self._syncs = 0
+        self._unsynced = False
+        self._tx = b"I"
+        self.stats.xacts += 1
+        if outcome is control.Outcome.BROKEN:
+            self.stats.broken += 1
+        self.pool.release(self, b.index, b.generation, outcome)
+
+    def revoked(self, backend: Backend) -> None:
+        """The pool is closing our backend (it died, or the broker shuts down): stop using it."""
+        if backend is not self.backend:
+            return
+        self._set_backend(reading=False, writing=False)
+        self.backend, self._bsock, self._bfd = None, None, -1
+        self._to_backend.clear()
+        self.close(
+            frames.error_response(
+                "08006",
+                f"pgreuse broker: the server connection (backend pid {backend.pid}) was closed "
+                "while this client was using it; its transaction is lost",
+                severity="FATAL",
+            )
+        )
+
+    def _backend_failed(self, why: str) -> None:
+        b = self.backend
+        assert b is not None
+        logger.warning(
+            "slot %d: backend pid %d failed while proxying for key %d: %s",
+            b.index, b.pid, self.parking_key, why,
+        )  # fmt: skip
+        self._give_back(control.Outcome.BROKEN)
+        self.close(
+            frames.error_response(
+                "08006",
+                f"pgreuse broker: server connection lost (backend pid {b.pid}: {why}); "
+                "the transaction is lost, reconnect and retry",
+                severity="FATAL",
+            )
+        )
+
+    # -- backend -> client ------------------------------------------------------------------------
+
+    def _backend_readable(self) -> None:
+        assert self._bsock is not None
+        try:
+            data = self._bsock.recv(_RECV)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._backend_failed(f"receive failed: {exc}")
+            return
+        if not data:
+            self._backend_failed("the server closed the connection")
+            return
+        try:
+            self._scan_backend(data)
+        except frames.ProtocolError as exc:
+            self._backend_failed(str(exc))
+            return
+        self._reply(data)
+        if self.closed:
+            return
+        if self.backend is not None and self._idle() and (self._quitting or not self.session_mode):
+            self._give_back(control.Outcome.DIRTY if self._dirty else control.Outcome.CLEAN)
+        self._interest()
+
+    def _scan_backend(self, data: bytes) -> None:
+        if self._b_stash:
+            data = self._b_stash + data
+            self._b_stash = b""
+        n = len(data)
+        pos = 0
+        while pos < n:
+            if self._b_left:
+                take = min(self._b_left, n - pos)
+                pos += take
+                self._b_left -= take
+                continue
+            # A header, plus ReadyForQuery's status byte, may straddle two reads.
+            if n - pos < 6 and (n - pos < 5 or data[pos : pos + 1] == b"Z"):
+                self._b_stash = data[pos:]
+                return
+            type_, length = _HEADER.unpack_from(data, pos)
+            if length < 4 or length > frames.MAX_FRAME:
+                raise frames.ProtocolError(f"server message type {type_!r} has invalid length {length}")
+            if type_ == b"Z":
+                self._tx = data[pos + 5 : pos + 6]
+                self._syncs -= 1
+                if self._syncs < 0:
+                    raise frames.ProtocolError("server sent a ReadyForQuery nobody asked for")
+            elif type_ == b"S" and not self.session_mode:
+                self._dirty = True  # SET: session state the next holder must not inherit
+            self._b_left = 1 + length
+
+    def _reply(self, data: bytes) -> None:
+        self.stats.sent += len(data)
+        if self._to_client:
+            self._to_client += data
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            # The client is gone; its EOF arrives through the reader and settles the lease.
+            return
+        if sent < len(data):
+            self._to_client += data[sent:]
+
+    def _client_writable(self) -> None:
+        try:
+            sent = self.sock.send(self._to_client)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._to_client.clear()
+            self.close()
+            return
+        del self._to_client[:sent]
+        self._interest()
