@@ -4,7 +4,7 @@ A broker (``python -m pgreuse.broker``, or started by the Gunicorn master) owns 
 :class:`Connection` leases one for each transaction and talks to PostgreSQL directly.
 """
 
-from .client import Connection, Lease, connect
+from .client import AsyncConnection, Connection, Lease, connect, connect_async
 from .errors import (
     BackendUnavailable,
     BrokerUnavailable,
@@ -16,13 +16,17 @@ from .errors import (
     TooManyRequests,
     WrongProcess,
 )
+from .pool import AsyncConnectionPool, ConnectionPool
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncConnection",
+    "AsyncConnectionPool",
     "BackendUnavailable",
     "BrokerUnavailable",
     "Connection",
+    "ConnectionPool",
     "Lease",
     "LeaseRevoked",
     "NotSupported",
@@ -33,4 +37,5 @@ __all__ = [
     "WrongProcess",
     "__version__",
     "connect",
+    "connect_async",
 ]

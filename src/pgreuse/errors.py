@@ -8,17 +8,21 @@ names. Messages say what happened, which value caused it, and what to do.
 from __future__ import annotations
 
 import psycopg
+import psycopg_pool
+
+# The pool errors subclass psycopg_pool's (themselves psycopg.OperationalError), so an application
+# that moved from psycopg_pool to pgreuse keeps catching them with the same except clauses.
 
 
-class PoolTimeout(psycopg.OperationalError):
+class PoolTimeout(psycopg_pool.PoolTimeout):
     """No backend could be leased within the broker's wait timeout."""
 
 
-class TooManyRequests(psycopg.OperationalError):
+class TooManyRequests(psycopg_pool.TooManyRequests):
     """Too many requests are already waiting for a backend."""
 
 
-class PoolClosed(psycopg.OperationalError):
+class PoolClosed(psycopg_pool.PoolClosed):
     """The broker is shutting down and lends no more backends."""
 
 

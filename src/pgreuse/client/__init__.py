@@ -1,5 +1,11 @@
-"""The worker side: the leasing psycopg connection and its control channel."""
+"""The worker side: the leasing psycopg connections (sync and asyncio) and the control channel."""
 
-from .connection import Connection, Lease, connect
+from .psycopg_version import check as _check_psycopg
 
-__all__ = ["Connection", "Lease", "connect"]
+_check_psycopg()  # before the modules that subclass psycopg's internals are even imported
+
+from .async_connection import AsyncConnection, connect_async  # noqa: E402
+from .connection import Connection, connect  # noqa: E402
+from .lease import Lease  # noqa: E402
+
+__all__ = ["AsyncConnection", "Connection", "Lease", "connect", "connect_async"]

@@ -1,12 +1,14 @@
-"""The worker side of the control channel: one per process and broker, shared by all its threads.
+"""The worker side of the control channel: one per process and broker, shared by all its connections.
 
-Any thread may ask for a lease; the replies come back on one socket, so the thread that happens to be
-waiting reads for everyone (leader/follower): it reads one message, files it under its request id,
-wakes the others, and the next waiter takes over reading. No background thread is started, so nothing
-runs in a worker that the application did not call.
+Any thread (or task) may ask for a lease; the answers come back on one socket. One waiter at a time
+reads for everyone: it reads one message, files it under its request id and wakes the others, and
+the owner of that answer takes it while someone else reads on. No background thread or task is
+started, so nothing runs in a worker that the application did not call.
 
 The channel also keeps the fds the broker sent, one per slot, tagged with the slot's generation: the
-broker sends a slot's fd only once per process and generation.
+broker sends a slot's fd only once per process and generation. Bookkeeping (answers, abandoned
+requests, the fd cache) is shared by the sync :class:`Channel` and the :class:`AsyncChannel` (anyio);
+only the waiting differs.
 """
 
 from __future__ import annotations
@@ -18,15 +20,15 @@ import select
 import socket
 import threading
 import time
+import weakref
 
+import anyio
 import attrs
 
 from .. import errors
 from ..wire import control
 
-# How long past the broker's own wait timeout a worker waits for an answer before it decides the
-# broker is wedged: the broker always answers first when it is alive.
-ANSWER_GRACE = 5.0
+HELLO_TIMEOUT = 10.0
 
 
 @attrs.frozen
@@ -37,7 +39,9 @@ class Grant:
     fd: int  # a dup owned by the caller: dup2 it into place, then close it
 
 
-class Channel:
+class ChannelBase:
+    """Socket set-up, bookkeeping and message filing, without any waiting."""
+
     def __init__(self, path: str) -> None:
         self.path = path
         self.pid = os.getpid()
@@ -52,30 +56,26 @@ class Channel:
                 f"--port {path.rsplit('.', 1)[-1]} --dsn ...'"
             ) from exc
         self.sock = sock
-        self._send_lock = threading.Lock()
-        self._cond = threading.Condition()
-        self._reading = False
-        self._replies: dict[int, tuple[control.Message, int | None]] = {}
+        self.broker_pid = 0
+        self.max_size = 0
+        # Guards answers, abandoned requests and the fd cache; never held across I/O. Reentrant:
+        # the sync channel's condition uses it too, and files messages while holding it.
+        self._book = threading.RLock()
+        self._replies: dict[int, control.Message] = {}
         self._abandoned: set[int] = set()
         self._fds: dict[int, tuple[int, int]] = {}  # slot -> (generation, fd)
         self._ids = itertools.count(1)
         self._dead: str | None = None
-        self._send(control.Hello(control.VERSION, self.pid))
-        welcome, _ = self._recv(time.monotonic() + 10.0)
-        if not isinstance(welcome, control.Welcome):
-            raise errors.ProtocolMismatch(f"broker at {path} answered {welcome!r} to Hello")
-        self.broker_pid = welcome.broker_pid
-        self.max_size = welcome.max_size
 
     def __repr__(self) -> str:
-        return f"<Channel {self.path} broker={self.broker_pid} fds={len(self._fds)}>"
+        return f"<{type(self).__name__} {self.path} broker={self.broker_pid} fds={len(self._fds)}>"
 
     @property
     def dead(self) -> bool:
         return self._dead is not None
 
     def close(self) -> None:
-        with self._cond:
+        with self._book:
             self._dead = self._dead or "closed"
             for _gen, fd in self._fds.values():
                 with contextlib.suppress(OSError):
@@ -83,27 +83,92 @@ class Channel:
             self._fds.clear()
         self.sock.close()
 
-    # -- requests ---------------------------------------------------------------------------------
+    def release(self, slot: int, generation: int, outcome: control.Outcome) -> None:
+        with contextlib.suppress(OSError, errors.BrokerUnavailable):
+            # A dead broker has closed the backend already; nothing is lost by not telling it.
+            self._send(control.Release(slot, generation, outcome))
 
-    def acquire(self, parking: int, timeout: float) -> Grant:
-        """Wait for a backend; raise the pgreuse error the broker's answer names."""
-        request = next(self._ids)
-        self._send(control.Acquire(request, parking))
-        deadline = time.monotonic() + timeout
+    def _send(self, msg: control.Message) -> None:
+        if self._dead:
+            raise errors.BrokerUnavailable(f"pgreuse broker at {self.path}: {self._dead}")
         try:
-            msg, _ = self._wait_for(request, deadline)
-        except BaseException:
-            # Ctrl-C, our own timeout, a dead broker: tell the broker (best effort) and make sure a
-            # grant that is already on its way is given back when it arrives.
-            with self._cond:
+            # One small SEQPACKET message: the kernel sends it whole or not at all, so senders
+            # need no lock. MSG_DONTWAIT: a broker that stopped reading must not block a worker.
+            self.sock.send(control.encode(msg), socket.MSG_DONTWAIT)
+        except OSError as exc:
+            self._dead = f"the control channel failed: {exc}"
+            raise errors.BrokerUnavailable(f"pgreuse broker at {self.path} went away: {exc}") from exc
+
+    def _welcome(self, msg: control.Message) -> None:
+        if not isinstance(msg, control.Welcome):
+            raise errors.ProtocolMismatch(f"broker at {self.path} answered {msg!r} to Hello")
+        self.broker_pid = msg.broker_pid
+        self.max_size = msg.max_size
+
+    def _read_one(self) -> tuple[control.Message, int | None] | None:
+        """One non-blocking read: a message, or None when nothing is there yet."""
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(
+                self.sock, control.MAX_MESSAGE, 1, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+            )
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            self._dead = f"the control channel failed: {exc}"
+            raise errors.BrokerUnavailable(f"pgreuse broker at {self.path} went away: {exc}") from exc
+        if not data:
+            self._dead = "the broker closed the control channel (it stopped or restarted)"
+            raise errors.BrokerUnavailable(f"pgreuse broker at {self.path}: {self._dead}")
+        try:
+            return control.decode(data), (fds[0] if fds else None)
+        except control.ControlError as exc:
+            self._dead = f"the broker sent a malformed message: {exc}"
+            raise errors.ProtocolMismatch(str(exc)) from exc
+
+    def _file(self, msg: control.Message, fd: int | None) -> None:
+        """File one message for its waiter (caller holds the read turn)."""
+        release: control.Grant | None = None
+        with self._book:
+            if isinstance(msg, control.Grant):
+                if fd is not None:
+                    old = self._fds.get(msg.slot)
+                    if old is not None:
+                        os.close(old[1])
+                    self._fds[msg.slot] = (msg.generation, fd)
+            elif fd is not None:
+                os.close(fd)
+            request = getattr(msg, "request", None)
+            if request is None:
+                return
+            if request in self._abandoned:
+                self._abandoned.discard(request)
+                release = msg if isinstance(msg, control.Grant) else None
+            else:
+                self._replies[request] = msg
+        if release is not None:
+            self.release(release.slot, release.generation, control.Outcome.CLEAN)
+
+    def _take(self, request: int) -> control.Message | None:
+        with self._book:
+            return self._replies.pop(request, None)
+
+    def _abandon(self, request: int) -> None:
+        """The waiter gave up (Ctrl-C, cancellation, its own timeout): never leak a late grant."""
+        with self._book:
+            msg = self._replies.pop(request, None)
+            if msg is None:
                 self._abandoned.add(request)
-            with contextlib.suppress(OSError, errors.BrokerUnavailable):
+        if isinstance(msg, control.Grant):
+            self.release(msg.slot, msg.generation, control.Outcome.CLEAN)
+        elif msg is None:
+            with contextlib.suppress(errors.BrokerUnavailable):
                 self._send(control.Abandon(request))
-            raise
+
+    def _grant(self, msg: control.Message) -> Grant:
         if isinstance(msg, control.Deny):
             raise _deny_error(msg)
         assert isinstance(msg, control.Grant)
-        with self._cond:
+        with self._book:
             cached = self._fds.get(msg.slot)
             if cached is None or cached[0] != msg.generation:
                 raise errors.ProtocolMismatch(
@@ -113,32 +178,44 @@ class Channel:
             own = os.dup(cached[1])
         return Grant(msg.slot, msg.generation, msg.backend_pid, own)
 
-    def release(self, slot: int, generation: int, outcome: control.Outcome) -> None:
-        with contextlib.suppress(OSError, errors.BrokerUnavailable):
-            # A dead broker has closed the backend already; nothing is lost by not telling it.
-            self._send(control.Release(slot, generation, outcome))
+    def _dead_error(self) -> errors.BrokerUnavailable:
+        return errors.BrokerUnavailable(f"pgreuse broker at {self.path}: {self._dead}")
 
-    # -- I/O --------------------------------------------------------------------------------------
 
-    def _send(self, msg: control.Message) -> None:
-        if self._dead:
-            raise errors.BrokerUnavailable(f"pgreuse broker at {self.path}: {self._dead}")
-        data = control.encode(msg)
-        with self._send_lock:
-            try:
-                self.sock.sendall(data)
-            except OSError as exc:
-                self._dead = f"the control channel failed: {exc}"
-                raise errors.BrokerUnavailable(f"pgreuse broker at {self.path} went away: {exc}") from exc
+class Channel(ChannelBase):
+    """The blocking channel, for :class:`pgreuse.Connection` (threads take turns reading)."""
 
-    def _wait_for(self, request: int, deadline: float) -> tuple[control.Message, int | None]:
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        # Waiters sleep on this condition; whoever reads wakes them all after filing a message. (A
+        # plain lock handed around would starve: the reader re-takes it before the owner of the
+        # answer it just filed wakes up, and that owner's backend sits unused.)
+        self._cond = threading.Condition(self._book)
+        self._reading = False
+        self._send(control.Hello(control.VERSION, self.pid))
+        self._welcome(self._recv(time.monotonic() + HELLO_TIMEOUT)[0])
+
+    def acquire(self, parking: int, timeout: float) -> Grant:
+        """Wait for a backend; raise the pgreuse error the broker's answer names."""
+        request = next(self._ids)
+        self._send(control.Acquire(request, parking))
+        deadline = time.monotonic() + timeout
+        try:
+            msg = self._wait_for(request, deadline)
+        except BaseException:
+            self._abandon(request)
+            raise
+        return self._grant(msg)
+
+    def _wait_for(self, request: int, deadline: float) -> control.Message:
         while True:
             with self._cond:
                 while True:
-                    if request in self._replies:
-                        return self._replies.pop(request)
+                    msg = self._replies.pop(request, None)
+                    if msg is not None:
+                        return msg
                     if self._dead:
-                        raise errors.BrokerUnavailable(f"pgreuse broker at {self.path}: {self._dead}")
+                        raise self._dead_error()
                     if not self._reading:
                         self._reading = True
                         break
@@ -146,67 +223,90 @@ class Channel:
                     if remaining <= 0:
                         raise _no_answer(self.path)
                     self._cond.wait(remaining)
+            got: tuple[control.Message, int | None] | None = None
             try:
-                msg, fd = self._recv(deadline)
-            except BaseException:
+                got = self._recv(deadline)
+            finally:
                 with self._cond:
                     self._reading = False
+                    if got is not None:
+                        self._file(*got)
                     self._cond.notify_all()
-                raise
-            with self._cond:
-                self._reading = False
-                self._file(msg, fd)
-                self._cond.notify_all()
 
     def _recv(self, deadline: float) -> tuple[control.Message, int | None]:
-        """Read one message (blocking until ``deadline``); mark the channel dead on EOF."""
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
         while True:
+            got = self._read_one()
+            if got is not None:
+                return got
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise _no_answer(self.path)
-            if not poller.poll(remaining * 1000):
-                continue
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(
-                    self.sock, control.MAX_MESSAGE, 1, socket.MSG_CMSG_CLOEXEC
-                )
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                self._dead = f"the control channel failed: {exc}"
-                raise errors.BrokerUnavailable(f"pgreuse broker at {self.path} went away: {exc}") from exc
-            if not data:
-                self._dead = "the broker closed the control channel (it stopped or restarted)"
-                raise errors.BrokerUnavailable(f"pgreuse broker at {self.path}: {self._dead}")
-            try:
-                return control.decode(data), (fds[0] if fds else None)
-            except control.ControlError as exc:
-                self._dead = f"the broker sent a malformed message: {exc}"
-                raise errors.ProtocolMismatch(str(exc)) from exc
+            poller.poll(remaining * 1000)
 
-    def _file(self, msg: control.Message, fd: int | None) -> None:
-        """File one message for its waiter. Called with the condition held."""
-        if isinstance(msg, control.Grant):
-            if fd is not None:
-                old = self._fds.get(msg.slot)
-                if old is not None:
-                    os.close(old[1])
-                self._fds[msg.slot] = (msg.generation, fd)
-            if msg.request in self._abandoned:
-                self._abandoned.discard(msg.request)
-                self.release(msg.slot, msg.generation, control.Outcome.CLEAN)
-                return
-        elif fd is not None:
-            os.close(fd)
-        request = getattr(msg, "request", None)
-        if request is None:
-            return
-        if request in self._abandoned:
-            self._abandoned.discard(request)
-            return
-        self._replies[request] = (msg, None)
+
+class AsyncChannel(ChannelBase):
+    """The channel for :class:`pgreuse.AsyncConnection`, waiting with anyio (one per event loop)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.sock.setblocking(False)
+        self._read_turn = anyio.Lock()
+        # Connections using this channel: the last one to close closes it, since an event loop
+        # gives no notice when it ends.
+        self.users = 0
+
+    def drop_user(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            self.close()
+
+    async def hello(self) -> None:
+        self._send(control.Hello(control.VERSION, self.pid))
+        with anyio.fail_after(HELLO_TIMEOUT):
+            self._welcome((await self._recv())[0])
+
+    async def acquire(self, parking: int, timeout: float) -> Grant:
+        request = next(self._ids)
+        self._send(control.Acquire(request, parking))
+        try:
+            with anyio.fail_after(timeout):
+                msg = await self._wait_for(request)
+        except TimeoutError:
+            self._abandon(request)
+            raise _no_answer(self.path) from None
+        except BaseException:
+            self._abandon(request)  # cancelled (a request timeout, a client that went away)
+            raise
+        return self._grant(msg)
+
+    async def _wait_for(self, request: int) -> control.Message:
+        while True:
+            msg = self._take(request)
+            if msg is not None:
+                return msg
+            if self._dead:
+                raise self._dead_error()
+            async with self._read_turn:
+                if request in self._replies:
+                    continue
+                self._file(*(await self._recv()))
+
+    async def _recv(self) -> tuple[control.Message, int | None]:
+        while True:
+            got = self._read_one()
+            if got is not None:
+                return got
+            await _wait_readable(self.sock)
+
+
+async def _wait_readable(sock: socket.socket) -> None:
+    wait = getattr(anyio, "wait_readable", None)  # anyio >= 4.7; older: wait_socket_readable
+    if wait is not None:
+        await wait(sock)
+    else:
+        await anyio.wait_socket_readable(sock)
 
 
 def _deny_error(msg: control.Deny) -> Exception:
@@ -228,6 +328,8 @@ def _no_answer(path: str) -> errors.BrokerUnavailable:
 
 
 _channels: dict[tuple[int, str], Channel] = {}
+# Per event loop (weakly: a finished loop takes its channels with it), per path; reset at fork.
+_async_channels: weakref.WeakKeyDictionary[object, dict[str, AsyncChannel]] = weakref.WeakKeyDictionary()
 _channels_lock = threading.Lock()
 
 
@@ -239,11 +341,30 @@ def channel_for(path: str) -> Channel:
         if ch is None or ch.dead:
             if ch is not None:
                 ch.close()
-            # Entries of a parent process (inherited through fork) are dropped, never used.
-            for k in [k for k in _channels if k[0] != key[0]]:
-                del _channels[k]
             ch = _channels[key] = Channel(path)
         return ch
+
+
+async def async_channel_for(path: str) -> AsyncChannel:
+    """This process's and this event loop's channel to the broker at ``path``."""
+    import asyncio  # noqa: PLC0415 - psycopg's async API is asyncio-only
+
+    per_loop = _async_channels.setdefault(asyncio.get_running_loop(), {})
+    ch = per_loop.get(path)
+    if ch is not None and not ch.dead and ch.pid == os.getpid():
+        ch.users += 1
+        return ch
+    if ch is not None:
+        ch.close()
+    ch = AsyncChannel(path)
+    try:
+        await ch.hello()
+    except BaseException:
+        ch.close()
+        raise
+    per_loop[path] = ch
+    ch.users += 1
+    return ch
 
 
 def _reset_after_fork() -> None:
@@ -253,6 +374,7 @@ def _reset_after_fork() -> None:
     global _channels_lock  # noqa: PLW0603
     _channels_lock = threading.Lock()
     _channels.clear()
+    _async_channels.clear()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

@@ -1,0 +1,188 @@
+"""A ``psycopg.AsyncConnection`` that leases a backend from the broker for each transaction.
+
+The same lease rules as :class:`pgreuse.Connection` (the shared part is :class:`LeaseCore`); the
+broker's grant is awaited with anyio on the process's control channel for this event loop. psycopg's
+async API is asyncio-only, so this runs on asyncio (uvloop included).
+
+The swap happens between two ``wait()`` calls, never during one: psycopg's asyncio wait registers
+the fd with the loop only for the duration of the wait, so no stale registration survives a swap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict
+
+from .. import errors, telemetry
+from .channel import AsyncChannel, async_channel_for
+from .lease import (
+    DEFAULT_LEASE_TIMEOUT,
+    WITH_HOLD_REFUSED,
+    AfterWait,
+    LeaseCore,
+    broker_socket_dir_and_port,
+    check_prepare_threshold,
+)
+from .session import LISTEN_REFUSED
+
+__all__ = ["AsyncConnection", "AsyncCursor", "connect_async"]
+
+
+class AsyncCursor(psycopg.AsyncCursor[Any]):
+    """psycopg's async cursor, noting what each statement leaves in the session."""
+
+    def _convert_query(self, *args: Any, **kwargs: Any) -> Any:
+        pgq = super()._convert_query(*args, **kwargs)
+        conn = self._conn
+        if isinstance(conn, LeaseCore):
+            conn._note_statement(pgq.query)
+        return pgq
+
+
+class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
+    """An asyncio psycopg connection whose backend is leased from a pgreuse broker per transaction."""
+
+    _channel: AsyncChannel | None = None
+
+    def __init__(self, pgconn: pq.abc.PGconn, *args: Any, **kwargs: Any) -> None:
+        super().__init__(pgconn, *args, **kwargs)
+        self._init_lease()
+        self.cursor_factory = AsyncCursor
+
+    @classmethod
+    async def connect(  # type: ignore[override]
+        cls,
+        conninfo: str = "",
+        *,
+        prepare_threshold: int | None = None,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
+        **kwargs: Any,
+    ) -> AsyncConnection:
+        """Connect to a pgreuse broker; see :func:`pgreuse.connect`.
+
+        Raises:
+            NotSupported: ``prepare_threshold`` is not ``None``.
+            BrokerUnavailable: no broker answers at ``<host>/.s.PGREUSE.<port>``.
+        """
+        check_prepare_threshold(prepare_threshold)
+        socket_dir, port = broker_socket_dir_and_port(conninfo_to_dict(conninfo, **kwargs))
+        channel = await async_channel_for(os.path.join(socket_dir, f".s.PGREUSE.{port}"))
+        conn = await super().connect(conninfo, prepare_threshold=None, **kwargs)
+        assert isinstance(conn, AsyncConnection)
+        conn._channel = channel
+        conn._lease_timeout = lease_timeout
+        conn._baseline = conn._reported()
+        return conn
+
+    @property
+    def prepare_threshold(self) -> int | None:
+        return None
+
+    @prepare_threshold.setter
+    def prepare_threshold(self, value: int | None) -> None:
+        check_prepare_threshold(value)
+        self._prepared.prepare_threshold = None
+
+    def __repr__(self) -> str:
+        return f"<pgreuse.AsyncConnection {self._describe()} closed={self.closed}>"
+
+    async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._needs_lease(gen):
+            await self._take_lease()
+        try:
+            return await super().wait(gen, *args, **kwargs)
+        finally:
+            await self._after_wait()
+
+    async def _take_lease(self) -> None:
+        assert self._channel is not None
+        t0 = time.monotonic()
+        try:
+            if self._channel.dead:
+                old, self._channel = self._channel, await async_channel_for(self._channel.path)
+                old.drop_user()
+            grant = await self._channel.acquire(self.pgconn.backend_pid, self._lease_timeout)
+        except errors.BrokerUnavailable as exc:
+            telemetry.lease_denied(self._telemetry(), exc, time.monotonic() - t0)
+            self._lost_broker()
+            raise
+        except psycopg.Error as exc:  # PoolTimeout, BackendUnavailable, PoolClosed, ...
+            telemetry.lease_denied(self._telemetry(), exc, time.monotonic() - t0)
+            raise
+        self._install(grant, t0)
+
+    async def _after_wait(self) -> None:
+        state = self._after_wait_state()
+        if state is AfterWait.BROKEN:
+            self._give_back(broken=True)
+        elif state is AfterWait.IDLE:
+            try:
+                restore = self._restore_statements()
+                for stmt in restore:
+                    await super().wait(self._exec_command(stmt))
+            except BaseException:
+                # A refused reset, or cancellation mid-reset: the backend's state is unknown.
+                self._give_back(broken=True)
+                raise
+            self._give_back(broken=False, dirty=self._take_dirty() or bool(restore))
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("withhold"):
+            raise errors.NotSupported(WITH_HOLD_REFUSED)
+        return super().cursor(*args, **kwargs)
+
+    def notifies(self, *args: Any, **kwargs: Any) -> Any:
+        raise errors.NotSupported(LISTEN_REFUSED)
+
+    @contextlib.asynccontextmanager
+    async def pipeline(self) -> AsyncIterator[psycopg.AsyncPipeline]:
+        async with super().pipeline() as p:
+            yield p
+        async with self.lock:
+            await self._after_wait()
+
+    async def close(self) -> None:
+        try:
+            await self._close()
+        finally:
+            channel, self._channel = self._channel, None
+            if channel is not None:
+                channel.drop_user()
+
+    async def _close(self) -> None:
+        if self.closed:
+            self._give_back(broken=True)
+            return
+        if os.getpid() != self._owner_pid:
+            self._neuter_in_child()
+            await super().close()
+            return
+        if self._held is not None:
+            with contextlib.suppress(psycopg.Error):
+                if self.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+                    await self.rollback()
+            self._give_back(broken=True)
+        await super().close()
+
+    def __del__(self, *args: Any, **kwargs: Any) -> None:
+        if self._held is not None:
+            with contextlib.suppress(Exception):
+                if os.getpid() == self._owner_pid:
+                    self._give_back(broken=True)
+                else:
+                    self._neuter_in_child()
+        sup = getattr(super(), "__del__", None)
+        if sup is not None:
+            sup()
+
+
+async def connect_async(conninfo: str = "", **kwargs: Any) -> AsyncConnection:
+    """``await pgreuse.connect_async("host=/run/pgreuse port=6432 dbname=app")``."""
+    return await AsyncConnection.connect(conninfo, **kwargs)

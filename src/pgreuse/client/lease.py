@@ -1,0 +1,282 @@
+"""The lease and the fd swap, shared by the sync and the async connection (DESIGN.md §3).
+
+:class:`LeaseCore` holds everything that does not wait: deciding whether an operation needs a backend,
+swapping the granted socket onto libpq's fd number and back, deciding at the end of each ``wait()``
+whether the lease goes back, and what the session left behind. The two connection classes add only
+how they wait for the broker's grant (blocking, or with anyio) and how they run the rare statement
+that restores session parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import psycopg
+from psycopg import pq, sql
+
+from .. import errors, telemetry
+from ..wire import control
+from .channel import ChannelBase, Grant
+from .session import LISTEN_REFUSED, REPORTED_PARAMETERS, Verdict, changed_parameters, classify_sql
+
+logger = logging.getLogger("pgreuse.client")
+
+# psycopg generators that only check the connection's state when it is idle and outside a
+# pipeline: running them needs no backend, so no lease is taken for them (Django sets autocommit on
+# every new connection; commit() and rollback() with no transaction open return at once).
+STATE_ONLY_GENERATORS = frozenset(
+    {
+        "_set_autocommit_gen",
+        "_set_isolation_level_gen",
+        "_set_read_only_gen",
+        "_set_deferrable_gen",
+        "_commit_gen",
+        "_rollback_gen",
+    }
+)
+
+# The broker answers an Acquire within its own --wait-timeout; this bounds our wait when it does not.
+DEFAULT_LEASE_TIMEOUT = 300.0
+
+
+@attrs.frozen
+class Lease:
+    """The backend a connection holds right now (``conn.lease``; ``None`` at rest)."""
+
+    slot: int
+    generation: int
+    backend_pid: int  # the real PostgreSQL backend pid; conn.info.backend_pid is the parking key
+    waited: float  # seconds spent waiting for the broker's grant
+    started: float  # time.monotonic() when granted
+
+
+@attrs.define
+class _Held:
+    lease: Lease
+    fd_number: int  # libpq's socket fd, now pointing at the backend
+    home: int  # dup of the parking socket, swapped back on release
+    span: telemetry.LeaseSpan | None = None
+
+
+class AfterWait(enum.Enum):
+    KEEP = 0  # mid-transaction, COPY, pipeline, stream: the backend stays
+    BROKEN = 1  # libpq lost the connection
+    IDLE = 2  # back at ReadyForQuery 'I': give it back
+
+
+def broker_socket_dir_and_port(params: dict[str, Any]) -> tuple[str, int]:
+    host = str(params.get("host") or os.environ.get("PGHOST", ""))
+    port = str(params.get("port") or os.environ.get("PGPORT", "") or "5432")
+    if not host.startswith("/") or "," in host:
+        raise psycopg.ProgrammingError(
+            f"pgreuse.connect() needs host=<the broker's socket directory> (an absolute path), got "
+            f"host={host!r}; e.g. pgreuse.connect('host=/run/pgreuse port=6432 dbname=app')"
+        )
+    try:
+        return host, int(port)
+    except ValueError:
+        raise psycopg.ProgrammingError(f"port={port!r} is not a number") from None
+
+
+def check_prepare_threshold(value: int | None) -> None:
+    if value is not None:
+        raise errors.NotSupported(
+            f"prepare_threshold={value!r}: server-side prepared statements cannot follow a "
+            "connection across shared backends; leave prepare_threshold=None"
+        )
+
+
+WITH_HOLD_REFUSED = (
+    "WITH HOLD cursors outlive their transaction, and the backend goes to another client at "
+    "commit; fetch the rows inside the transaction instead (withhold=False)"
+)
+
+
+class LeaseCore:
+    """Mixin for psycopg connection classes: the lease state and the swap."""
+
+    if TYPE_CHECKING:
+        pgconn: pq.abc.PGconn
+        _pipeline: Any
+
+    _held: _Held | None = None
+    _channel: ChannelBase | None = None
+    _owner_pid: int = 0
+    _lease_timeout: float = DEFAULT_LEASE_TIMEOUT
+    _session_dirty: bool = False
+    _baseline: dict[str, str | None]
+    _pool_telemetry: telemetry.PoolTelemetry | None = None
+
+    def _init_lease(self) -> None:
+        self._held = None
+        self._owner_pid = os.getpid()
+        self._session_dirty = False
+        self._baseline = {}
+
+    @property
+    def lease(self) -> Lease | None:
+        """The backend leased right now, or ``None`` between transactions."""
+        held = self._held
+        return held.lease if held else None
+
+    def _describe(self) -> str:
+        held = self._held
+        return f"leased slot={held.lease.slot} pid={held.lease.backend_pid}" if held else "parked"
+
+    # -- before a wait ----------------------------------------------------------------------------
+
+    def _needs_lease(self, gen: Any) -> bool:
+        if self._held is not None:
+            return False
+        name = getattr(getattr(gen, "gi_code", None), "co_name", "")
+        state_only = (
+            name in STATE_ONLY_GENERATORS
+            and self.pgconn.transaction_status == pq.TransactionStatus.IDLE
+            and self.pgconn.pipeline_status == pq.PipelineStatus.OFF
+            and self._pipeline is None
+        )
+        if state_only:
+            return False
+        if os.getpid() != self._owner_pid:
+            raise errors.WrongProcess(
+                f"this pgreuse connection was opened in process {self._owner_pid} and is used in "
+                f"process {os.getpid()}: open connections after fork (e.g. in Gunicorn's "
+                "post_fork or lazily per request), not in the master with preload_app"
+            )
+        if self._channel is None:
+            raise errors.BrokerUnavailable("connection was not opened with pgreuse.connect()")
+        # A closed or broken connection: psycopg reports it itself.
+        return bool(self.pgconn.status == pq.ConnStatus.OK)
+
+    def _lost_broker(self) -> None:
+        """The broker that parked this connection is gone: it can never lease again.
+
+        Make it report closed/broken, as psycopg does for a lost server, so frameworks open a new one.
+        """
+        self.pgconn.finish()
+
+    def _install(self, grant: Grant, t0: float) -> None:
+        """Swap the granted backend onto libpq's fd number (rule 3)."""
+        assert self._channel is not None
+        fd_number = self.pgconn.socket
+        t1 = time.monotonic()
+        try:
+            home = os.dup(fd_number)
+            # O_NONBLOCK and socket options are left alone: they belong to the open file
+            # description the broker shares.
+            os.dup2(grant.fd, fd_number, inheritable=False)
+        except BaseException:
+            os.close(grant.fd)
+            self._channel.release(grant.slot, grant.generation, control.Outcome.CLEAN)
+            raise
+        os.close(grant.fd)
+        lease = Lease(grant.slot, grant.generation, grant.backend_pid, t1 - t0, t1)
+        self._held = _Held(lease, fd_number, home, telemetry.lease_granted(self._telemetry(), lease))
+
+    def _telemetry(self) -> telemetry.PoolTelemetry | None:
+        if self._pool_telemetry is None and self._channel is not None:
+            db = self.pgconn.db.decode()
+            self._pool_telemetry = telemetry.for_control_socket(self._channel.path, db)
+        return self._pool_telemetry
+
+    # -- after a wait -----------------------------------------------------------------------------
+
+    def _after_wait_state(self) -> AfterWait:
+        if self._held is None:
+            return AfterWait.KEEP
+        pgconn = self.pgconn
+        if pgconn.status == pq.ConnStatus.BAD:
+            return AfterWait.BROKEN
+        if (
+            pgconn.transaction_status == pq.TransactionStatus.IDLE
+            and pgconn.pipeline_status == pq.PipelineStatus.OFF
+        ):
+            return AfterWait.IDLE
+        return AfterWait.KEEP
+
+    def _give_back(self, *, broken: bool, dirty: bool = False) -> None:
+        held = self._held
+        if held is None:
+            return
+        self._held = None
+        libpq_fd = -1
+        with contextlib.suppress(psycopg.OperationalError):
+            libpq_fd = self.pgconn.socket
+        if libpq_fd == held.fd_number:
+            os.dup2(held.home, held.fd_number, inheritable=False)
+        # else: libpq already closed that fd number when the backend failed (rule 4); never dup2
+        # into a number it gave up — it may belong to someone else by now.
+        os.close(held.home)
+        assert self._channel is not None
+        if broken:
+            outcome = control.Outcome.BROKEN
+        elif dirty:
+            outcome = control.Outcome.DIRTY  # the broker runs DISCARD ALL before lending it again
+        else:
+            outcome = control.Outcome.CLEAN
+        self._channel.release(held.lease.slot, held.lease.generation, outcome)
+        telemetry.lease_released(self._telemetry(), held.lease, held.span, broken=broken, dirty=dirty)
+
+    def _take_dirty(self) -> bool:
+        dirty, self._session_dirty = self._session_dirty, False
+        return dirty
+
+    # -- session state (DESIGN.md §6) -------------------------------------------------------------
+
+    def _reported(self) -> dict[str, str | None]:
+        out: dict[str, str | None] = {}
+        for name in REPORTED_PARAMETERS:
+            value = self.pgconn.parameter_status(name.encode())
+            out[name] = value.decode() if value is not None else None
+        return out
+
+    def _note_statement(self, query: bytes) -> None:
+        verdict = classify_sql(query)
+        if verdict is Verdict.DIRTY:
+            self._session_dirty = True
+        elif verdict is Verdict.REFUSE:
+            raise errors.NotSupported(LISTEN_REFUSED)
+
+    def _restore_statements(self) -> list[sql.SQL | sql.Composed]:
+        """Statements that put back the reported parameters a statement changed (usually none).
+
+        They run while the backend is still leased, so PostgreSQL's ParameterStatus answers bring
+        libpq's cache (which psycopg's adapters read: TimeZone, DateStyle, client_encoding) back to
+        the values every backend of the pool has.
+        """
+        changed = changed_parameters(self._baseline, self._reported())
+        if not changed:
+            return []
+        logger.debug("restoring session parameters %s after a lease", changed)
+        statements: list[sql.SQL | sql.Composed] = []
+        if "session_authorization" in changed or "is_superuser" in changed:
+            statements.append(sql.SQL("RESET SESSION AUTHORIZATION"))
+        settable = [n for n in changed if n not in ("session_authorization", "is_superuser")]
+        if settable:
+            calls = sql.SQL(", ").join(
+                sql.SQL("pg_catalog.set_config({}, {}, false)").format(
+                    sql.Literal(n), sql.Literal(self._baseline.get(n) or "")
+                )
+                for n in settable
+            )
+            statements.append(sql.SQL("SELECT {}").format(calls))
+        return statements
+
+    # -- fork -------------------------------------------------------------------------------------
+
+    def _neuter_in_child(self) -> None:
+        """In a forked child, point libpq's fd at a dead socket: its Terminate must not reach the
+        parent's parking connection (or a backend the parent holds)."""
+        with contextlib.suppress(psycopg.OperationalError, OSError):
+            a, b = socket.socketpair()
+            b.close()
+            os.dup2(a.fileno(), self.pgconn.socket, inheritable=False)
+            a.close()
+        self._held = None
