@@ -27,8 +27,10 @@ def test_set_search_path_does_not_reach_the_next_holder(one_backend):
     with one_backend.connect(autocommit=True) as a, one_backend.connect(autocommit=True) as b:
         default = b.execute("show search_path").fetchone()
         a.execute("create schema if not exists leak_s")
+        before = one_backend.snapshot().counters["resets"]
         a.execute("set search_path to leak_s, public")
         assert b.execute("show search_path").fetchone() == default
+        assert one_backend.snapshot().counters["resets"] == before + 1  # one DISCARD ALL
         _same_backend(a, b)
 
 

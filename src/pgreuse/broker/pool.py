@@ -480,6 +480,7 @@ class Pool:
             self._close(b, CloseReason.RESET_FAILED, graceful=False)
             return
         b.dirty = False
+        self.table.add("resets")
         self._transition(b, SlotState.IDLE, "reset")
         self._make_idle(b)
 
