@@ -107,3 +107,11 @@ def test_listen_notifies_and_with_hold_fail_clearly(one_backend):
 )
 def test_classify_sql(sql, verdict):
     assert classify_sql(sql) is verdict
+
+
+def test_reset_every_lease_resets_even_clean_transactions(make_broker):
+    broker = make_broker("--max-size", "1", "--reset-every-lease")
+    with broker.connect(autocommit=True) as conn:
+        for _ in range(3):
+            conn.execute("select 1")
+        broker.wait_for(lambda s: s.counters["resets"] == 3, what="one reset per lease")

@@ -61,6 +61,7 @@ class BrokerConfig:
     max_client_conn: int = 0  # 0: no limit besides the open-files limit
     listen_addr: str = ""  # "host:port" for a TCP listener; "" (default): Unix socket only
     reset_query: str = "DISCARD ALL"
+    reset_every_lease: bool = False  # run reset_query after every lease, not only dirty ones
 
     def __attrs_post_init__(self) -> None:
         if not self.dsn:
@@ -129,6 +130,7 @@ class BrokerConfig:
             "--parent-pid", str(self.parent_pid), "--pool-mode", self.pool_mode,
             "--max-client-conn", str(self.max_client_conn), "--listen-addr", self.listen_addr,
             "--reset-query", self.reset_query,
+            *(["--reset-every-lease"] if self.reset_every_lease else []),
         ]  # fmt: skip
 
 
@@ -232,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         "mode or a lease that changed session state (default: %(default)s)",
     )
     p.add_argument(
+        "--reset-every-lease",
+        action="store_true",
+        help="run --reset-query after every lease, not only after those that changed session "
+        "state (for the cautious: costs one round trip in the broker per transaction)",
+    )
+    p.add_argument(
         "--supervise",
         action="store_true",
         help="run the broker in a child process and restart it if it dies",
@@ -255,6 +263,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         max_client_conn=args.max_client_conn,
         listen_addr=args.listen_addr,
         reset_query=args.reset_query,
+        reset_every_lease=args.reset_every_lease,
     )
 
 

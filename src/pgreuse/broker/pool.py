@@ -434,7 +434,7 @@ class Pool:
             self._close(b, CloseReason.CLIENT_REPORTED_BROKEN, graceful=False)
             return
         self._transition(b, SlotState.RESETTING, outcome.name.lower())
-        if outcome is control.Outcome.DIRTY:
+        if outcome is control.Outcome.DIRTY or self.config.reset_every_lease:
             b.dirty = True
             self._spawn(self._reset(b))
             return
