@@ -5,9 +5,15 @@ after a known sequence of leases, a wait and a timeout against a real broker and
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -228,3 +234,46 @@ def test_without_an_sdk_no_span_is_made(make_broker):
     assert not t._get().tracing()
     with b.connect(autocommit=True) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_gunicorn_example_sets_up_the_sdk_in_each_worker(pg, short_tmp):
+    """examples/otel: the SDK is set up in post_fork; every worker exports its lease spans (the
+    batch processor flushes when Gunicorn stops the worker) and the pool metrics get exported."""
+    example = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "otel")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(
+        os.environ, PGREUSE_DSN=pg.dsn(), PGREUSE_SOCKET_DIR=short_tmp, PGREUSE_PORT="6432",
+        PGREUSE_MAX_SIZE="2", WEB_CONCURRENCY="2", OTEL_EXPORT_SECONDS="0.5",
+    )  # fmt: skip
+    out_path, err_path = os.path.join(short_tmp, "out.log"), os.path.join(short_tmp, "err.log")
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", os.path.join(example, "gunicorn.conf.py"),
+             "--chdir", example, "--bind", f"127.0.0.1:{port}", "app:app"],
+            env=env, stdout=out, stderr=err,
+        )  # fmt: skip
+    try:
+        served: list[int] = []  # worker pids
+        deadline = time.monotonic() + 30
+        while len(served) < 20:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
+                    served.append(json.loads(resp.read())["worker"])
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    with open(err_path) as f:
+                        pytest.fail(f"gunicorn did not serve:\n{f.read()[-5000:]}")
+                time.sleep(0.1)
+        time.sleep(1.0)  # at least one periodic metric export
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    with open(out_path) as f:
+        text = f.read()
+    assert text.count('"name": "pgreuse.lease"') >= 20, text[-3000:]
+    assert '"pgreuse.lease.outcome": "granted"' in text
+    assert '"parent_id": null' in text  # the request spans
+    assert '"name": "db.client.connection.max"' in text
+    assert '"name": "db.client.connection.wait_time"' in text
