@@ -1,0 +1,1 @@
+"""Products with a stock, and orders that take from it."""

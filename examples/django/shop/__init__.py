@@ -1,0 +1,1 @@
+"""The shop example's Django project: settings, URLs, WSGI entry point."""
