@@ -493,22 +493,39 @@ class Broker:
             return
         client = ControlClient(sock, peer_pid, loop)
         self.table.add("clients")
+        ended: asyncio.Future[BaseException | None] = loop.create_future()
+
+        def readable() -> None:
+            # One registration for the channel's life, and every queued packet read per wake-up:
+            # this is the lease hot path, and sock_recv() would add and remove the reader per message.
+            try:
+                while True:
+                    try:
+                        packet = sock.recv(control.MAX_MESSAGE + 1)
+                    except BlockingIOError:
+                        return
+                    if not packet:
+                        raise ConnectionResetError("end of file")
+                    self._handle_control(client, control.decode(packet))
+            except Exception as exc:
+                if not ended.done():
+                    ended.set_result(exc)
+
+        loop.add_reader(sock.fileno(), readable)
         try:
-            while True:
-                packet = await loop.sock_recv(sock, control.MAX_MESSAGE + 1)
-                if not packet:
-                    return
-                self._handle_control(client, control.decode(packet))
-        except control.ControlError as exc:
-            logger.warning("control channel of pid %d dropped: %s", peer_pid, exc)
-            self.table.add("protocol_errors")
-        except ConnectionError:
-            pass
+            why = await ended
+            if isinstance(why, control.ControlError):
+                logger.warning("control channel of pid %d dropped: %s", peer_pid, why)
+                self.table.add("protocol_errors")
+            elif why is not None and not isinstance(why, OSError):
+                logger.error("control channel of pid %d dropped by an internal error", peer_pid,
+                             exc_info=why)  # fmt: skip
         finally:
             client.dead = True
             self.table.add("clients", -1)
             self.pool.client_gone(client)
             with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(sock.fileno())
                 loop.remove_writer(sock.fileno())
             sock.close()
 
