@@ -63,7 +63,7 @@ def test_djangos_test_runner_passes_on_pgreuse(django_broker):
     result = manage(django_broker, "test", "notes", "--noinput", "-v", "2")
     output = result.stdout + result.stderr
     assert result.returncode == 0, output + django_broker.log()
-    assert "Ran 10 tests" in output and "\nOK" in output, output
+    assert "Ran 11 tests" in output and "\nOK" in output, output
     # migrate ran through the broker, on the broker's own database, which is kept.
     assert "Using existing test database for alias 'default'" in output, output
     assert "Applying notes.0001_initial... OK" in output, output

@@ -94,6 +94,18 @@ class LeasePerTransaction(TransactionTestCase):
         with transaction.atomic():
             assert sum(1 for _ in Note.objects.iterator(chunk_size=100)) == 2000
 
+    def test_session_state_left_by_a_raw_statement_never_reaches_the_next_transaction(self) -> None:
+        # Not a reported parameter: only the statement guard sees it, through Django's cursor too.
+        for _ in range(3):
+            with connection.cursor() as cursor:
+                cursor.execute("SET statement_timeout = 12345")
+                cursor.execute("SHOW statement_timeout")
+                assert cursor.fetchone() == ("0",)
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE TEMP TABLE scratch (a int)")
+            cursor.execute("SELECT to_regclass('pg_temp.scratch') IS NULL")
+            assert cursor.fetchone() == (True,)
+
     def test_threads_share_the_brokers_backends(self) -> None:
         # Each thread has its own Django connection; the broker (--max-size 2) serves them all.
         errors: list[BaseException] = []
