@@ -115,8 +115,7 @@ def test_set_marks_the_backend_dirty_and_it_is_reset(make_broker):
     with plain(b, autocommit=True) as other:
         (name,) = other.execute("show application_name").fetchone()  # type: ignore[misc]
     assert name != "leaky"
-    snap = b.snapshot()
-    assert snap.slots[0].state is SlotState.IDLE
+    b.wait_for(lambda s: s.slots[0].state is SlotState.IDLE, what="the reset backend idle again")
 
 
 def test_session_mode_keeps_the_backend_and_resets_it(make_broker):

@@ -74,6 +74,8 @@ class InProcessHolder(Protocol):
     died, shutdown): the holder must stop using the socket, whose fd number is about to be reused.
     """
 
+    in_process: bool  # True: see _grant and release(unread_checked=...)
+
     def revoked(self, backend: Backend) -> None: ...
 
 
@@ -361,7 +363,13 @@ class Pool:
     def _grant(self, b: Backend, w: Waiter) -> None:
         if w.timer:
             w.timer.cancel()
-        self._unwatch(b)
+        if getattr(w.client, "in_process", False):
+            # An idle backend is always registered with the loop: the in-process holder replaces
+            # the callback (add_reader on a registered fd costs no epoll_ctl) instead of a
+            # remove + add per lease, and hands the registration back the same way.
+            b.watched = False
+        else:
+            self._unwatch(b)
         now = time.monotonic_ns()
         waited = now - w.enqueued_ns
         b.holder = w.client
@@ -420,7 +428,18 @@ class Pool:
                 return
         # Already granted or denied: the worker handles the late answer itself.
 
-    def release(self, client: Client, index: int, generation: int, outcome: control.Outcome) -> None:
+    def release(
+        self,
+        client: Client,
+        index: int,
+        generation: int,
+        outcome: control.Outcome,
+        *,
+        unread_checked: bool = False,
+    ) -> None:
+        """A holder gives a backend back. ``unread_checked``: an in-process holder read the socket up
+        to ReadyForQuery ``I`` and found nothing after it, so the poll for unread bytes is skipped
+        (whatever arrives later is caught by the idle watch)."""
         if not 0 <= index < len(self.slots):
             logger.warning("pid %d released slot %d, which does not exist", client.pid, index)
             return
@@ -438,7 +457,7 @@ class Pool:
             b.dirty = True
             self._spawn(self._reset(b))
             return
-        problem = self._unread(b)
+        problem = None if unread_checked else self._unread(b)
         if problem is not None:
             self._close(b, problem, graceful=False)
             return

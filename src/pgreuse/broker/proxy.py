@@ -94,6 +94,7 @@ class ProxySession:
     """One client connection on the PG-protocol listener (see the module docstring)."""
 
     _ids = itertools.count(1)
+    in_process = True  # pool.InProcessHolder: takes over the idle backend's loop registration
 
     def __init__(
         self,
@@ -421,6 +422,9 @@ class ProxySession:
             self.pool.release(self, b.index, b.generation, control.Outcome.CLEAN)
             return
         self.backend, self._bsock, self._bfd = b, b.sock, b.sock.fileno()
+        # The pool left the idle watch registered (in_process): replacing its callback is free.
+        self.loop.add_reader(self._bfd, self._backend_readable)
+        self._b_reading = True
         self._dirty = False
         pending = bytes(self._to_backend)
         self._to_backend.clear()
@@ -455,10 +459,18 @@ class ProxySession:
         self._c_stash = stash
         self._interest()
 
-    def _give_back(self, outcome: control.Outcome) -> None:
+    def _give_back(self, outcome: control.Outcome, *, just_read: bool = False) -> None:
+        """Return the backend; ``just_read``: the last recv ended exactly at ReadyForQuery ``I``."""
         b = self.backend
         assert b is not None
-        self._set_backend(reading=False, writing=False)
+        clean = outcome is control.Outcome.CLEAN
+        if clean and self._b_reading and not self._b_writing:
+            # Hand the loop registration back to the pool, which replaces our callback with its
+            # idle watch (or removes it if it closes the backend) before the loop runs again.
+            self._b_reading = False
+            b.watched = True
+        else:
+            self._set_backend(reading=False, writing=False)
         self.backend, self._bsock, self._bfd = None, None, -1
         self._to_backend.clear()
         self._b_left = 0
@@ -469,7 +481,7 @@ class ProxySession:
         self.stats.xacts += 1
         if outcome is control.Outcome.BROKEN:
             self.stats.broken += 1
-        self.pool.release(self, b.index, b.generation, outcome)
+        self.pool.release(self, b.index, b.generation, outcome, unread_checked=clean and just_read)
 
     def revoked(self, backend: Backend) -> None:
         """The pool is closing our backend (it died, or the broker shuts down): stop using it."""
@@ -527,7 +539,8 @@ class ProxySession:
         if self.closed:
             return
         if self.backend is not None and self._idle() and (self._quitting or not self.session_mode):
-            self._give_back(control.Outcome.DIRTY if self._dirty else control.Outcome.CLEAN)
+            outcome = control.Outcome.DIRTY if self._dirty else control.Outcome.CLEAN
+            self._give_back(outcome, just_read=True)
         self._interest()
 
     def _scan_backend(self, data: bytes) -> None:

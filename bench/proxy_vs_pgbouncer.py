@@ -1,0 +1,191 @@
+"""Benchmark: the pgreuse broker's proxy mode against PgBouncer, on one throwaway PostgreSQL.
+
+Starts a :class:`~pgreuse.devcluster.DevCluster`, PgBouncer (transaction pooling) and a pgreuse broker
+(transaction mode), both with 8 server connections to the same database, then runs pgbench against
+PostgreSQL directly, PgBouncer and pgreuse, one after the other, for each workload: ``-S`` (select
+only) with 1 and 16 clients, and the default TPC-B-like script with 1 and 16 clients. Prints a
+markdown table (tps and average latency per target) and the pgreuse/PgBouncer throughput ratio.
+
+Needs ``pgbouncer`` (Debian: ``apt-get install pgbouncer``) and the PostgreSQL server binaries. As
+root, PgBouncer runs as the ``postgres`` user (it refuses root), through ``runuser``.
+
+Usage::
+
+    python bench/proxy_vs_pgbouncer.py [--duration 10] [--pool-size 8] [--scale 1] [--mode simple]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from pgreuse.devcluster import DevCluster, find_pg_bindir
+
+WORKLOADS = (("select-only", 1), ("select-only", 16), ("tpcb-like", 1), ("tpcb-like", 16))
+PGBOUNCER_PORT = 6440
+PGREUSE_PORT = 6441
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+def _wait_socket(path: str, what: str, log: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            return
+        time.sleep(0.05)
+    with open(log, errors="replace") as f:
+        tail = f.read()[-3000:]
+    raise RuntimeError(f"{what} did not create {path} within {timeout}s; its log:\n{tail}")
+
+
+@contextmanager
+def pgbouncer(cluster: DevCluster, pool_size: int) -> Iterator[str]:
+    exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not os.path.exists(exe):
+        raise SystemExit("pgbouncer not found: apt-get install pgbouncer (Debian/Ubuntu)")
+    d = tempfile.mkdtemp(prefix="pgb-", dir="/tmp")
+    as_root = os.geteuid() == 0
+    with open(os.path.join(d, "userlist.txt"), "w") as f:
+        f.write(f'"{cluster.superuser}" ""\n')
+    with open(os.path.join(d, "pgbouncer.ini"), "w") as f:
+        f.write(
+            f"""[databases]
+{cluster.dbname} = host={cluster.socket_dir} port={cluster.port} dbname={cluster.dbname} \
+user={cluster.superuser}
+
+[pgbouncer]
+listen_addr =
+listen_port = {PGBOUNCER_PORT}
+unix_socket_dir = {d}
+auth_type = trust
+auth_file = {d}/userlist.txt
+pool_mode = transaction
+default_pool_size = {pool_size}
+min_pool_size = {pool_size}
+max_client_conn = 200
+logfile = {d}/pgbouncer.log
+pidfile = {d}/pgbouncer.pid
+admin_users = {cluster.superuser}
+"""
+        )
+    if as_root:
+        shutil.chown(d, "postgres")
+        for name in os.listdir(d):
+            shutil.chown(os.path.join(d, name), "postgres")
+    cmd = [exe, os.path.join(d, "pgbouncer.ini")]
+    if as_root:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    log = os.path.join(d, "stdout.log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
+    try:
+        _wait_socket(os.path.join(d, f".s.PGSQL.{PGBOUNCER_PORT}"), "pgbouncer", log)
+        yield d
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextmanager
+def pgreuse_broker(cluster: DevCluster, pool_size: int) -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix="pgr-b-", dir="/tmp")
+    log = os.path.join(d, "broker.log")
+    cmd = [
+        sys.executable, "-m", "pgreuse.broker", "--dsn", cluster.dsn(), "--socket-dir", d,
+        "--port", str(PGREUSE_PORT), "--max-size", str(pool_size), "--min-size", str(pool_size),
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_socket(os.path.join(d, f".s.PGREUSE.{PGREUSE_PORT}"), "the pgreuse broker", log)
+        yield d
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def pgbench(
+    target: tuple[str, int], cluster: DevCluster, script: str, clients: int, args: argparse.Namespace
+) -> tuple[float, float]:
+    host, port = target
+    exe = os.path.join(find_pg_bindir(), "pgbench")
+    cmd = [
+        exe, "-h", host, "-p", str(port), "-U", cluster.superuser, "-n", "-b", script,
+        "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(args.duration), "-M", args.mode,
+        cluster.dbname,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=False)
+    if out.returncode != 0 or "failed transactions: 0 " not in out.stdout:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
+    tps = re.search(r"tps = ([\d.]+)", out.stdout)
+    lat = re.search(r"latency average = ([\d.]+) ms", out.stdout)
+    assert tps and lat, out.stdout
+    return float(tps.group(1)), float(lat.group(1))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=int, default=10, help="seconds per pgbench run (default 10)")
+    p.add_argument("--pool-size", type=int, default=8, help="server connections per pooler (default 8)")
+    p.add_argument("--scale", type=int, default=1, help="pgbench -i scale factor (default 1)")
+    p.add_argument("--mode", default="simple", choices=("simple", "extended"), help="pgbench -M")
+    args = p.parse_args(argv)
+    cluster = DevCluster.create(max_connections=60)
+    try:
+        init = [os.path.join(find_pg_bindir(), "pgbench"), "-i", "-q", "-s", str(args.scale), cluster.dsn()]
+        subprocess.run(init, check=True, capture_output=True, env=_env())
+        results: dict[tuple[str, int], dict[str, tuple[float, float]]] = {w: {} for w in WORKLOADS}
+        with pgbouncer(cluster, args.pool_size) as bdir, pgreuse_broker(cluster, args.pool_size) as rdir:
+            targets = {
+                "postgres": (cluster.socket_dir, cluster.port),
+                "pgbouncer": (bdir, PGBOUNCER_PORT),
+                "pgreuse": (rdir, PGREUSE_PORT),
+            }
+            for script, clients in WORKLOADS:
+                for name, (host, port) in targets.items():
+                    r = pgbench(host, port, cluster, script, clients, args)
+                    results[(script, clients)][name] = r
+                    print(
+                        f"{script:12} c={clients:<3} {name:10} {r[0]:10.0f} tps {r[1]:7.3f} ms",
+                        file=sys.stderr,
+                    )
+    finally:
+        cluster.destroy()
+    print(
+        f"\npgbench -M {args.mode}, {args.duration}s per run, scale {args.scale}, pool size "
+        f"{args.pool_size}, {os.cpu_count()} CPUs; latency = average ms\n"
+    )
+    print("| workload | clients | PostgreSQL direct | PgBouncer | pgreuse proxy | pgreuse / PgBouncer |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (script, clients), r in results.items():
+        cells = [f"{r[n][0]:,.0f} tps, {r[n][1]:.3f} ms" for n in ("postgres", "pgbouncer", "pgreuse")]
+        ratio = r["pgreuse"][0] / r["pgbouncer"][0]
+        print(f"| {script} | {clients} | {' | '.join(cells)} | {ratio:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
