@@ -18,19 +18,14 @@ from typing import Any
 
 import psycopg
 from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict
 
 from .. import errors, telemetry
 from .channel import AsyncChannel, async_channel_for
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
-    WITH_HOLD_REFUSED,
     AfterWait,
     LeaseCore,
-    broker_socket_dir_and_port,
-    check_prepare_threshold,
 )
-from .session import LISTEN_REFUSED
 
 __all__ = ["AsyncConnection", "AsyncCursor", "connect_async"]
 
@@ -71,27 +66,15 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
             NotSupported: ``prepare_threshold`` is not ``None``.
             BrokerUnavailable: no broker answers at ``<host>/.s.PGREUSE.<port>``.
         """
-        check_prepare_threshold(prepare_threshold)
-        socket_dir, port = broker_socket_dir_and_port(conninfo_to_dict(conninfo, **kwargs))
-        channel = await async_channel_for(os.path.join(socket_dir, f".s.PGREUSE.{port}"))
-        conn = await super().connect(conninfo, prepare_threshold=None, **kwargs)
+        channel = await async_channel_for(cls._control_path(conninfo, prepare_threshold, kwargs))
+        try:
+            conn = await super().connect(conninfo, prepare_threshold=None, **kwargs)
+        except BaseException:
+            channel.drop_user()
+            raise
         assert isinstance(conn, AsyncConnection)
-        conn._channel = channel
-        conn._lease_timeout = lease_timeout
-        conn._baseline = conn._reported()
+        conn._bind(channel, lease_timeout)
         return conn
-
-    @property
-    def prepare_threshold(self) -> int | None:
-        return None
-
-    @prepare_threshold.setter
-    def prepare_threshold(self, value: int | None) -> None:
-        check_prepare_threshold(value)
-        self._prepared.prepare_threshold = None
-
-    def __repr__(self) -> str:
-        return f"<pgreuse.AsyncConnection {self._describe()} closed={self.closed}>"
 
     async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         if self._needs_lease(gen):
@@ -133,14 +116,6 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
                 raise
             self._give_back(broken=False, dirty=self._take_dirty() or bool(restore))
 
-    def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("withhold"):
-            raise errors.NotSupported(WITH_HOLD_REFUSED)
-        return super().cursor(*args, **kwargs)
-
-    def notifies(self, *args: Any, **kwargs: Any) -> Any:
-        raise errors.NotSupported(LISTEN_REFUSED)
-
     @contextlib.asynccontextmanager
     async def pipeline(self) -> AsyncIterator[psycopg.AsyncPipeline]:
         async with super().pipeline() as p:
@@ -170,17 +145,6 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
                     await self.rollback()
             self._give_back(broken=True)
         await super().close()
-
-    def __del__(self, *args: Any, **kwargs: Any) -> None:
-        if self._held is not None:
-            with contextlib.suppress(Exception):
-                if os.getpid() == self._owner_pid:
-                    self._give_back(broken=True)
-                else:
-                    self._neuter_in_child()
-        sup = getattr(super(), "__del__", None)
-        if sup is not None:
-            sup()
 
 
 async def connect_async(conninfo: str = "", **kwargs: Any) -> AsyncConnection:

@@ -18,20 +18,15 @@ from typing import Any
 
 import psycopg
 from psycopg import pq
-from psycopg.conninfo import conninfo_to_dict
 
 from .. import errors, telemetry
 from .channel import Channel, channel_for
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
-    WITH_HOLD_REFUSED,
     AfterWait,
     Lease,
     LeaseCore,
-    broker_socket_dir_and_port,
-    check_prepare_threshold,
 )
-from .session import LISTEN_REFUSED
 
 __all__ = ["Connection", "Cursor", "Lease", "connect"]
 
@@ -81,28 +76,11 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
             BrokerUnavailable: no broker answers at ``<host>/.s.PGREUSE.<port>``.
             psycopg.OperationalError: the broker refused the startup (its message says why).
         """
-        check_prepare_threshold(prepare_threshold)
-        socket_dir, port = broker_socket_dir_and_port(conninfo_to_dict(conninfo, **kwargs))
-        channel = channel_for(os.path.join(socket_dir, f".s.PGREUSE.{port}"))
+        channel = channel_for(cls._control_path(conninfo, prepare_threshold, kwargs))
         conn = super().connect(conninfo, prepare_threshold=None, **kwargs)
         assert isinstance(conn, Connection)
-        conn._channel = channel
-        conn._lease_timeout = lease_timeout
-        conn._baseline = conn._reported()
+        conn._bind(channel, lease_timeout)
         return conn
-
-    # prepare_threshold is forced to None (DESIGN.md §3 rule 6).
-    @property
-    def prepare_threshold(self) -> int | None:
-        return None
-
-    @prepare_threshold.setter
-    def prepare_threshold(self, value: int | None) -> None:
-        check_prepare_threshold(value)
-        self._prepared.prepare_threshold = None
-
-    def __repr__(self) -> str:
-        return f"<pgreuse.Connection {self._describe()} closed={self.closed}>"
 
     # -- the swap point ---------------------------------------------------------------------------
 
@@ -144,14 +122,6 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
                 raise
             self._give_back(broken=False, dirty=self._take_dirty() or bool(restore))
 
-    def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("withhold"):
-            raise errors.NotSupported(WITH_HOLD_REFUSED)
-        return super().cursor(*args, **kwargs)
-
-    def notifies(self, *args: Any, **kwargs: Any) -> Any:
-        raise errors.NotSupported(LISTEN_REFUSED)
-
     @contextlib.contextmanager
     def pipeline(self) -> Iterator[psycopg.Pipeline]:
         with super().pipeline() as p:
@@ -179,19 +149,6 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
             # unknown, so the broker must not lend it as is.
             self._give_back(broken=True)
         super().close()  # Terminate now reaches the parking socket only (rule 5)
-
-    def __del__(self, *args: Any, **kwargs: Any) -> None:
-        if self._held is not None:
-            with contextlib.suppress(Exception):
-                if os.getpid() == self._owner_pid:
-                    # Dropped while leased: give the backend back as broken rather than let
-                    # libpq's finaliser send Terminate into it.
-                    self._give_back(broken=True)
-                else:
-                    self._neuter_in_child()
-        sup = getattr(super(), "__del__", None)
-        if sup is not None:
-            sup()
 
 
 _live: weakref.WeakSet[Connection] = weakref.WeakSet()

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import psycopg
 from psycopg import pq, sql
+from psycopg.conninfo import conninfo_to_dict
 
 from .. import errors, telemetry
 from ..wire import control
@@ -105,6 +106,7 @@ class LeaseCore:
     if TYPE_CHECKING:
         pgconn: pq.abc.PGconn
         _pipeline: Any
+        _prepared: Any
 
     _held: _Held | None = None
     _channel: ChannelBase | None = None
@@ -119,6 +121,54 @@ class LeaseCore:
         self._owner_pid = os.getpid()
         self._session_dirty = False
         self._baseline = {}
+
+    @staticmethod
+    def _control_path(conninfo: str, prepare_threshold: int | None, kwargs: dict[str, Any]) -> str:
+        """Check the arguments of ``connect()``; return the broker's control socket path."""
+        check_prepare_threshold(prepare_threshold)
+        socket_dir, port = broker_socket_dir_and_port(conninfo_to_dict(conninfo, **kwargs))
+        return os.path.join(socket_dir, f".s.PGREUSE.{port}")
+
+    def _bind(self, channel: ChannelBase, lease_timeout: float) -> None:
+        """After psycopg's connect: the channel to lease through, and the session's baseline."""
+        self._channel = channel
+        self._lease_timeout = lease_timeout
+        self._baseline = self._reported()
+
+    # prepare_threshold is forced to None (DESIGN.md §3 rule 6).
+    @property
+    def prepare_threshold(self) -> int | None:
+        return None
+
+    @prepare_threshold.setter
+    def prepare_threshold(self, value: int | None) -> None:
+        check_prepare_threshold(value)
+        self._prepared.prepare_threshold = None
+
+    def cursor(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("withhold"):
+            raise errors.NotSupported(WITH_HOLD_REFUSED)
+        return super().cursor(*args, **kwargs)  # type: ignore[misc]
+
+    def notifies(self, *args: Any, **kwargs: Any) -> Any:
+        raise errors.NotSupported(LISTEN_REFUSED)
+
+    def __repr__(self) -> str:
+        closed = self.pgconn.status == pq.ConnStatus.BAD
+        return f"<pgreuse.{type(self).__name__} {self._describe()} closed={closed}>"
+
+    def __del__(self, *args: Any, **kwargs: Any) -> None:
+        if self._held is not None:
+            with contextlib.suppress(Exception):
+                if os.getpid() == self._owner_pid:
+                    # Dropped while leased: give the backend back as broken rather than let
+                    # libpq's finaliser send Terminate into it.
+                    self._give_back(broken=True)
+                else:
+                    self._neuter_in_child()
+        sup = getattr(super(), "__del__", None)
+        if sup is not None:
+            sup()
 
     @property
     def lease(self) -> Lease | None:
