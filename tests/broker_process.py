@@ -34,7 +34,7 @@ class BrokerProcess:
     def control_socket(self) -> str:
         return os.path.join(self.socket_dir, f".s.PGREUSE.{self.port}")
 
-    def start(self, timeout: float = 20.0) -> BrokerProcess:
+    def start(self, timeout: float = 60.0) -> BrokerProcess:
         cmd = [
             sys.executable, "-m", "pgreuse.broker", "--dsn", self.dsn,
             "--socket-dir", self.socket_dir, "--port", str(self.port), "--log-level", "DEBUG",
