@@ -165,8 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "pgreuse": (rdir, PGREUSE_PORT),
             }
             for script, clients in WORKLOADS:
-                for name, (host, port) in targets.items():
-                    r = pgbench(host, port, cluster, script, clients, args)
+                for name, target in targets.items():
+                    r = pgbench(target, cluster, script, clients, args)
                     results[(script, clients)][name] = r
                     print(
                         f"{script:12} c={clients:<3} {name:10} {r[0]:10.0f} tps {r[1]:7.3f} ms",
@@ -180,9 +180,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print("| workload | clients | PostgreSQL direct | PgBouncer | pgreuse proxy | pgreuse / PgBouncer |")
     print("|---|---:|---:|---:|---:|---:|")
-    for (script, clients), r in results.items():
-        cells = [f"{r[n][0]:,.0f} tps, {r[n][1]:.3f} ms" for n in ("postgres", "pgbouncer", "pgreuse")]
-        ratio = r["pgreuse"][0] / r["pgbouncer"][0]
+    for (script, clients), by_target in results.items():
+        cells = [f"{by_target[n][0]:,.0f} tps, {by_target[n][1]:.3f} ms" for n in targets]
+        ratio = by_target["pgreuse"][0] / by_target["pgbouncer"][0]
         print(f"| {script} | {clients} | {' | '.join(cells)} | {ratio:.2f}x |")
     return 0
 
