@@ -85,3 +85,14 @@ def demo(session: nox.Session) -> None:
     """Start a throwaway cluster and a broker and show them working: ``nox -s demo -- --help``."""
     session.install("-e", ".[binary,gunicorn]")
     session.run("python", "-m", "pgreuse.demo", *session.posargs, env=_passthrough_env())
+
+
+@nox.session
+def examples(session: nox.Session) -> None:
+    """Run examples/flask and examples/django under Gunicorn on a throwaway PostgreSQL and check
+    their HTTP answers: ``nox -s examples`` (or ``-- flask``, ``-- django``). About 20 s.
+
+    Not in CI's list: tests/integration/test_flask.py and test_django.py run the same driver.
+    """
+    session.install("-e", ".[binary,gunicorn,django,flask]")
+    session.run("python", "examples/run_examples.py", *session.posargs, env=_passthrough_env())

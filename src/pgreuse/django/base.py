@@ -129,6 +129,12 @@ class DatabaseWrapper(PostgresDatabaseWrapper):  # type: ignore[misc]  # Django'
             self.connection = None
             raise
 
+    def ensure_timezone(self) -> bool:
+        # Django 4.2 checks (and SETs) the zone here; 5.x moved that into _configure_timezone.
+        if self.connection is None:
+            return False
+        return self._configure_timezone(self.connection)
+
     def _configure_timezone(self, connection: pgreuse.Connection) -> bool:
         # Django would SET TIME ZONE when the connection's zone is not its own. A SET does not stay
         # on a shared backend, so the pool must already be in Django's zone.
