@@ -160,7 +160,7 @@ def _tail(path: str, limit: int = 6000) -> str:
 
 
 def _run(cmd: Sequence[str], *, cwd: str, env: dict[str, str]) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed with exit code {result.returncode}:\n{result.stdout}\n{result.stderr}"
