@@ -237,3 +237,12 @@ def test_connection_refuses_to_swap_in_a_forked_child(broker):
     assert os.read(r, 1) == b"\0"
     assert conn.execute("select 8").fetchone() == (8,)  # the parent's connection is untouched
     conn.close()
+
+
+def test_broker_on_the_standard_asyncio_loop(make_broker, monkeypatch):
+    # The broker prefers uvloop; PGREUSE_LOOP=asyncio must work just as well.
+    monkeypatch.setenv("PGREUSE_LOOP", "asyncio")
+    broker = make_broker("--max-size", "1")
+    with broker.connect() as conn, conn.transaction():
+        assert conn.execute("select 1").fetchone() == (1,)
+        assert conn.lease is not None
