@@ -134,7 +134,7 @@ def test_cli_reads_the_table_of_a_wedged_broker(broker):
     broker.wait_for(lambda s: s.count(SlotState.IDLE) >= 1, what="lease returned")
     os.kill(broker.proc.pid, signal.SIGSTOP)  # the broker answers nothing now
     try:
-        out = _cli("stats", "--socket-dir", broker.socket_dir, "--port", str(broker.port), timeout=10)
+        out = _cli("stats", "--socket-dir", broker.socket_dir, "--port", str(broker.port), timeout=30)
     finally:
         os.kill(broker.proc.pid, signal.SIGCONT)
     assert out.returncode == 0, out.stderr

@@ -5,6 +5,7 @@ after a known sequence of leases, a wait and a timeout against a real broker and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -277,3 +278,27 @@ def test_gunicorn_example_sets_up_the_sdk_in_each_worker(pg, short_tmp):
     assert '"parent_id": null' in text  # the request spans
     assert '"name": "db.client.connection.max"' in text
     assert '"name": "db.client.connection.wait_time"' in text
+
+
+def test_async_leases_are_traced_and_timed_too(make_broker, otel):
+    b = make_broker("--max-size", "1", "--wait-timeout", "0.3")
+    pool = f"{b.socket_dir}:{b.port}/{b.dbname}"
+
+    async def main() -> None:
+        async with await pgreuse.connect_async(b.conninfo) as a, await pgreuse.connect_async(b.conninfo) as c:
+            with otel.tracer.start_as_current_span("request"):
+                await a.execute("select 1")
+                with pytest.raises(pgreuse.PoolTimeout):
+                    await c.execute("select 1")
+                await a.commit()
+
+    asyncio.run(main())
+    granted, timed_out = sorted(
+        (s for s in otel.spans.get_finished_spans() if s.name == t.SPAN_NAME), key=lambda s: s.start_time
+    )
+    assert granted.attributes[t.OUTCOME] == t.OUTCOME_GRANTED and granted.attributes[t.RELEASE] == "clean"
+    assert timed_out.attributes[t.OUTCOME] == t.OUTCOME_TIMEOUT
+    assert granted.parent is not None and timed_out.parent == granted.parent
+    m = otel.metrics()
+    assert _value(m, t.WAIT_TIME, pool).count == 1 and _value(m, t.USE_TIME, pool).count == 1
+    assert _value(m, t.TIMEOUTS, pool).value == 1
