@@ -168,10 +168,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"workers that served    {len({a['worker'] for a in answers})}")
         print(f"backends used          {len({a['backend'] for a in answers})} distinct "
               f"(broker --max-size {args.max_size})")  # fmt: skip
-        print(f"peak in pg_stat_activity {peak}")
+        print(f"peak in pg_stat_activity {peak} (without pgreuse: {args.workers * args.threads}, "
+              "one per thread)")  # fmt: skip
         if waits_ms:
             print(f"lease wait             p50 {statistics.median(waits_ms):.3f} ms, "
-                  f"p99 {_quantile(waits_ms, 0.99):.3f} ms, max {max(waits_ms):.3f} ms")  # fmt: skip
+                  f"p99 {_quantile(waits_ms, 0.99):.3f} ms, max {max(waits_ms):.3f} ms "
+                  f"(mostly queueing: {args.clients} clients keep {args.workers * args.threads} "
+                  f"threads busy on {args.max_size} backends)")  # fmt: skip
         print(f"rows committed         {rows} (one per request, plus the warm-up)")
         ok = served == args.requests and rows == served + 1 and peak <= args.max_size
         print("\nOK" if ok else "\nFAILED", flush=True)
