@@ -171,15 +171,18 @@ def _histogram(meter: Meter, name: str, description: str) -> metrics.Histogram:
 
 _lock = threading.Lock()
 _providers: _Providers | None = None
+# The instruments on the global providers are made once: the API's proxy meter keeps every instrument
+# ever created on it, so configure() back to the globals must not add a second set.
+_global: _Providers | None = None
 
 
 def _get() -> _Providers:
-    global _providers  # noqa: PLW0603
+    global _providers, _global  # noqa: PLW0603
     p = _providers
     if p is None:
         with _lock:
             if _providers is None:
-                _providers = _Providers(None, None)
+                _global = _providers = _global or _Providers(None, None)
             p = _providers
     return p
 
@@ -196,7 +199,10 @@ def configure(
     """
     global _providers  # noqa: PLW0603
     with _lock:
-        _providers = _Providers(tracer_provider, meter_provider)
+        if tracer_provider is None and meter_provider is None:
+            _providers = None  # the global set, made (once) on next use
+        else:
+            _providers = _Providers(tracer_provider, meter_provider)
 
 
 # -- pools and the reporter election ---------------------------------------------------------------
