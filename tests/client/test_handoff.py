@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 
@@ -10,6 +11,7 @@ import psycopg
 import pytest
 
 import pgreuse
+from pgreuse.wire import frames
 from pgreuse.wire.states import SlotState
 
 
@@ -246,3 +248,17 @@ def test_broker_on_the_standard_asyncio_loop(make_broker, monkeypatch):
     with broker.connect() as conn, conn.transaction():
         assert conn.execute("select 1").fetchone() == (1,)
         assert conn.lease is not None
+
+
+def _raw_startup(broker, **params: str) -> bytes:
+    """The first message type the broker answers a raw StartupMessage with (as JDBC would send it)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(os.path.join(broker.socket_dir, f".s.PGSQL.{broker.port}"))
+        s.sendall(frames.startup_message({"user": "postgres", "database": broker.dbname, **params}))
+        return s.recv(1)
+
+
+def test_jdbc_style_extra_float_digits_is_accepted(broker):
+    # From PostgreSQL 12 every extra_float_digits > 0 gives the same output as the default.
+    assert _raw_startup(broker, extra_float_digits="3") == b"R"  # AuthenticationOk
+    assert _raw_startup(broker, extra_float_digits="-2") == b"E"  # ErrorResponse

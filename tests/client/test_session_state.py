@@ -115,3 +115,12 @@ def test_reset_every_lease_resets_even_clean_transactions(make_broker):
         for _ in range(3):
             conn.execute("select 1")
         broker.wait_for(lambda s: s.counters["resets"] == 3, what="one reset per lease")
+
+
+def test_an_application_cursor_class_keeps_the_guard(one_backend):
+    # psycopg's connect(cursor_factory=...) replaces the cursor class; the guard must stay in front.
+    with one_backend.connect(autocommit=True, cursor_factory=psycopg.ClientCursor) as a:
+        assert issubclass(a.cursor_factory, psycopg.ClientCursor)
+        a.execute("set search_path to pg_catalog")
+        with one_backend.connect(autocommit=True) as b:
+            assert b.execute("show search_path").fetchone() != ("pg_catalog",)

@@ -436,6 +436,10 @@ class Broker:
                         "the broker's --dsn",
                     )
                 continue
+            if name == "extra_float_digits" and _shortest_floats(value, pool_params):
+                continue  # JDBC sends 3; from PostgreSQL 12 every value > 0 means the same output
+            if name.startswith("_pq_."):
+                continue  # protocol options: answered with NegotiateProtocolVersion below
             matched = next((m for m in MATCHED_PARAMETERS if m.lower() == name.lower()), None)
             if matched is not None:
                 have = pool_params.get(matched, "")
@@ -554,6 +558,20 @@ class Broker:
                 self.pool.abandon(client, request)
             case _:
                 raise control.ControlError(f"unexpected message from a worker: {msg!r}")
+
+
+def _shortest_floats(value: str, pool_params: dict[str, str]) -> bool:
+    """True if ``extra_float_digits=value`` gives the output every backend already gives.
+
+    From PostgreSQL 12, any value above 0 selects the shortest exact float output, which is the
+    default (1): a client asking for 2 or 3 (JDBC) sees no difference on a shared backend.
+    """
+    try:
+        digits = int(value)
+        major = int(pool_params.get("server_version", "0").split(".")[0].split(" ")[0])
+    except ValueError:
+        return False
+    return digits > 0 and major >= 12
 
 
 def _norm(value: str) -> str:

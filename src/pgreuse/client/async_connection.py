@@ -25,20 +25,14 @@ from .lease import (
     DEFAULT_LEASE_TIMEOUT,
     AfterWait,
     LeaseCore,
+    StatementGuard,
 )
 
 __all__ = ["AsyncConnection", "AsyncCursor", "connect_async"]
 
 
-class AsyncCursor(psycopg.AsyncCursor[Any]):
+class AsyncCursor(StatementGuard, psycopg.AsyncCursor[Any]):
     """psycopg's async cursor, noting what each statement leaves in the session."""
-
-    def _convert_query(self, *args: Any, **kwargs: Any) -> Any:
-        pgq = super()._convert_query(*args, **kwargs)
-        conn = self._conn
-        if isinstance(conn, LeaseCore):
-            conn._note_statement(pgq.query)
-        return pgq
 
 
 class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):

@@ -26,22 +26,14 @@ from .lease import (
     AfterWait,
     Lease,
     LeaseCore,
+    StatementGuard,
 )
 
 __all__ = ["Connection", "Cursor", "Lease", "connect"]
 
 
-class Cursor(psycopg.Cursor[Any]):
+class Cursor(StatementGuard, psycopg.Cursor[Any]):
     """psycopg's cursor, noting what each statement leaves in the session (see ``session.py``)."""
-
-    def _convert_query(self, *args: Any, **kwargs: Any) -> Any:
-        # Every way of sending a statement (execute, executemany, stream, copy) goes through here,
-        # and the result holds the final query bytes, whatever form the query was written in.
-        pgq = super()._convert_query(*args, **kwargs)
-        conn = self._conn
-        if isinstance(conn, LeaseCore):
-            conn._note_statement(pgq.query)
-        return pgq
 
 
 class Connection(LeaseCore, psycopg.Connection[Any]):

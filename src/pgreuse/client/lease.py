@@ -100,6 +100,36 @@ WITH_HOLD_REFUSED = (
 )
 
 
+class StatementGuard:
+    """Cursor mixin: note what each statement leaves in the session (see ``session.py``)."""
+
+    _conn: Any
+
+    def _convert_query(self, *args: Any, **kwargs: Any) -> Any:
+        # Every way of sending a statement (execute, executemany, stream, copy, a server cursor's
+        # DECLARE) goes through here, and the result holds the final query bytes, whatever form
+        # the query was written in.
+        pgq = super()._convert_query(*args, **kwargs)  # type: ignore[misc]
+        conn = self._conn
+        if isinstance(conn, LeaseCore):
+            conn._note_statement(pgq.query)
+        return pgq
+
+
+_guarded_classes: dict[type[Any], type[Any]] = {}
+
+
+def guarded(cursor_class: type[Any]) -> type[Any]:
+    """``cursor_class`` with :class:`StatementGuard` first in its MRO (one class per input)."""
+    if issubclass(cursor_class, StatementGuard):
+        return cursor_class
+    made = _guarded_classes.get(cursor_class)
+    if made is None:
+        made = type(f"Guarded{cursor_class.__name__}", (StatementGuard, cursor_class), {})
+        made = _guarded_classes.setdefault(cursor_class, made)
+    return made
+
+
 class LeaseCore:
     """Mixin for psycopg connection classes: the lease state and the swap."""
 
@@ -121,6 +151,24 @@ class LeaseCore:
         self._owner_pid = os.getpid()
         self._session_dirty = False
         self._baseline = {}
+
+    # Any cursor class the application (or a framework: Django passes its own) installs keeps the
+    # session-state guard: psycopg's connect(cursor_factory=...) and later assignments land here.
+    @property
+    def cursor_factory(self) -> Any:
+        return self._cursor_factory
+
+    @cursor_factory.setter
+    def cursor_factory(self, cls: type[Any]) -> None:
+        self._cursor_factory = guarded(cls)
+
+    @property
+    def server_cursor_factory(self) -> Any:
+        return self._server_cursor_factory
+
+    @server_cursor_factory.setter
+    def server_cursor_factory(self, cls: type[Any]) -> None:
+        self._server_cursor_factory = guarded(cls)
 
     @staticmethod
     def _control_path(conninfo: str, prepare_threshold: int | None, kwargs: dict[str, Any]) -> str:

@@ -34,7 +34,6 @@ from django.db.backends.postgresql.base import (  # type: ignore[import-untyped,
 from psycopg import IsolationLevel
 
 import pgreuse
-from pgreuse.client.connection import Cursor as PgreuseCursor
 
 from .checks import PGREUSE_OPTIONS, settings_problems, timezone_problem
 from .creation import DatabaseCreation
@@ -49,22 +48,6 @@ class DatabaseValidation(BaseDatabaseValidation):  # type: ignore[misc]  # Djang
         for n, problem in enumerate(settings_problems(wrapper.alias, wrapper.settings_dict), 1):
             errors.append(django_checks.Error(problem, id=f"pgreuse.E{n:03d}"))
         return errors
-
-
-_guarded_classes: dict[type[Any], type[Any]] = {}
-
-
-def _guarded(django_cursor: type[Any]) -> type[Any]:
-    """``django_cursor`` with pgreuse's statement guard first in its MRO (one class per input)."""
-    if issubclass(django_cursor, PgreuseCursor):
-        return django_cursor
-    guarded = _guarded_classes.get(django_cursor)
-    if guarded is None:
-        # pgreuse's _convert_query runs first and calls Django's (client-side binding) through
-        # super(), then notes the final query bytes.
-        guarded = type(f"Pgreuse{django_cursor.__name__}", (PgreuseCursor, django_cursor), {})
-        guarded = _guarded_classes.setdefault(django_cursor, guarded)
-    return guarded
 
 
 class DatabaseWrapper(PostgresDatabaseWrapper):  # type: ignore[misc]  # Django's classes are untyped (Any)
@@ -93,9 +76,8 @@ class DatabaseWrapper(PostgresDatabaseWrapper):  # type: ignore[misc]  # Django'
         # Django copies every OPTIONS key into the libpq parameters: take pgreuse's own out first.
         for key in PGREUSE_OPTIONS:
             params.pop(key, None)
-        # Django passes its own cursor class, which would replace pgreuse's: keep pgreuse's session
-        # guard (it notes each statement's final bytes, DESIGN.md §6) in front of Django's class.
-        params["cursor_factory"] = _guarded(params["cursor_factory"])
+        # Django passes its own cursor class; the pgreuse connection puts its session guard (it
+        # notes each statement's final bytes, DESIGN.md §6) in front of it (client.lease.guarded).
         return params
 
     # Not @async_unsafe like Django's: its only caller, connect(), is.
