@@ -76,7 +76,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over src/pgreuse (config in pyproject.toml)."""
-    session.install("-e", ".[binary,dev]")
+    session.install("-e", ".[binary,dev,django,flask,test]")
     session.run("mypy", *session.posargs)
 
 
