@@ -262,3 +262,13 @@ def test_jdbc_style_extra_float_digits_is_accepted(broker):
     # From PostgreSQL 12 every extra_float_digits > 0 gives the same output as the default.
     assert _raw_startup(broker, extra_float_digits="3") == b"R"  # AuthenticationOk
     assert _raw_startup(broker, extra_float_digits="-2") == b"E"  # ErrorResponse
+
+
+def test_prepare_true_runs_unprepared_on_shared_backends(make_broker):
+    broker = make_broker("--max-size", "1")
+    with broker.connect(autocommit=True) as a, broker.connect(autocommit=True) as b:
+        for i in range(6):
+            for conn in (a, b):
+                assert conn.execute("select %s::int", (i,), prepare=True).fetchone() == (i,)
+        (n,) = a.execute("select count(*) from pg_prepared_statements").fetchone()
+        assert n == 0  # nothing was left on the shared backend
