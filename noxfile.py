@@ -96,3 +96,15 @@ def examples(session: nox.Session) -> None:
     """
     session.install("-e", ".[binary,gunicorn,django,flask]")
     session.run("python", "examples/run_examples.py", *session.posargs, env=_passthrough_env())
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmarks behind docs/numbers.md: the cost of a lease, and the proxy next to PgBouncer.
+
+    The PgBouncer comparison needs Debian's pgbouncer package (apt-get install pgbouncer).
+    """
+    session.install("-e", ".[binary]")
+    env = _passthrough_env()
+    session.run("python", "bench/lease_cost.py", env=env)
+    session.run("python", "bench/proxy_vs_pgbouncer.py", *session.posargs, env=env)
