@@ -276,6 +276,17 @@ class DevCluster:
         self.start()
         self.wait_ready()
 
+    def set_hba(self, rules: Sequence[str]) -> None:
+        """Replace pg_hba.conf with ``rules`` (one line each) and reload the server.
+
+        Raises:
+            ClusterError: the reload failed (the server log says why).
+        """
+        self._write_owned("pg_hba.conf", "\n".join(rules) + "\n")
+        result = self._pg_ctl(["reload"], timeout=30)
+        if result.returncode != 0:
+            raise ClusterError(f"pg_ctl reload on {self.datadir} failed:\n{result.stdout}")
+
     def wait_ready(self, timeout: float = 30) -> None:
         """Poll until a connection over the Unix socket succeeds.
 

@@ -15,13 +15,14 @@ from pgreuse.broker.connector import (
     BackendConnectError,
     BackendQueryError,
     BackendTarget,
+    EncryptionNotSupported,
     OpenedBackend,
-    TLSNotSupported,
     open_backend,
     parse_target,
     run_simple_query,
     send_cancel,
 )
+from pgreuse.broker.tls import TLSConfigError
 from pgreuse.wire.query import SimpleQuery
 
 # --- parse_target: no server needed ---------------------------------------------------------------
@@ -103,23 +104,32 @@ def test_bad_values(conninfo: str, match: str) -> None:
         parse_target(conninfo, env={})
 
 
-def test_tls_refused_on_tcp() -> None:
-    with pytest.raises(TLSNotSupported, match="sslmode=prefer") as info:
-        parse_target("host=127.0.0.1", env={})
-    message = str(info.value)
-    assert "tcp 127.0.0.1:5432" in message
-    assert "plaintext backend socket" in message
-    assert "proxy mode, which is not built yet" in message
-    assert "sslmode=disable" in message
-    assert "libpq's default on TCP is sslmode=prefer" in message
-    with pytest.raises(TLSNotSupported, match="sslmode=require"):
-        parse_target("host=127.0.0.1 sslmode=require", env={})
-    with pytest.raises(TLSNotSupported, match="sslmode=verify-full"):
-        parse_target("host=127.0.0.1", env={"PGSSLMODE": "verify-full"})
-    with pytest.raises(TLSNotSupported, match="gssencmode=require"):
+def test_tls_settings_like_libpq(tmp_path: Any) -> None:
+    # libpq's default on TCP is sslmode=prefer: TLS if the server offers it.
+    target = parse_target("host=127.0.0.1", env={"HOME": str(tmp_path)})
+    assert (target.sslmode, target.tls_possible, target.tls_required) == ("prefer", True, False)
+    assert target.server_name == "127.0.0.1"
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not a certificate")
+    env = {"PGSSLMODE": "require", "PGSSLCERT": "/c", "PGSSLKEY": "/k"}
+    with pytest.raises(TLSConfigError, match="sslcert='/c' with sslkey='/k' cannot be loaded"):
+        parse_target("host=db.example.com", env=env)
+    # require + a root certificate verifies the chain (libpq), so a bad file is an error.
+    with pytest.raises(TLSConfigError, match=f"sslrootcert '{ca}' cannot be loaded"):
+        parse_target("host=db.example.com", env={"PGSSLMODE": "require", "PGSSLROOTCERT": str(ca)})
+    target = parse_target("host=db.example.com hostaddr=10.0.0.1 sslmode=allow", env={})
+    assert (target.host, target.server_name, target.sslmode) == ("10.0.0.1", "db.example.com", "allow")
+    # A verifying mode needs a root certificate, and says which file it looked for.
+    with pytest.raises(TLSConfigError, match=r"sslmode=verify-full .* root certificate file '/nope'"):
+        parse_target("host=127.0.0.1 sslmode=verify-full sslrootcert=/nope", env={})
+    with pytest.raises(TLSConfigError, match="sslrootcert=system needs sslmode=verify-full"):
+        parse_target("host=127.0.0.1 sslmode=verify-ca sslrootcert=system", env={})
+    assert parse_target("host=127.0.0.1 sslrootcert=system", env={}).sslmode == "verify-full"
+    with pytest.raises(EncryptionNotSupported, match="gssencmode=require"):
         parse_target("host=/tmp gssencmode=require", env={})
-    # sslmode means nothing on a Unix socket.
-    assert parse_target("host=/tmp sslmode=require", env={}).sslmode == "require"
+    # sslmode means nothing on a Unix socket (libpq ignores it there too).
+    unix = parse_target("host=/tmp sslmode=require", env={})
+    assert (unix.sslmode, unix.tls_possible, unix.tls_required) == ("require", False, False)
 
 
 def test_connect_timeout_zero_means_default() -> None:
@@ -150,7 +160,7 @@ def open_and_query(
         opened = await open_backend(target, **kwargs)
         try:
             info = sock_info(opened.sock)
-            return opened, await run_simple_query(opened.sock, sql, timeout=10), info
+            return opened, await run_simple_query(opened.stream, sql, timeout=10), info
         finally:
             opened.sock.close()
 
@@ -261,26 +271,16 @@ def test_server_that_never_answers_times_out() -> None:
             asyncio.run(_open(target))
 
 
-def test_tls_target_refused_by_open_backend() -> None:
-    target = BackendTarget(
-        host="127.0.0.1",
-        port=5432,
-        is_unix=False,
-        user="x",
-        database="x",
-        password=None,
-        options=None,
-        application_name=None,
-        connect_timeout=1,
-        sslmode="require",
-    )
-    with pytest.raises(TLSNotSupported, match="sslmode=require"):
+def test_tls_required_but_server_has_none(pg: Any) -> None:
+    target = parse_target(pg.tcp_dsn(sslmode="require"), env={})
+    with pytest.raises(BackendConnectError, match="sslmode=require requires TLS, but the server does not"):
         asyncio.run(_open(target))
 
 
-def test_tls_dsn_refused(pg: Any) -> None:
-    with pytest.raises(TLSNotSupported, match="sslmode=disable on a trusted network"):
-        parse_target(pg.tcp_dsn(sslmode="require"), env={})
+def test_prefer_without_server_tls_is_plaintext(pg: Any) -> None:
+    opened, q, _ = open_and_query(parse_target(pg.tcp_dsn(sslmode="prefer"), env={}), "select 1")
+    assert opened.tls is None
+    assert q.rows == [["1"]]
 
 
 def test_run_simple_query_select_1(pg: Any) -> None:

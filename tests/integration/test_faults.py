@@ -183,13 +183,6 @@ def test_broker_killed_and_restarted(make_broker):
         assert fresh.execute("select 3").fetchone() == (3,)
 
 
-def test_tls_backend_dsn_is_refused_until_proxy_mode(pg, short_tmp):
-    broker = BrokerProcess(pg.tcp_dsn(sslmode="require"), short_tmp, 6432)
-    with pytest.raises(RuntimeError, match="exited with 2") as info:
-        broker.start()
-    assert "proxy mode" in str(info.value)
-
-
 def test_sigterm_waits_for_a_lease_to_come_back(make_broker, pg):
     with psycopg.connect(pg.dsn(), autocommit=True) as admin:
         admin.execute("drop table if exists term_t; create table term_t (v int)")

@@ -316,7 +316,8 @@ class Console:
                 (
                     "S", t.user, t.database, _SERVER_STATE[s.state],
                     t.socket_path if t.is_unix else t.host, t.port, _timestamp(s.opened_at),
-                    _timestamp(lease_start), s.pid or None, "", s.index,
+                    _timestamp(lease_start), s.pid or None,
+                    s.tls.describe() if s.tls is not None else "", s.index,
                     s.generation, holder.pid if holder else None, holder_kind, s.leases,
                     lease_ns // 1000, int(s.dirty),
                 )

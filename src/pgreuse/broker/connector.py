@@ -1,11 +1,14 @@
 """Open, cancel and query backend connections: the asyncio I/O driver around :mod:`pgreuse.wire`.
 
 Contract: :func:`parse_target` turns a libpq-style conninfo (plus libpq's environment fallbacks)
-into a :class:`BackendTarget`, refusing what the broker cannot do yet (several hosts, TLS).
-:func:`open_backend` returns a non-blocking socket that finished startup and sits at ReadyForQuery
-``I`` with nothing unread, or raises :class:`BackendConnectError` naming the target and the
-server's error, with the socket closed. :func:`run_simple_query` drives one simple query on such a
-socket; on :class:`BackendQueryError` the backend's protocol state is unknown and it must be closed.
+into a :class:`BackendTarget`, refusing what the broker cannot do (several hosts, GSSAPI
+encryption). :func:`open_backend` returns a non-blocking socket that finished startup and sits at
+ReadyForQuery ``I`` with nothing unread — wrapped in a :class:`~.tls.TLSStream` when the
+connection is encrypted, following libpq's ``sslmode`` (disable/allow/prefer/require/verify-ca/
+verify-full; ignored on Unix sockets, as libpq does) — or raises :class:`BackendConnectError`
+naming the target and the cause, with the socket closed. :func:`run_simple_query` drives one
+simple query on such a backend; on :class:`BackendQueryError` the backend's protocol state is
+unknown and it must be closed.
 
 This is the I/O boundary: ``OSError`` and timeouts become these errors here (``raise ... from``),
 and cancellation always propagates after closing what was opened.
@@ -14,10 +17,12 @@ and cancellation always propagates after closing what was opened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Mapping
 
 import attrs
@@ -30,6 +35,8 @@ from pgreuse.wire.frames import ProtocolError
 from pgreuse.wire.query import SimpleQuery
 from pgreuse.wire.startup import BackendStartup, StartupFailed
 
+from .tls import REQUIRED_MODES, SSLMODES, TLSConfigError, TLSServerRefused, TLSStream, make_context
+
 logger = logging.getLogger("pgreuse.broker")
 
 # libpq's compiled-in default on Debian/Ubuntu packages; other builds use /tmp.
@@ -38,7 +45,8 @@ DEFAULT_PORT = 5432
 # libpq waits forever without connect_timeout; a broker must not hang a pool slot, so it caps it.
 DEFAULT_CONNECT_TIMEOUT = 10.0
 _RECV_SIZE = 65536
-_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+# A backend connection: a plaintext socket, or a TLS stream over one.
+Stream = socket.socket | TLSStream
 
 
 class BackendConnectError(Exception):
@@ -49,8 +57,8 @@ class BackendQueryError(Exception):
     """A query on a backend failed at the I/O or protocol level; close that backend."""
 
 
-class TLSNotSupported(ValueError):
-    """The conninfo asks for an encrypted backend connection, which handoff cannot use."""
+class EncryptionNotSupported(ValueError):
+    """The conninfo asks for GSSAPI encryption, which the broker does not implement."""
 
 
 @attrs.frozen
@@ -68,6 +76,33 @@ class BackendTarget:
     connect_timeout: float
     sslmode: str
     client_encoding: str | None = None
+    sslrootcert: str | None = None
+    sslcert: str | None = None
+    sslkey: str | None = None
+    sslpassword: str | None = attrs.field(default=None, repr=False)
+    # The name TLS checks the certificate against (and sends as SNI): ``host`` even when
+    # ``hostaddr`` says where to connect, as in libpq.
+    server_name: str | None = None
+
+    @property
+    def tls_possible(self) -> bool:
+        """Backends may be encrypted (TCP, sslmode other than disable): handoff may be impossible."""
+        return not self.is_unix and self.sslmode != "disable"
+
+    @property
+    def tls_required(self) -> bool:
+        """Every backend is encrypted (sslmode require/verify-ca/verify-full over TCP)."""
+        return not self.is_unix and self.sslmode in REQUIRED_MODES
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The SSL context for this target's settings; raises :class:`~.tls.TLSConfigError`."""
+        return make_context(
+            self.sslmode,
+            sslrootcert=self.sslrootcert,
+            sslcert=self.sslcert,
+            sslkey=self.sslkey,
+            sslpassword=self.sslpassword,
+        )
 
     @property
     def socket_path(self) -> str:
@@ -95,36 +130,28 @@ class OpenedBackend:
     backend_pid: int
     backend_secret: int
     connect_seconds: float
+    # Set when the connection is encrypted: read and write through it, never the bare socket.
+    tls: TLSStream | None = None
 
-
-def _tls_error(target_desc: str, why: str) -> TLSNotSupported:
-    return TLSNotSupported(
-        f"{target_desc}: {why}. Handoff needs a plaintext backend socket; TLS backends need the "
-        "broker's proxy mode, which is not built yet. Set sslmode=disable on a trusted network or "
-        "connect over a Unix socket (libpq's default on TCP is sslmode=prefer, so a TCP conninfo "
-        "without sslmode gets this error too)."
-    )
-
-
-def _check_plaintext(target: BackendTarget, gssencmode: str = "prefer") -> None:
-    if gssencmode == "require":
-        raise _tls_error(target.address(), "gssencmode=require asks for GSSAPI encryption")
-    if not target.is_unix and target.sslmode != "disable":
-        raise _tls_error(target.address(), f"sslmode={target.sslmode} may use TLS")
+    @property
+    def stream(self) -> Stream:
+        return self.tls if self.tls is not None else self.sock
 
 
 def parse_target(conninfo: str, env: Mapping[str, str] = os.environ) -> BackendTarget:
     """Build a :class:`BackendTarget` from a conninfo string or URI, the way libpq would.
 
     Unset keys fall back to PGHOST, PGHOSTADDR, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE,
-    PGGSSENCMODE, PGOPTIONS, PGCONNECT_TIMEOUT, PGAPPNAME, PGCLIENTENCODING, then to libpq's
-    defaults (Unix socket in /var/run/postgresql, port 5432, the OS user, database = user).
+    PGSSLROOTCERT, PGSSLCERT, PGSSLKEY, PGGSSENCMODE, PGOPTIONS, PGCONNECT_TIMEOUT, PGAPPNAME,
+    PGCLIENTENCODING, then to libpq's defaults (Unix socket in /var/run/postgresql, port 5432, the
+    OS user, database = user, sslmode=prefer, certificates in ``~/.postgresql``).
     ``connect_timeout`` 0 or unset means 10 s rather than libpq's "forever".
 
     Raises:
         ValueError: unparsable conninfo, several hosts, bad port/timeout/sslmode.
-        TLSNotSupported: the connection would or could be encrypted (TCP without sslmode=disable,
-            gssencmode=require).
+        TLSConfigError: TLS settings that cannot work (a verifying sslmode without a root
+            certificate, an unreadable certificate or key).
+        EncryptionNotSupported: gssencmode=require (the broker does not do GSSAPI encryption).
     """
     try:
         given = conninfo_to_dict(conninfo)
@@ -154,8 +181,10 @@ def parse_target(conninfo: str, env: Mapping[str, str] = os.environ) -> BackendT
     if not 0 < port < 65536:
         raise ValueError(f"invalid port {port}: expected 1 to 65535")
 
+    server_name = host if host is not None and not host.startswith("/") else None
     if hostaddr is not None:
         # libpq connects to hostaddr and uses host only for authentication and TLS names.
+        server_name = server_name or hostaddr
         host, is_unix = hostaddr, False
     else:
         host = host or DEFAULT_SOCKET_DIR
@@ -175,8 +204,11 @@ def parse_target(conninfo: str, env: Mapping[str, str] = os.environ) -> BackendT
     sslmode = get("sslmode", "PGSSLMODE")
     if sslmode is None:
         sslmode = "require" if get("requiressl", "PGREQUIRESSL") == "1" else "prefer"
-    if sslmode not in _SSLMODES:
-        raise ValueError(f"invalid sslmode {sslmode!r}: expected one of {', '.join(_SSLMODES)}")
+    if sslmode not in SSLMODES:
+        raise ValueError(f"invalid sslmode {sslmode!r}: expected one of {', '.join(SSLMODES)}")
+    sslrootcert = get("sslrootcert", "PGSSLROOTCERT")
+    if sslrootcert == "system" and get("sslmode", "PGSSLMODE") is None:
+        sslmode = "verify-full"  # libpq 16: the system's roots imply verify-full by default
 
     target = BackendTarget(
         host=host,
@@ -190,8 +222,20 @@ def parse_target(conninfo: str, env: Mapping[str, str] = os.environ) -> BackendT
         connect_timeout=timeout,
         sslmode=sslmode,
         client_encoding=get("client_encoding", "PGCLIENTENCODING"),
+        sslrootcert=sslrootcert,
+        sslcert=get("sslcert", "PGSSLCERT"),
+        sslkey=get("sslkey", "PGSSLKEY"),
+        sslpassword=get("sslpassword"),
+        server_name=server_name or (None if is_unix else host),
     )
-    _check_plaintext(target, get("gssencmode", "PGGSSENCMODE") or "prefer")
+    if (get("gssencmode", "PGGSSENCMODE") or "prefer") == "require":
+        raise EncryptionNotSupported(
+            f"{target.address()}: gssencmode=require asks for GSSAPI encryption, which the pgreuse "
+            "broker does not implement: use sslmode=require (or verify-full) for an encrypted "
+            "backend connection, or drop gssencmode"
+        )
+    if target.tls_possible:
+        target.ssl_context()  # a missing or unreadable certificate fails now, naming the file
     return target
 
 
@@ -242,8 +286,18 @@ async def _connect(target: BackendTarget) -> socket.socket:
     raise last if last is not None else OSError(f"no address found for {target.host!r}")
 
 
-async def _recv(sock: socket.socket) -> bytes:
-    data = await asyncio.get_running_loop().sock_recv(sock, _RECV_SIZE)
+async def _send(stream: Stream, data: bytes) -> None:
+    if isinstance(stream, TLSStream):
+        await stream.sendall(data)
+    else:
+        await asyncio.get_running_loop().sock_sendall(stream, data)
+
+
+async def _recv(stream: Stream) -> bytes:
+    if isinstance(stream, TLSStream):
+        data = await stream.recv_some()
+    else:
+        data = await asyncio.get_running_loop().sock_recv(stream, _RECV_SIZE)
     if not data:
         raise ConnectionResetError("server closed the connection unexpectedly")
     return data
@@ -252,6 +306,8 @@ async def _recv(sock: socket.socket) -> bytes:
 def _os_reason(exc: OSError) -> str:
     # asyncio's sock_connect puts "Connect call failed (addr)" in strerror; the errno text is the
     # useful part, and the caller's message already names the address.
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"  # its errno is OpenSSL's, not the OS's
     if exc.errno:
         return os.strerror(exc.errno).lower()
     return str(exc) or type(exc).__name__
@@ -263,35 +319,145 @@ def _is_deadline(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError) and exc.errno is None
 
 
-async def open_backend(target: BackendTarget, *, extra_options: str | None = None) -> OpenedBackend:
+class _Downgrade(Exception):
+    """This attempt failed in a way libpq answers by retrying with the other transport."""
+
+
+async def _negotiate_tls(sock: socket.socket, target: BackendTarget) -> TLSStream:
+    """SSLRequest, then the handshake; :class:`TLSServerRefused` if the server answers ``N``."""
+    loop = asyncio.get_running_loop()
+    ctx = target.ssl_context()
+    await loop.sock_sendall(sock, frames.ssl_request())
+    # Exactly one byte: anything after 'S' must be read by the TLS layer, which authenticates it.
+    answer = await loop.sock_recv(sock, 1)
+    if answer == b"N":
+        raise TLSServerRefused("the server does not accept TLS connections (it answered N)")
+    if answer != b"S":
+        raise ProtocolError(f"server answered the SSLRequest with {answer!r}, expected S or N")
+    stream = TLSStream(sock, ctx, target.server_name)
+    await stream.handshake()
+    return stream
+
+
+def _tls_reason(exc: ssl.SSLError, target: BackendTarget) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = exc.verify_message or exc.reason or str(exc)
+        if "mismatch" in why.lower():
+            return (
+                f"TLS: the server's certificate is not valid for host {target.server_name!r} "
+                f"({why}); sslmode=verify-full checks the host name: connect with a name the "
+                "certificate lists, or use sslmode=verify-ca to check the chain only"
+            )
+        return (
+            f"TLS: the server's certificate failed verification ({why}) against "
+            f"sslrootcert={target.sslrootcert!r} (sslmode={target.sslmode}): give the CA that "
+            "signed the server's certificate"
+        )
+    return f"TLS handshake failed: {exc.reason or exc}"
+
+
+def _attempts(target: BackendTarget, plaintext_first: bool) -> list[bool]:
+    """Whether each connection attempt starts with TLS, in libpq's order for the sslmode."""
+    if not target.tls_possible:
+        return [False]
+    if target.tls_required:
+        return [True]
+    if target.sslmode == "allow" or plaintext_first:
+        return [False, True]
+    return [True, False]  # prefer: 'N' continues in plaintext on the same connection
+
+
+async def open_backend(
+    target: BackendTarget, *, extra_options: str | None = None, plaintext_first: bool = False
+) -> OpenedBackend:
     """Connect to ``target`` and complete startup and authentication.
 
     ``extra_options`` is appended to the startup ``options`` (for example
     ``"-c idle_in_transaction_session_timeout=5000"``). The whole operation is bounded by
-    ``target.connect_timeout``.
+    ``target.connect_timeout``. TLS follows libpq: ``prefer`` tries TLS, goes on in plaintext when
+    the server answers ``N`` and retries in plaintext when the TLS attempt fails; ``allow`` (or
+    ``plaintext_first``, for a pool that must stay plaintext under ``prefer``) tries plaintext
+    first and retries with TLS when the server refuses it.
 
     Raises:
         BackendConnectError: any failure (refused, timeout, server error such as a wrong password,
-            unsupported authentication, bad bytes); the socket is closed.
-        TLSNotSupported: ``target`` asks for TLS on TCP (only if built by hand: parse_target
-            already refuses it).
+            unsupported authentication, TLS refused or unverifiable, bad bytes); the socket is
+            closed.
     """
-    _check_plaintext(target)
     loop = asyncio.get_running_loop()
     started = loop.time()
     where = f"cannot open a backend on {target.describe()}"
-    startup = BackendStartup(startup_params(target, extra_options), target.password)
-    sock: socket.socket | None = None
+    plan = _attempts(target, plaintext_first)
     try:
         async with asyncio.timeout(target.connect_timeout):
-            sock = await _connect(target)
-            await loop.sock_sendall(sock, startup.initial_bytes())
+            for n, use_tls in enumerate(plan):
+                may_retry = n + 1 < len(plan)
+                try:
+                    return await _open_once(target, extra_options, use_tls, may_retry, started)
+                except _Downgrade as exc:
+                    logger.info("%s: %s; retrying %s", where, exc.__cause__,
+                                "in plaintext" if use_tls else "with TLS")  # fmt: skip
+            raise AssertionError("unreachable: the last attempt never downgrades")  # pragma: no cover
+    except BaseException as exc:
+        if isinstance(exc, TLSConfigError):
+            raise BackendConnectError(f"{where}: {exc}") from exc
+        if isinstance(exc, ssl.SSLError):
+            raise BackendConnectError(f"{where}: {_tls_reason(exc, target)}") from exc
+        if isinstance(exc, TLSServerRefused):
+            raise BackendConnectError(
+                f"{where}: sslmode={target.sslmode} requires TLS, but {exc}: enable ssl on the "
+                "server, or lower sslmode"
+            ) from exc
+        if isinstance(exc, StartupFailed | AuthError | ProtocolError):
+            raise BackendConnectError(f"{where}: {exc}") from exc
+        if _is_deadline(exc):
+            raise BackendConnectError(
+                f"{where}: no answer within {target.connect_timeout:g} s (connect_timeout)"
+            ) from exc
+        if isinstance(exc, OSError):
+            raise BackendConnectError(f"{where}: {_os_reason(exc)}") from exc
+        raise
+
+
+async def _open_once(
+    target: BackendTarget,
+    extra_options: str | None,
+    use_tls: bool,
+    may_retry: bool,
+    started: float,
+) -> OpenedBackend:
+    loop = asyncio.get_running_loop()
+    startup = BackendStartup(startup_params(target, extra_options), target.password)
+    sock: socket.socket | None = None
+    tls: TLSStream | None = None
+    try:
+        sock = await _connect(target)
+        if use_tls:
+            try:
+                tls = await _negotiate_tls(sock, target)
+            except TLSServerRefused:
+                if target.tls_required:
+                    raise
+                # prefer: libpq goes on in plaintext on this same connection.
+            except ssl.SSLError as exc:
+                if may_retry:
+                    raise _Downgrade from exc
+                raise
+        stream: Stream = tls if tls is not None else sock
+        await _send(stream, startup.initial_bytes())
+        try:
             while not startup.done:
-                reply = startup.feed(await _recv(sock))
+                reply = startup.feed(await _recv(stream))
                 if reply:
-                    await loop.sock_sendall(sock, reply)
+                    await _send(stream, reply)
+        except StartupFailed as exc:
+            # libpq: a server that refuses one transport (pg_hba hostssl / hostnossl) may accept
+            # the other, so allow and prefer retry once with it.
+            if may_retry:
+                raise _Downgrade from exc
+            raise
         extra = startup.leftover()
-        if extra:
+        if extra or (tls is not None and tls.buffered()):
             raise ProtocolError(f"server sent {len(extra)} unexpected bytes after ReadyForQuery")
         if startup.transaction_status != b"I":
             raise ProtocolError(f"server is not idle after startup (status {startup.transaction_status!r})")
@@ -301,62 +467,67 @@ async def open_backend(target: BackendTarget, *, extra_options: str | None = Non
             backend_pid=startup.backend_pid,
             backend_secret=startup.backend_secret,
             connect_seconds=loop.time() - started,
+            tls=tls,
         )
-    except BaseException as exc:
+    except BaseException:
         if sock is not None:
             sock.close()
-        if isinstance(exc, StartupFailed):
-            raise BackendConnectError(f"{where}: {exc}") from exc
-        if isinstance(exc, AuthError | ProtocolError):
-            raise BackendConnectError(f"{where}: {exc}") from exc
-        if _is_deadline(exc):
-            raise BackendConnectError(
-                f"{where}: no answer within {target.connect_timeout:g} s (connect_timeout)"
-            ) from exc
-        if isinstance(exc, OSError):
-            raise BackendConnectError(f"{where}: {_os_reason(exc)}") from exc
         raise
     logger.debug(
-        "opened backend pid %d on %s in %.1f ms (auth %s)",
+        "opened backend pid %d on %s in %.1f ms (auth %s), %s",
         opened.backend_pid,
         target.describe(),
         opened.connect_seconds * 1000,
         startup.auth_method,
+        f"TLS {tls.describe()}" if tls is not None else "plaintext",
     )
     return opened
 
 
-async def send_cancel(target: BackendTarget, pid: int, secret: int) -> None:
+async def send_cancel(target: BackendTarget, pid: int, secret: int, *, tls: bool = False) -> None:
     """Ask the server to cancel what backend ``pid`` is running (a new connection, then closed).
 
-    Like libpq, wait until the server closes the connection: it has then processed the request.
-    Success says nothing about whether a query was actually running.
+    ``tls``: the backend's own connection is encrypted, so the cancel key travels encrypted too
+    (as libpq >= 17 does); a server that answers ``N`` gets it in plaintext unless sslmode
+    requires TLS. Like libpq, wait until the server closes the connection: it has then processed
+    the request. Success says nothing about whether a query was actually running.
 
     Raises:
         BackendConnectError: the cancel connection could not be made or timed out.
     """
-    loop = asyncio.get_running_loop()
     where = f"cannot send a cancel request for pid {pid} to {target.describe()}"
     sock: socket.socket | None = None
     try:
         async with asyncio.timeout(target.connect_timeout):
             sock = await _connect(target)
-            await loop.sock_sendall(sock, frames.cancel_request(pid, secret))
-            while await loop.sock_recv(sock, _RECV_SIZE):
-                pass
-    except OSError as exc:
+            stream: Stream = sock
+            if tls:
+                try:
+                    stream = await _negotiate_tls(sock, target)
+                except TLSServerRefused:
+                    if target.tls_required:
+                        raise
+            await _send(stream, frames.cancel_request(pid, secret))
+            with contextlib.suppress(ConnectionResetError):
+                while await _recv(stream):
+                    pass
+    except (OSError, TLSServerRefused, TLSConfigError, ProtocolError) as exc:
         if _is_deadline(exc):
             raise BackendConnectError(
                 f"{where}: no answer within {target.connect_timeout:g} s (connect_timeout)"
             ) from exc
-        raise BackendConnectError(f"{where}: {_os_reason(exc)}") from exc
+        if isinstance(exc, ssl.SSLError):
+            raise BackendConnectError(f"{where}: {_tls_reason(exc, target)}") from exc
+        if isinstance(exc, OSError):
+            raise BackendConnectError(f"{where}: {_os_reason(exc)}") from exc
+        raise BackendConnectError(f"{where}: {exc}") from exc
     finally:
         if sock is not None:
             sock.close()
 
 
-async def run_simple_query(sock: socket.socket, sql: str, timeout: float) -> SimpleQuery:
-    """Run ``sql`` with the simple protocol on an idle backend socket and collect the answer.
+async def run_simple_query(sock: Stream, sql: str, timeout: float) -> SimpleQuery:
+    """Run ``sql`` with the simple protocol on an idle backend (socket or TLS stream).
 
     A server error is not raised: look at ``.error`` and ``.transaction_status``.
 
@@ -365,11 +536,10 @@ async def run_simple_query(sock: socket.socket, sql: str, timeout: float) -> Sim
             ReadyForQuery; the backend's state is unknown and it must be closed (not done here:
             the caller owns the socket).
     """
-    loop = asyncio.get_running_loop()
     q = SimpleQuery(sql)
     try:
         async with asyncio.timeout(timeout):
-            await loop.sock_sendall(sock, q.request())
+            await _send(sock, q.request())
             while not q.done:
                 q.feed(await _recv(sock))
     except OSError as exc:

@@ -11,6 +11,10 @@ Invariants:
   other workers may still cache a dup of its fd) and never lent again; a replacement is opened in a
   fresh generation of the same slot.
 * Waiters are served first-come first-served; each has a deadline after which it is denied.
+* A backend whose connection is encrypted (TLS) is only ever lent to in-process holders (the proxy):
+  its encryption state lives in the broker, so its fd means nothing in another process. The pool is
+  ``proxy_only`` when its backends use TLS (decided by the target's sslmode, or by the first backend
+  for ``prefer``/``allow``); a handoff pool keeps every backend plaintext (DESIGN.md §3 rule 10).
 
 All of this runs on the broker's one asyncio loop thread; nothing here blocks.
 """
@@ -42,6 +46,7 @@ from .connector import (
     run_simple_query,
     send_cancel,
 )
+from .tls import TLSStream
 
 logger = logging.getLogger("pgreuse.broker")
 
@@ -96,6 +101,13 @@ class Backend:
     dirty: bool = False
     close_reason: CloseReason = CloseReason.NONE
     watched: bool = False
+    tls: TLSStream | None = None  # set: encrypted, read and write through it (never handed off)
+
+    @property
+    def stream(self) -> socket.socket | TLSStream:
+        """What to read and write the backend's protocol on (``sock`` itself unless TLS)."""
+        assert self.sock is not None
+        return self.tls if self.tls is not None else self.sock
 
 
 @attrs.define(eq=False)
@@ -127,6 +139,9 @@ class Pool:
         self.closing = False
         # PAUSE (admin console): nothing is lent until RESUME; requests queue and may time out.
         self.paused = False
+        # True: backends use TLS, only the proxy can lend them; None: not known until the first
+        # backend is open (sslmode prefer/allow over TCP).
+        self.proxy_only: bool | None = True if target.tls_required else None if target.tls_possible else False
         self._max_pending = 0
         self._retry_at = 0.0  # monotonic: no new connect attempt before this after failures
         self._backoff = 0.0
@@ -223,7 +238,12 @@ class Pool:
 
     async def _connect(self, b: Backend) -> None:
         try:
-            opened = await open_backend(self.target, extra_options=self._startup_options())
+            opened = await open_backend(
+                self.target,
+                extra_options=self._startup_options(),
+                # prefer/allow on a handoff pool: stay plaintext while the server accepts it.
+                plaintext_first=self.proxy_only is False,
+            )
         except BackendConnectError as exc:
             self.last_connect_error = str(exc)
             self.table.add("connect_failures")
@@ -243,7 +263,15 @@ class Pool:
             self._transition(b, SlotState.CLOSED, "opened during shutdown")
             return
         mismatch = self._parameter_mismatch(opened.parameters)
+        if opened.tls is not None and self.proxy_only is False:
+            mismatch = (
+                f"new backend uses TLS ({opened.tls.describe()}), but this pool hands plaintext "
+                f"backends to its clients (its first backend with sslmode={self.target.sslmode} "
+                "was plaintext) and the server now refuses plaintext: restart the broker, which "
+                "then serves the pool through its proxy"
+            )
         b.sock = opened.sock
+        b.tls = opened.tls
         b.pid = opened.backend_pid
         b.secret = opened.backend_secret
         b.opened_at = time.time()
@@ -262,6 +290,14 @@ class Pool:
             return
         if self.parameters is None:
             self.parameters = dict(opened.parameters)
+        if self.proxy_only is None:
+            self.proxy_only = opened.tls is not None
+            logger.info(
+                "backends on %s use %s: %s",
+                self.target.address(),
+                opened.tls.describe() if opened.tls is not None else "no TLS",
+                "the pool is proxy-only" if self.proxy_only else "pgreuse clients get handoff",
+            )
         self._backoff = 0.0
         self._retry_at = 0.0
         self.last_connect_error = None
@@ -326,6 +362,16 @@ class Pool:
         w = Waiter(client, request, parking, time.monotonic_ns())
         if self.closing:
             self._deny(w, control.DenyCode.CLOSED, "the broker is shutting down")
+            return
+        if self.proxy_only and not getattr(client, "in_process", False):
+            self._deny(
+                w,
+                control.DenyCode.BAD_REQUEST,
+                f"the backends of this pool use TLS (sslmode={self.target.sslmode}), so their "
+                "sockets cannot be handed to another process; pgreuse connections to it go "
+                "through the broker's proxy: reconnect (a connection opened before the pool knew "
+                "this, or by an older pgreuse, still asks for handoff)",
+            )
             return
         if self.idle and not self.waiters and not self.paused:
             self._grant(self.idle.pop(), w)
@@ -457,7 +503,7 @@ class Pool:
             b.dirty = True
             self._spawn(self._reset(b))
             return
-        problem = None if unread_checked else self._unread(b)
+        problem = None if unread_checked and not (b.tls and b.tls.buffered()) else self._unread(b)
         if problem is not None:
             self._close(b, problem, graceful=False)
             return
@@ -476,6 +522,8 @@ class Pool:
     def _unread(self, b: Backend) -> CloseReason | None:
         """A backend returned at ReadyForQuery 'I' must have nothing waiting on its socket."""
         assert b.sock is not None
+        if b.tls is not None and (b.tls.buffered() or b.tls.wants_write):
+            return CloseReason.UNREAD_DATA
         p = select.poll()
         p.register(b.sock.fileno(), select.POLLIN | _RDHUP)
         events = p.poll(0)
@@ -489,7 +537,7 @@ class Pool:
     async def _reset(self, b: Backend) -> None:
         assert b.sock is not None
         try:
-            q = await run_simple_query(b.sock, self.config.reset_query, timeout=10.0)
+            q = await run_simple_query(b.stream, self.config.reset_query, timeout=10.0)
         except BackendQueryError as exc:
             logger.warning("slot %d: reset failed: %s", b.index, exc)
             self._close(b, CloseReason.RESET_FAILED, graceful=False)
@@ -527,9 +575,9 @@ class Pool:
         # An idle backend speaks only to say goodbye (a FATAL on shutdown or termination).
         assert b.sock is not None
         try:
-            data = b.sock.recv(4096)
+            data = b.stream.recv(4096)
         except BlockingIOError:
-            return
+            return  # TLS: part of a record; the rest makes the socket readable again
         except OSError as exc:
             data = str(exc).encode()
         logger.warning(
@@ -551,7 +599,7 @@ class Pool:
         if b.sock is not None:
             try:
                 if graceful:
-                    b.sock.send(terminate())
+                    b.stream.send(terminate())
                 # shutdown() acts on the socket itself, not on this fd: every worker that cached
                 # a dup of it sees the connection end too, and PostgreSQL ends the session
                 # (rolling back whatever a dead holder left half done).
@@ -560,6 +608,7 @@ class Pool:
                 pass
             b.sock.close()
             b.sock = None
+            b.tls = None
             self.table.add("backends_closed")
         self._end_lease(b)
         b.close_reason = reason
@@ -613,7 +662,7 @@ class Pool:
         for b in self.slots:
             if b.state is SlotState.LENT and b.parking == parking:
                 logger.info("forwarding cancel to backend pid %d (slot %d)", b.pid, b.index)
-                self._spawn(send_cancel(self.target, b.pid, b.secret))
+                self._spawn(send_cancel(self.target, b.pid, b.secret, tls=b.tls is not None))
                 return
         logger.debug("cancel for parking %d: no lease held, nothing to cancel", parking)
 

@@ -44,6 +44,7 @@ import attrs
 
 from ..wire import control, frames
 from .pool import Backend, Pool
+from .tls import TLSStream
 
 logger = logging.getLogger("pgreuse.broker")
 
@@ -130,7 +131,9 @@ class ProxySession:
         self.closed = False
         # The lease.
         self.backend: Backend | None = None
-        self._bsock: socket.socket | None = None
+        # The backend's socket, or its TLS stream (same send/recv/fileno surface).
+        self._bsock: socket.socket | TLSStream | None = None
+        self._btls: TLSStream | None = None
         self._bfd = -1
         self._request: int | None = None  # id of the request the pool has not answered yet
         self._request_ns = 0
@@ -223,6 +226,7 @@ class ProxySession:
             and not self._b_stash
             and not self._to_backend
             and not self._c_left
+            and not (self._btls is not None and self._btls.wants_write)
         )
 
     # -- readiness --------------------------------------------------------------------------------
@@ -236,7 +240,8 @@ class ProxySession:
         c_read = len(self._to_backend) < limit
         self._set_client(reading=c_read, writing=bool(self._to_client))
         if self._bsock is not None:
-            self._set_backend(reading=not self._to_client, writing=bool(self._to_backend))
+            tls_out = self._btls is not None and self._btls.wants_write
+            self._set_backend(reading=not self._to_client, writing=bool(self._to_backend) or tls_out)
 
     def _set_client(self, *, reading: bool, writing: bool) -> None:
         if reading != self._c_reading:
@@ -387,7 +392,10 @@ class ProxySession:
     def _backend_writable(self) -> None:
         assert self._bsock is not None
         try:
-            sent = self._bsock.send(self._to_backend)
+            # TLS: records already encrypted go first; new plaintext only once they are out.
+            if self._btls is not None and not self._btls.flush():
+                return
+            sent = self._bsock.send(self._to_backend) if self._to_backend else 0
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -421,7 +429,8 @@ class ProxySession:
             # Cannot happen in process (abandon() runs before close() returns); never keep it.
             self.pool.release(self, b.index, b.generation, control.Outcome.CLEAN)
             return
-        self.backend, self._bsock, self._bfd = b, b.sock, b.sock.fileno()
+        self.backend, self._bsock, self._bfd = b, b.stream, b.sock.fileno()
+        self._btls = b.tls
         # The pool left the idle watch registered (in_process): replacing its callback is free.
         self.loop.add_reader(self._bfd, self._backend_readable)
         self._b_reading = True
@@ -472,6 +481,7 @@ class ProxySession:
         else:
             self._set_backend(reading=False, writing=False)
         self.backend, self._bsock, self._bfd = None, None, -1
+        self._btls = None
         self._to_backend.clear()
         self._b_left = 0
         self._b_stash = b""
@@ -489,6 +499,7 @@ class ProxySession:
             return
         self._set_backend(reading=False, writing=False)
         self.backend, self._bsock, self._bfd = None, None, -1
+        self._btls = None
         self._to_backend.clear()
         self.close(
             frames.error_response(

@@ -533,15 +533,40 @@ class Broker:
                 loop.remove_writer(sock.fileno())
             sock.close()
 
+    def _welcome(self) -> control.Welcome:
+        assert self.pool is not None
+        proxy_only = self.pool.proxy_only
+        if proxy_only is None:
+            # PostgreSQL unreachable so far: guess from the sslmode. A wrong "handoff" guess is
+            # caught at Acquire (denied with the reason); a wrong "proxy" one only costs speed.
+            proxy_only = self.target.tls_possible
+        return control.Welcome(control.VERSION, os.getpid(), self.config.max_size, proxy_only)
+
+    async def _welcome_when_known(self, client: ControlClient) -> None:
+        """sslmode prefer/allow: whether backends use TLS is known once one is open."""
+        assert self.pool is not None
+        # Below the worker's Hello timeout (10 s), so it gets an answer rather than a timeout.
+        with contextlib.suppress(BackendConnectError):
+            await self.pool.wait_parameters(min(5.0, self.config.wait_timeout))
+        client.send(self._welcome())
+
     def _handle_control(self, client: ControlClient, msg: control.Message) -> None:
         assert self.pool is not None
         match msg:
             case control.Hello(version, _pid):
                 if version != control.VERSION:
-                    raise control.ControlError(
-                        f"client speaks control protocol {version}, broker {control.VERSION}"
+                    why = (
+                        f"the worker speaks control protocol {version} and this broker (pid "
+                        f"{os.getpid()}) speaks {control.VERSION}: run the same pgreuse version in "
+                        "the broker and the application"
                     )
-                client.send(control.Welcome(control.VERSION, os.getpid(), self.config.max_size))
+                    # Any version decodes a Deny: the worker reports why instead of a bare EOF.
+                    client.send(control.Deny(0, control.DenyCode.BAD_REQUEST, why))
+                    raise control.ControlError(why)
+                if self.pool.proxy_only is not None:
+                    client.send(self._welcome())
+                else:
+                    self._spawn(self._welcome_when_known(client))
             case control.Acquire(request, parking_key):
                 parking = self.parkings.get(parking_key)
                 if parking is None or parking.peer_pid != client.pid:

@@ -58,6 +58,9 @@ class ChannelBase:
         self.sock = sock
         self.broker_pid = 0
         self.max_size = 0
+        # The broker's backends use TLS: its connections send queries through the broker's proxy
+        # on their parking socket, and never lease (DESIGN.md §3 rule 10).
+        self.proxy_only = False
         # Guards answers, abandoned requests and the fd cache; never held across I/O. Reentrant:
         # the sync channel's condition uses it too, and files messages while holding it.
         self._book = threading.RLock()
@@ -100,10 +103,18 @@ class ChannelBase:
             raise errors.BrokerUnavailable(f"pgreuse broker at {self.path} went away: {exc}") from exc
 
     def _welcome(self, msg: control.Message) -> None:
+        if isinstance(msg, control.Deny):
+            raise errors.ProtocolMismatch(f"broker at {self.path} refused this worker: {msg.message}")
         if not isinstance(msg, control.Welcome):
             raise errors.ProtocolMismatch(f"broker at {self.path} answered {msg!r} to Hello")
+        if msg.version != control.VERSION:
+            raise errors.ProtocolMismatch(
+                f"broker at {self.path} speaks control protocol {msg.version}, this pgreuse "
+                f"{control.VERSION}: run the same pgreuse version in the broker and the application"
+            )
         self.broker_pid = msg.broker_pid
         self.max_size = msg.max_size
+        self.proxy_only = msg.proxy_only
 
     def _read_one(self) -> tuple[control.Message, int | None] | None:
         """One non-blocking read: a message, or None when nothing is there yet."""

@@ -250,6 +250,10 @@ class LeaseCore:
             )
         if self._channel is None:
             raise errors.BrokerUnavailable("connection was not opened with pgreuse.connect()")
+        if self._channel.proxy_only:
+            # TLS backends cannot be handed off: libpq's queries go to the parking socket as they
+            # are, and the broker proxies them (DESIGN.md §3 rule 10, §5).
+            return False
         # A closed or broken connection: psycopg reports it itself.
         return bool(self.pgconn.status == pq.ConnStatus.OK)
 

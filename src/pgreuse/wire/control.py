@@ -6,7 +6,10 @@ message, ``encode()`` makes it and ``decode()`` reads it. Every message starts w
 
 Conversation::
 
-    worker -> broker  Hello(version, pid)          broker -> worker  Welcome(version, broker_pid, max_size)
+    worker -> broker  Hello(version, pid)          broker -> worker  Welcome(version, broker_pid, max_size,
+                                                                          proxy_only)
+                                                                   or Deny(0, BAD_REQUEST, why) if
+                                                                      the versions differ
     worker -> broker  Acquire(request, parking)    broker -> worker  Grant(request, slot, generation,
                                                                         backend_pid, has_fd) [+ fd]
                                                                    or Deny(request, code, message)
@@ -15,6 +18,10 @@ Conversation::
 
 The broker sends a slot's fd with a Grant only when that worker process does not hold the fd of the
 slot's current generation yet; otherwise the worker reuses the fd it cached.
+
+``proxy_only`` (version 2): the pool's backends use TLS, so no fd can be handed off; the worker's
+connections send their queries on the parking connection instead, which the broker proxies, and
+never Acquire.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import struct
 
 import attrs
 
-VERSION = 1
+VERSION = 2  # 2: Welcome.proxy_only
 MAX_MESSAGE = 4096  # every message is small; a larger packet is a protocol violation
 
 
@@ -57,6 +64,7 @@ class Welcome:
     version: int
     broker_pid: int
     max_size: int
+    proxy_only: bool = False
 
 
 @attrs.frozen
@@ -96,7 +104,7 @@ class Abandon:
 Message = Hello | Welcome | Acquire | Grant | Deny | Release | Abandon
 
 _HELLO = struct.Struct("!HI")
-_WELCOME = struct.Struct("!HII")
+_WELCOME = struct.Struct("!HIIB")
 _ACQUIRE = struct.Struct("!II")
 _GRANT = struct.Struct("!IHIIB")
 _DENY = struct.Struct("!IB")
@@ -109,8 +117,8 @@ def encode(msg: Message) -> bytes:
     match msg:
         case Hello(version, pid):
             return b"H" + _HELLO.pack(version, pid)
-        case Welcome(version, broker_pid, max_size):
-            return b"W" + _WELCOME.pack(version, broker_pid, max_size)
+        case Welcome(version, broker_pid, max_size, proxy_only):
+            return b"W" + _WELCOME.pack(version, broker_pid, max_size, proxy_only)
         case Acquire(request, parking):
             return b"A" + _ACQUIRE.pack(request, parking)
         case Grant(request, slot, generation, backend_pid, has_fd):
@@ -136,7 +144,8 @@ def decode(packet: bytes) -> Message:
             case b"H":
                 return Hello(*_HELLO.unpack(body))
             case b"W":
-                return Welcome(*_WELCOME.unpack(body))
+                version, broker_pid, max_size, proxy_only = _WELCOME.unpack(body)
+                return Welcome(version, broker_pid, max_size, bool(proxy_only))
             case b"A":
                 return Acquire(*_ACQUIRE.unpack(body))
             case b"G":

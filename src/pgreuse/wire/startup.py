@@ -207,8 +207,8 @@ class BackendStartup:
             if SCRAM_SHA_256 not in mechanisms:
                 raise AuthError(
                     f"server offers SASL mechanisms {mechanisms} for user {self.user!r}; pgreuse "
-                    f"only supports {SCRAM_SHA_256} (channel binding needs TLS, which the broker "
-                    "does not do for backends yet)"
+                    f"only supports {SCRAM_SHA_256} (without channel binding): allow "
+                    "scram-sha-256 for the broker's role in pg_hba.conf"
                 )
             self._scram = ScramSteps(self.user, self._need_password(SCRAM_SHA_256))
             self._state = _State.SASL_CONT
