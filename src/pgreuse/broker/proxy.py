@@ -22,9 +22,13 @@ other client (psql, pgbench, a Go service) sends queries, and then:
 * a request the pool denies (``--wait-timeout``, PostgreSQL down) answers the waiting query with an
   ErrorResponse and ReadyForQuery, exactly as a server error would, and the session goes on.
 
-Named prepared statements are per backend: in transaction mode a statement prepared in one
-transaction is unknown to the next one's backend (``pgbench -M prepared`` fails). Unnamed statements
-(``-M extended``, psycopg) work.
+Named prepared statements are per backend, so in transaction mode a Parse with a statement name
+that would start a transaction (the client holds no backend) is answered by the broker with an
+ErrorResponse (SQLSTATE 0A000) naming the statement, then ReadyForQuery at the client's Sync: a
+statement prepared there would be unknown to the next transaction's backend, and left behind on this
+one (``pgbench -M prepared`` stops with that message). Inside a transaction such a Parse is
+forwarded — the statement works until the transaction ends — and the backend is reset before it is
+lent again. Unnamed statements (``-M extended``, psycopg) always work; session mode allows names.
 
 All of this runs as callbacks on the broker's loop thread: readers and writers registered with
 ``add_reader``/``add_writer`` on non-blocking sockets, no task per message.
@@ -314,7 +318,8 @@ class ProxySession:
                 pos += take
                 self._c_left -= take
                 continue
-            if n - pos < 5:
+            # A Parse's first body byte says whether it names its statement (transaction mode).
+            if n - pos < 5 or (n - pos < 6 and data[pos] == 0x50 and not self.session_mode):
                 self._c_stash = bytes(view[pos:])
                 if keep_from < pos:
                     out.append(view[keep_from:pos])
@@ -323,7 +328,10 @@ class ProxySession:
             type_, length = _HEADER.unpack_from(data, pos)
             if length < 4 or length > frames.MAX_FRAME:
                 raise frames.ProtocolError(f"client message type {type_!r} has invalid length {length}")
-            action = self._decide(type_)
+            if type_ == b"P" and length > 4 and data[pos + 5] and not self.session_mode:
+                action = self._named_parse(data, pos + 5, min(n, pos + 1 + length))
+            else:
+                action = self._decide(type_)
             self._c_action = action
             if action != _Forward.FORWARD:
                 if keep_from < pos:
@@ -338,6 +346,40 @@ class ProxySession:
             self._give_back(self._outcome_on_leave())
         if self._want_lease and self._request is None and self.backend is None and not self.closed:
             self._lease()
+
+    def _named_parse(self, data: bytes, start: int, end: int) -> int:
+        """A Parse naming its statement, in transaction mode (see the module docstring)."""
+        if (
+            self._rejecting is not None
+            or self.backend is not None
+            or self._request is not None
+            or self._want_lease
+        ):
+            # Inside a transaction (or behind messages that open one): it lives until the
+            # transaction ends, and DISCARD ALL removes it before the backend is lent again.
+            action = self._decide(b"P")
+            self._dirty = True
+            return action
+        self._quitting = False
+        self.proxied = True
+        nul = data.find(b"\0", start, end)
+        name = data[start : nul if nul >= 0 else end].decode("utf-8", "replace")
+        if nul < 0:
+            name += "..."
+        logger.info("client key %d (pid %d): named prepared statement %r refused (transaction mode)",
+                    self.parking_key, self.pid, name)  # fmt: skip
+        self._reply(
+            frames.error_response(
+                "0A000",
+                f'pgreuse broker: prepared statement "{name}" cannot be created: the broker pools in '
+                "transaction mode, so the next transaction may run on another server connection, "
+                "where a named statement does not exist",
+                hint="use unnamed prepared statements (pgbench -M extended; psycopg and most drivers "
+                "do by default), or run the broker with --pool-mode session",
+            )
+        )
+        self._rejecting = b""  # the rest up to Sync is dropped, and Sync gets ReadyForQuery
+        return _Forward.REJECT
 
     def _decide(self, type_: bytes) -> int:
         """What to do with a client message of ``type_`` whose header was just read."""
@@ -434,7 +476,6 @@ class ProxySession:
         # The pool left the idle watch registered (in_process): replacing its callback is free.
         self.loop.add_reader(self._bfd, self._backend_readable)
         self._b_reading = True
-        self._dirty = False
         pending = bytes(self._to_backend)
         self._to_backend.clear()
         if pending:
@@ -488,6 +529,7 @@ class ProxySession:
         self._syncs = 0
         self._unsynced = False
         self._tx = b"I"
+        self._dirty = False  # this lease's session state went back with it (outcome DIRTY)
         self.stats.xacts += 1
         if outcome is control.Outcome.BROKEN:
             self.stats.broken += 1
