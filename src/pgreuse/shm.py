@@ -60,6 +60,8 @@ _SLOT = struct.Struct("<BBBxIIIQQQd")
 _N_REASONS = len(CloseReason)
 _COUNTERS_OFF = _HEADER.size
 _REASONS_OFF = _COUNTERS_OFF + len(COUNTERS) * 8
+# Byte offset of each counter: add()/set() run on every lease, a tuple.index() per call would scan.
+_COUNTER_OFFSETS: dict[str, int] = {name: _COUNTERS_OFF + i * 8 for i, name in enumerate(COUNTERS)}
 _HIST_OFF = _REASONS_OFF + _N_REASONS * 8
 _SLOTS_OFF = _HIST_OFF + (len(WAIT_BUCKETS) + 1) * 8
 
@@ -203,12 +205,12 @@ class Table:
         )  # fmt: skip
 
     def add(self, counter: str, n: int = 1) -> None:
-        off = _COUNTERS_OFF + COUNTERS.index(counter) * 8
+        off = _COUNTER_OFFSETS[counter]
         (value,) = _COUNTER.unpack_from(self._mm, off)
         _COUNTER.pack_into(self._mm, off, max(0, value + n))
 
     def set(self, counter: str, value: int) -> None:
-        _COUNTER.pack_into(self._mm, _COUNTERS_OFF + COUNTERS.index(counter) * 8, max(0, value))
+        _COUNTER.pack_into(self._mm, _COUNTER_OFFSETS[counter], max(0, value))
 
     def count_close(self, reason: CloseReason) -> None:
         off = _REASONS_OFF + int(reason) * 8
