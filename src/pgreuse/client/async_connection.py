@@ -112,9 +112,20 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
 
     @contextlib.asynccontextmanager
     async def pipeline(self) -> AsyncIterator[psycopg.AsyncPipeline]:
-        async with super().pipeline() as p:
-            yield p
-        async with self.lock:
+        try:
+            async with super().pipeline() as p:
+                yield p
+        finally:
+            async with self.lock:
+                await self._after_wait()
+
+    @contextlib.asynccontextmanager
+    async def _pipeline_nolock(self) -> AsyncIterator[psycopg.AsyncPipeline]:
+        # psycopg >= 3.3 runs executemany() in this pipeline (the caller holds the lock).
+        try:
+            async with super()._pipeline_nolock() as p:
+                yield p
+        finally:
             await self._after_wait()
 
     async def close(self) -> None:
@@ -126,12 +137,13 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
                 channel.drop_user()
 
     async def _close(self) -> None:
-        if self.closed:
-            self._give_back(broken=True)
-            return
         if os.getpid() != self._owner_pid:
+            # A forked child: its copy must neither terminate nor release the parent's backend.
             self._neuter_in_child()
             await super().close()
+            return
+        if self.closed:
+            self._give_back(broken=True)
             return
         if self._held is not None:
             with contextlib.suppress(psycopg.Error):

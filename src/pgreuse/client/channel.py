@@ -24,11 +24,13 @@ import weakref
 
 import anyio
 import attrs
+import psycopg
 
 from .. import errors
 from ..wire import control
 
 HELLO_TIMEOUT = 10.0
+SEND_TIMEOUT = 30.0  # a broker that reads nothing from a worker for this long is wedged
 
 
 @attrs.frozen
@@ -92,15 +94,47 @@ class ChannelBase:
             self._send(control.Release(slot, generation, outcome))
 
     def _send(self, msg: control.Message) -> None:
+        """Send one message; wait (bounded) while the broker's queue for this channel is full."""
+        data = self._encode(msg)
+        deadline = time.monotonic() + SEND_TIMEOUT
+        while not self._try_send(data):
+            # A SEQPACKET socket queues only a few messages (net.unix.max_dgram_qlen) until the
+            # broker reads them: a burst of requests waits here, it is not a failure.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._send_timed_out()
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLOUT)
+            poller.poll(min(remaining, 1.0) * 1000)
+
+    def _encode(self, msg: control.Message) -> bytes:
         if self._dead:
             raise errors.BrokerUnavailable(f"pgreuse broker at {self.path}: {self._dead}")
+        return control.encode(msg)
+
+    def _try_send(self, data: bytes) -> bool:
+        """Send ``data`` if the socket takes it now; False when it is full (EAGAIN)."""
         try:
             # One small SEQPACKET message: the kernel sends it whole or not at all, so senders
-            # need no lock. MSG_DONTWAIT: a broker that stopped reading must not block a worker.
-            self.sock.send(control.encode(msg), socket.MSG_DONTWAIT)
+            # need no lock.
+            self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
         except OSError as exc:
             self._dead = f"the control channel failed: {exc}"
             raise errors.BrokerUnavailable(f"pgreuse broker at {self.path} went away: {exc}") from exc
+        return True
+
+    def _send_timed_out(self) -> None:
+        self._dead = f"the broker read nothing from this process for {SEND_TIMEOUT:g}s"
+        raise errors.BrokerUnavailable(
+            f"pgreuse broker at {self.path}: {self._dead} (it may be wedged: check its log, or "
+            "'python -m pgreuse stats')"
+        )
+
+    def _next_request(self) -> int:
+        # Request ids are 32-bit on the wire; wrap rather than overflow after 2**32 leases.
+        return next(self._ids) & 0xFFFFFFFF
 
     def _welcome(self, msg: control.Message) -> None:
         if isinstance(msg, control.Deny):
@@ -179,14 +213,18 @@ class ChannelBase:
         if isinstance(msg, control.Deny):
             raise _deny_error(msg)
         assert isinstance(msg, control.Grant)
-        with self._book:
-            cached = self._fds.get(msg.slot)
-            if cached is None or cached[0] != msg.generation:
-                raise errors.ProtocolMismatch(
-                    f"broker granted slot {msg.slot} generation {msg.generation} without its fd"
-                )
-            # A private dup: another thread may replace the cached fd of this slot at any time.
-            own = os.dup(cached[1])
+        try:
+            with self._book:
+                cached = self._fds.get(msg.slot)
+                if cached is None or cached[0] != msg.generation:
+                    raise _fd_lost(msg)
+                # A private dup: another thread may replace the cached fd of this slot any time.
+                own = os.dup(cached[1])
+        except BaseException:
+            # Never keep a grant we cannot use: the broker closes that backend (BROKEN) and sends
+            # the replacement's fd with its next grant.
+            self.release(msg.slot, msg.generation, control.Outcome.BROKEN)
+            raise
         return Grant(msg.slot, msg.generation, msg.backend_pid, own)
 
     def _dead_error(self) -> errors.BrokerUnavailable:
@@ -208,7 +246,7 @@ class Channel(ChannelBase):
 
     def acquire(self, parking: int, timeout: float) -> Grant:
         """Wait for a backend; raise the pgreuse error the broker's answer names."""
-        request = next(self._ids)
+        request = self._next_request()
         self._send(control.Acquire(request, parking))
         deadline = time.monotonic() + timeout
         try:
@@ -264,6 +302,7 @@ class AsyncChannel(ChannelBase):
         super().__init__(path)
         self.sock.setblocking(False)
         self._read_turn = anyio.Lock()
+        self._write_turn = anyio.Lock()
         # Connections using this channel: the last one to close closes it, since an event loop
         # gives no notice when it ends.
         self.users = 0
@@ -273,14 +312,28 @@ class AsyncChannel(ChannelBase):
         if self.users <= 0:
             self.close()
 
+    async def _send_async(self, msg: control.Message) -> None:
+        """Send one message, awaiting (bounded) while the broker's queue for us is full."""
+        data = self._encode(msg)
+        if self._try_send(data):
+            return
+        try:
+            with anyio.fail_after(SEND_TIMEOUT):
+                # anyio lets one task at a time wait for a socket to become writable.
+                async with self._write_turn:
+                    while not self._try_send(data):
+                        await _wait_writable(self.sock)
+        except TimeoutError:
+            self._send_timed_out()
+
     async def hello(self) -> None:
-        self._send(control.Hello(control.VERSION, self.pid))
+        await self._send_async(control.Hello(control.VERSION, self.pid))
         with anyio.fail_after(HELLO_TIMEOUT):
             self._welcome((await self._recv())[0])
 
     async def acquire(self, parking: int, timeout: float) -> Grant:
-        request = next(self._ids)
-        self._send(control.Acquire(request, parking))
+        request = self._next_request()
+        await self._send_async(control.Acquire(request, parking))
         try:
             with anyio.fail_after(timeout):
                 msg = await self._wait_for(request)
@@ -312,6 +365,14 @@ class AsyncChannel(ChannelBase):
             await _wait_readable(self.sock)
 
 
+async def _wait_writable(sock: socket.socket) -> None:
+    wait = getattr(anyio, "wait_writable", None)  # anyio >= 4.7; older: wait_socket_writable
+    if wait is not None:
+        await wait(sock)
+    else:
+        await anyio.wait_socket_writable(sock)
+
+
 async def _wait_readable(sock: socket.socket) -> None:
     wait = getattr(anyio, "wait_readable", None)  # anyio >= 4.7; older: wait_socket_readable
     if wait is not None:
@@ -329,6 +390,16 @@ def _deny_error(msg: control.Deny) -> Exception:
         control.DenyCode.BAD_REQUEST: errors.BrokerUnavailable,
     }.get(msg.code, errors.BrokerUnavailable)
     return kind(msg.message)
+
+
+def _fd_lost(msg: control.Grant) -> psycopg.OperationalError:
+    import resource  # noqa: PLC0415
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return psycopg.OperationalError(
+        f"the broker granted slot {msg.slot} but its socket did not arrive: this process is "
+        f"probably at its open-files limit (ulimit -n = {soft}); close files or raise the limit"
+    )
 
 
 def _no_answer(path: str) -> errors.BrokerUnavailable:
@@ -365,8 +436,8 @@ async def async_channel_for(path: str) -> AsyncChannel:
     if ch is not None and not ch.dead and ch.pid == os.getpid():
         ch.users += 1
         return ch
-    if ch is not None:
-        ch.close()
+    # A dead channel is not closed here: other tasks may still be reading it; its last user's
+    # close() (drop_user) closes it.
     ch = AsyncChannel(path)
     try:
         await ch.hello()

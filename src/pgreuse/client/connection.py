@@ -116,22 +116,34 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
 
     @contextlib.contextmanager
     def pipeline(self) -> Iterator[psycopg.Pipeline]:
-        with super().pipeline() as p:
-            yield p
         # libpq leaves pipeline mode in exit_pipeline_mode(), after the last wait(): give the
-        # lease back here if that left the connection idle.
-        with self.lock:
+        # lease back here if that left the connection idle — also when the block raised.
+        try:
+            with super().pipeline() as p:
+                yield p
+        finally:
+            with self.lock:
+                self._after_wait()
+
+    @contextlib.contextmanager
+    def _pipeline_nolock(self) -> Iterator[psycopg.Pipeline]:
+        # psycopg >= 3.3 runs executemany() in this pipeline (the caller holds the lock).
+        try:
+            with super()._pipeline_nolock() as p:
+                yield p
+        finally:
             self._after_wait()
 
     # -- closing ----------------------------------------------------------------------------------
 
     def close(self) -> None:
-        if self.closed:
-            self._give_back(broken=True)
-            return
         if os.getpid() != self._owner_pid:
+            # A forked child: its copy must neither terminate nor release the parent's backend.
             self._neuter_in_child()
             super().close()
+            return
+        if self.closed:
+            self._give_back(broken=True)
             return
         if self._held is not None:
             with contextlib.suppress(psycopg.Error):
