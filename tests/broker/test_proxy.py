@@ -251,6 +251,10 @@ def test_tcp_listener(make_broker):
         f"host=127.0.0.1 port={port} dbname={b.dbname} user=postgres sslmode=prefer", autocommit=True
     ) as conn:
         assert conn.execute("select 7").fetchone() == (7,)
+    # TCP peers cannot be identified: the admin console (PAUSE, SHUTDOWN) is Unix-socket only.
+    with pytest.raises(psycopg.OperationalError, match="admin console is not served over TCP"):
+        psycopg.connect(f"host=127.0.0.1 port={port} dbname=pgreuse user=postgres sslmode=disable")
+    assert b.proc.poll() is None
 
 
 def test_listen_addr_refuses_non_loopback(pg, short_tmp):

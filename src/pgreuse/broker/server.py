@@ -73,7 +73,11 @@ class ControlClient:
     def send(self, msg: control.Message, fd: int | None = None) -> None:
         if self.dead:
             return
-        self._outbox.append((control.encode(msg), fd))
+        # The queue owns a dup of the fd: if the message waits (the worker is slow to read) and
+        # the backend is closed meanwhile, its fd number may be reused by the replacement — which
+        # must never leave here labelled as the old generation.
+        owned = os.dup(fd) if fd is not None else None
+        self._outbox.append((control.encode(msg), owned))
         if len(self._outbox) == 1:
             self._flush()
 
@@ -91,10 +95,19 @@ class ControlClient:
                 return
             except OSError as exc:
                 logger.info("control channel of pid %d: send failed: %s", self.pid, exc)
-                self.dead = True
-                self._outbox.clear()
+                self.drop()
                 return
             self._outbox.pop(0)
+            if fd is not None:
+                os.close(fd)
+
+    def drop(self) -> None:
+        """The channel is gone: forget what was still queued for it."""
+        self.dead = True
+        for _data, fd in self._outbox:
+            if fd is not None:
+                os.close(fd)
+        self._outbox.clear()
 
     def _writable(self) -> None:
         self._loop.remove_writer(self.sock.fileno())
@@ -147,18 +160,29 @@ class Broker:
         loop = asyncio.get_running_loop()
         cfg = self.config
         self._prepare_dir()
-        self.table = Table.create(
-            table_path(cfg.socket_dir, cfg.port),
-            max_size=cfg.max_size,
-            min_size=cfg.min_size,
-            wait_timeout=cfg.wait_timeout,
-            database=self.target.database,
-            user=self.target.user,
-        )
+        # Listeners first: they find out whether another broker already serves this directory
+        # and port, before anything of that broker's (its shared-memory table) is replaced.
+        try:
+            pg = self._listen(cfg.pg_socket, socket.SOCK_STREAM)
+            ctl = self._listen(cfg.control_socket, socket.SOCK_SEQPACKET)
+            tcp = self._listen_tcp(cfg.listen_addr) if cfg.listen_addr else None
+            self.table = Table.create(
+                table_path(cfg.socket_dir, cfg.port),
+                max_size=cfg.max_size,
+                min_size=cfg.min_size,
+                wait_timeout=cfg.wait_timeout,
+                database=self.target.database,
+                user=self.target.user,
+            )
+        except BaseException as exc:
+            self._close_listeners()
+            if isinstance(exc, OSError):
+                raise ConfigError(
+                    f"--socket-dir {cfg.socket_dir!r}: {exc.strerror or exc} "
+                    f"({getattr(exc, 'filename', '') or ''}); use a directory this user can write"
+                ) from exc
+            raise
         self.pool = Pool(cfg, self.target, self.table, loop)
-        pg = self._listen(cfg.pg_socket, socket.SOCK_STREAM)
-        ctl = self._listen(cfg.control_socket, socket.SOCK_SEQPACKET)
-        tcp = self._listen_tcp(cfg.listen_addr) if cfg.listen_addr else None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         parent_fd = self._watch_parent(loop)
@@ -177,11 +201,7 @@ class Broker:
             await self._stop.wait()
         finally:
             logger.info("shutting down")
-            for s in self._listeners:
-                if s.family == socket.AF_UNIX:
-                    with contextlib.suppress(OSError):
-                        os.unlink(s.getsockname())
-                s.close()
+            self._close_listeners()
             # Proxied clients between transactions are told and closed now; those inside one keep
             # their backend for --shutdown-timeout, like handoff leases.
             for session in list(self.sessions.values()):
@@ -198,6 +218,14 @@ class Broker:
                 os.unlink(self.table.path)
             self.table.close()
 
+    def _close_listeners(self) -> None:
+        for s in self._listeners:
+            if s.family == socket.AF_UNIX:
+                with contextlib.suppress(OSError):
+                    os.unlink(s.getsockname())
+            s.close()
+        self._listeners.clear()
+
     def _prepare_dir(self) -> None:
         d = self.config.socket_dir
         try:
@@ -206,6 +234,15 @@ class Broker:
             raise ConfigError(f"--socket-dir {d!r}: cannot create it: {exc}") from exc
         if not os.path.isdir(d):
             raise ConfigError(f"--socket-dir {d!r} exists and is not a directory")
+        st = os.stat(d)
+        # Whoever can write the directory can put their own socket in the broker's place and
+        # impersonate it to every worker: it must be ours, and writable by no one else.
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise ConfigError(
+                f"--socket-dir {d!r} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:o}: "
+                f"it must belong to the broker's user (uid {os.geteuid()}) and be writable by it "
+                f"alone; use a directory of its own (e.g. /run/pgreuse, created with mode 0700)"
+            )
 
     def _listen(self, path: str, kind: int) -> socket.socket:
         if os.path.exists(path):
@@ -274,11 +311,14 @@ class Broker:
             try:
                 conn, _ = await loop.sock_accept(lsock)
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    logger.error("accept failed: %s; raise the open-files limit", exc)
-                    await asyncio.sleep(0.1)
-                    continue
-                raise
+                if lsock.fileno() < 0:
+                    return  # the listener was closed: shutting down
+                # One failed accept (a client that hung up first, the open-files limit) must not
+                # stop the listener: log it and go on.
+                hint = "; raise the open-files limit" if exc.errno in (errno.EMFILE, errno.ENFILE) else ""
+                logger.error("accept on %s failed: %s%s", lsock.getsockname(), exc, hint)
+                await asyncio.sleep(0.1)
+                continue
             conn.setblocking(False)
             self._spawn(handler(conn))
 
@@ -340,6 +380,15 @@ class Broker:
             try:
                 self._check_client_limit()
                 if packet.params.get("database") == admin.ADMIN_DATABASE:
+                    if tcp:
+                        # TCP peers cannot be identified (no SO_PEERCRED): PAUSE and SHUTDOWN
+                        # stay with the users the Unix socket lets in.
+                        raise StartupRefused(
+                            "28000",
+                            "the pgreuse admin console is not served over TCP",
+                            hint=f"connect over the Unix socket: psql -h {self.config.socket_dir} "
+                            f"-p {self.config.port} {admin.ADMIN_DATABASE}",
+                        )
                     is_admin = True
                     self.admin_sessions += 1
                     await loop.sock_sendall(sock, admin.startup_reply(
@@ -525,7 +574,7 @@ class Broker:
                 logger.error("control channel of pid %d dropped by an internal error", peer_pid,
                              exc_info=why)  # fmt: skip
         finally:
-            client.dead = True
+            client.drop()
             self.table.add("clients", -1)
             self.pool.client_gone(client)
             with contextlib.suppress(ValueError, OSError):
