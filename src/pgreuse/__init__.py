@@ -8,7 +8,6 @@ from .client import AsyncConnection, Connection, Lease, connect, connect_async
 from .errors import (
     BackendUnavailable,
     BrokerUnavailable,
-    LeaseRevoked,
     NotSupported,
     PoolClosed,
     PoolTimeout,
@@ -28,7 +27,6 @@ __all__ = [
     "Connection",
     "ConnectionPool",
     "Lease",
-    "LeaseRevoked",
     "NotSupported",
     "PoolClosed",
     "PoolTimeout",

@@ -34,10 +34,6 @@ class BackendUnavailable(psycopg.OperationalError):
     """The broker cannot open a backend: PostgreSQL is down or refuses the broker's connections."""
 
 
-class LeaseRevoked(psycopg.OperationalError):
-    """The broker took the leased backend back (e.g. it died, or the holder idled too long)."""
-
-
 class NotSupported(psycopg.NotSupportedError):
     """A psycopg feature or setting that cannot work when backends are shared per transaction."""
 
@@ -53,7 +49,6 @@ class ProtocolMismatch(psycopg.InterfaceError):
 __all__ = [
     "BackendUnavailable",
     "BrokerUnavailable",
-    "LeaseRevoked",
     "NotSupported",
     "PoolClosed",
     "PoolTimeout",

@@ -27,7 +27,7 @@ import attrs
 from .wire.states import CloseReason, SlotState
 
 MAGIC = b"PGREUSE\0"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: counters "resets" and "too_many"
 
 # Upper bounds (seconds) of the wait-time histogram buckets; the last bucket is open-ended.
 WAIT_BUCKETS: tuple[float, ...] = (
@@ -52,6 +52,7 @@ COUNTERS: tuple[str, ...] = (
     "parked",  # gauge: parking connections now
     "max_pending",  # high-water mark of pending
     "resets",  # backends reset (DISCARD ALL) after a lease left session state behind
+    "too_many",  # requests denied at once because --max-waiting were already queued
 )
 
 _HEADER = struct.Struct("<8sIIQIIdd64s64s")

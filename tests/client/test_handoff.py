@@ -272,3 +272,22 @@ def test_prepare_true_runs_unprepared_on_shared_backends(make_broker):
                 assert conn.execute("select %s::int", (i,), prepare=True).fetchone() == (i,)
         (n,) = a.execute("select count(*) from pg_prepared_statements").fetchone()
         assert n == 0  # nothing was left on the shared backend
+
+
+def test_max_waiting_refuses_at_once(make_broker):
+    broker = make_broker("--max-size", "1", "--max-waiting", "1", "--wait-timeout", "5")
+    holder = broker.connect()
+    holder.execute("select 1")  # holds the only backend
+    queued = broker.connect()
+    waiter = threading.Thread(target=lambda: (queued.execute("select 1"), queued.commit()))
+    waiter.start()
+    broker.wait_for(lambda s: s.counters["pending"] == 1, what="one request queued")
+    t0 = time.monotonic()
+    with broker.connect() as third, pytest.raises(pgreuse.TooManyRequests, match="--max-waiting 1"):
+        third.execute("select 1")
+    assert time.monotonic() - t0 < 2  # refused at once, not after the wait timeout
+    holder.commit()
+    waiter.join(10)
+    assert broker.snapshot().counters["too_many"] == 1
+    holder.close()
+    queued.close()

@@ -62,6 +62,7 @@ class BrokerConfig:
     listen_addr: str = ""  # "host:port" for a TCP listener; "" (default): Unix socket only
     reset_query: str = "DISCARD ALL"
     reset_every_lease: bool = False  # run reset_query after every lease, not only dirty ones
+    max_waiting: int = 0  # requests allowed to queue for a backend at once; 0: no limit
 
     def __attrs_post_init__(self) -> None:
         if not self.dsn:
@@ -100,6 +101,8 @@ class BrokerConfig:
                 f"--pool-mode {self.pool_mode!r}: use 'transaction' (a backend per transaction) or "
                 "'session' (a backend for the whole client connection)"
             )
+        if self.max_waiting < 0:
+            raise ConfigError(f"--max-waiting {self.max_waiting} must be >= 0 (0: no limit)")
         if self.max_client_conn < 0:
             raise ConfigError(f"--max-client-conn {self.max_client_conn} must be >= 0 (0: no limit)")
         if self.listen_addr:
@@ -131,6 +134,7 @@ class BrokerConfig:
             "--max-client-conn", str(self.max_client_conn), "--listen-addr", self.listen_addr,
             "--reset-query", self.reset_query,
             *(["--reset-every-lease"] if self.reset_every_lease else []),
+            "--max-waiting", str(self.max_waiting),
         ]  # fmt: skip
 
 
@@ -234,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         "mode or a lease that changed session state (default: %(default)s)",
     )
     p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=0,
+        help="requests that may queue for a backend at once; one more gets TooManyRequests at "
+        "once instead of waiting (default: %(default)s, no limit)",
+    )
+    p.add_argument(
         "--reset-every-lease",
         action="store_true",
         help="run --reset-query after every lease, not only after those that changed session "
@@ -264,6 +275,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         listen_addr=args.listen_addr,
         reset_query=args.reset_query,
         reset_every_lease=args.reset_every_lease,
+        max_waiting=args.max_waiting,
     )
 
 

@@ -386,6 +386,15 @@ class Pool:
                 counter="unavailable",
             )
             return
+        if self.config.max_waiting and len(self.waiters) >= self.config.max_waiting:
+            self._deny(
+                w,
+                control.DenyCode.TOO_MANY,
+                f"{len(self.waiters)} requests already wait for a backend (--max-waiting "
+                f"{self.config.max_waiting}); try again later, or raise --max-waiting/--max-size",
+                counter="too_many",
+            )
+            return
         w.timer = self.loop.call_later(self.config.wait_timeout, self._expire, w)
         self.waiters.append(w)
         self.table.set("pending", len(self.waiters))
