@@ -263,3 +263,13 @@ def test_listen_addr_refuses_non_loopback(pg, short_tmp):
     b = BrokerProcess(pg.dsn(), short_tmp, 6432, ["--listen-addr", "0.0.0.0:6543"])
     with pytest.raises(RuntimeError, match="loopback"):
         b.start()
+
+
+def test_a_proxied_client_is_told_the_pools_parameters_after_a_set(make_broker):
+    # Transaction mode loses a session SET at commit; the client's driver must not keep believing it.
+    b = make_broker("--max-size", "1")
+    with plain(b, autocommit=True) as conn:
+        pool_tz = conn.info.timezone.key
+        conn.execute("set time zone 'Asia/Tokyo'")
+        assert conn.execute("show timezone").fetchone() == (pool_tz,)
+        assert conn.info.timezone.key == pool_tz

@@ -205,3 +205,16 @@ def test_hostssl_only_server_refuses_plaintext(certs, short_tmp):
             allow.stop()
     finally:
         cluster.destroy()
+
+
+def test_set_time_zone_through_a_tls_pool_is_put_back(pg_tls, make_broker):
+    # Proxy-only: the broker resets the backend, and the client puts its libpq cache back too.
+    b = make_broker("--max-size", "1", dsn=pg_tls.tcp_dsn(sslmode="require"))
+    with b.connect(autocommit=True) as a, b.connect(autocommit=True) as other:
+        pool_tz = a.info.timezone.key
+        a.execute("set time zone 'America/New_York'")
+        assert other.execute("show timezone").fetchone() == (pool_tz,)
+        # The broker told a's libpq the pool's value; it is applied with the next result.
+        assert a.execute("show timezone").fetchone() == (pool_tz,)
+        assert a.info.timezone.key == pool_tz
+        assert a.lease is None

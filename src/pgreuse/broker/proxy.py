@@ -593,6 +593,16 @@ class ProxySession:
             return
         if self.backend is not None and self._idle() and (self._quitting or not self.session_mode):
             outcome = control.Outcome.DIRTY if self._dirty else control.Outcome.CLEAN
+            if self._dirty and not self._quitting and self.pool.parameters:
+                # The client saw a SET change a reported parameter, and the backend is about to be
+                # reset: tell the client what every backend it gets from now on reports, so its
+                # driver's cache (libpq parses dates and encodings with it) is right again. libpq
+                # takes a ParameterStatus while idle and applies it before the next result.
+                self._reply(b"".join(
+                    frames.parameter_status(name, value)
+                    for name, value in self.pool.parameters.items()
+                    if name != "application_name"
+                ))  # fmt: skip
             self._give_back(outcome, just_read=True)
         self._interest()
 

@@ -109,6 +109,9 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
                 self._give_back(broken=True)
                 raise
             self._give_back(broken=False, dirty=self._take_dirty() or bool(restore))
+        elif state is AfterWait.PROXIED_IDLE:
+            for stmt in self._restore_statements():
+                await super().wait(self._exec_command(stmt))
 
     @contextlib.asynccontextmanager
     async def pipeline(self) -> AsyncIterator[psycopg.AsyncPipeline]:

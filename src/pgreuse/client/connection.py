@@ -113,6 +113,9 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
                 self._give_back(broken=True)  # the backend refused the reset: state unknown
                 raise
             self._give_back(broken=False, dirty=self._take_dirty() or bool(restore))
+        elif state is AfterWait.PROXIED_IDLE:
+            for stmt in self._restore_statements():
+                super().wait(self._exec_command(stmt))
 
     @contextlib.contextmanager
     def pipeline(self) -> Iterator[psycopg.Pipeline]:

@@ -70,6 +70,7 @@ class AfterWait(enum.Enum):
     KEEP = 0  # mid-transaction, COPY, pipeline, stream: the backend stays
     BROKEN = 1  # libpq lost the connection
     IDLE = 2  # back at ReadyForQuery 'I': give it back
+    PROXIED_IDLE = 3  # a proxy-only pool, idle: only the session parameters to check
 
 
 def broker_socket_dir_and_port(params: dict[str, Any]) -> tuple[str, int]:
@@ -292,16 +293,23 @@ class LeaseCore:
 
     def _after_wait_state(self) -> AfterWait:
         if self._held is None:
+            channel = self._channel
+            if channel is not None and channel.proxy_only and self._idle_now():
+                # Through the proxy: no lease to give back, but a changed reported parameter must
+                # still be put back in libpq's cache (the broker resets the backend itself).
+                return AfterWait.PROXIED_IDLE
             return AfterWait.KEEP
-        pgconn = self.pgconn
-        if pgconn.status == pq.ConnStatus.BAD:
+        if self.pgconn.status == pq.ConnStatus.BAD:
             return AfterWait.BROKEN
-        if (
-            pgconn.transaction_status == pq.TransactionStatus.IDLE
+        return AfterWait.IDLE if self._idle_now() else AfterWait.KEEP
+
+    def _idle_now(self) -> bool:
+        pgconn = self.pgconn
+        return bool(
+            pgconn.status == pq.ConnStatus.OK
+            and pgconn.transaction_status == pq.TransactionStatus.IDLE
             and pgconn.pipeline_status == pq.PipelineStatus.OFF
-        ):
-            return AfterWait.IDLE
-        return AfterWait.KEEP
+        )
 
     def _give_back(self, *, broken: bool, dirty: bool = False) -> None:
         held = self._held
