@@ -16,6 +16,7 @@ the layout already keeps one record per slot so such a lock covers exactly one r
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
 import struct
@@ -218,7 +219,7 @@ class Table:
         _COUNTER.pack_into(self._mm, off, _COUNTER.unpack_from(self._mm, off)[0] + 1)
 
     def observe_wait(self, seconds: float) -> None:
-        bucket = next((i for i, b in enumerate(WAIT_BUCKETS) if seconds <= b), len(WAIT_BUCKETS))
+        bucket = bisect.bisect_left(WAIT_BUCKETS, seconds)  # the first bound >= seconds
         off = _HIST_OFF + bucket * 8
         _COUNTER.pack_into(self._mm, off, _COUNTER.unpack_from(self._mm, off)[0] + 1)
 

@@ -60,6 +60,7 @@ CHECKED_PARAMETERS = (
     "server_encoding",
 )
 _RDHUP = getattr(select, "POLLRDHUP", 0x2000)
+_OUTCOME_REASON = {o: o.name.lower() for o in control.Outcome}
 
 
 class Client(Protocol):
@@ -165,8 +166,9 @@ class Pool:
 
     def _transition(self, b: Backend, new: SlotState, reason: str) -> None:
         check_transition(b.index, b.state, new, reason)
-        logger.debug("slot %d gen %d: %s -> %s (%s)", b.index, b.generation, b.state.name,
-                     new.name, reason)  # fmt: skip
+        if logger.isEnabledFor(logging.DEBUG):  # this runs three times per lease: no eager work
+            logger.debug("slot %d gen %d: %s -> %s (%s)", b.index, b.generation, b.state.name,
+                         new.name, reason)  # fmt: skip
         b.state = new
         self._publish(b)
 
@@ -410,6 +412,8 @@ class Pool:
         while self.waiters and self.idle:
             self._grant(self.idle.pop(), self.waiters.popleft())
         self.table.set("pending", len(self.waiters))
+        if not self.waiters:
+            return
         # Open more backends for whoever still waits, up to max_size.
         need = len(self.waiters) - self._count(SlotState.CONNECTING)
         while need > 0 and self._open_one():
@@ -431,7 +435,7 @@ class Pool:
         b.parking = w.parking
         b.lease_started_ns = now
         b.leases += 1
-        self._transition(b, SlotState.LENT, f"granted to pid {w.client.pid}")
+        self._transition(b, SlotState.LENT, "granted")
         self.table.add("leases")
         if w.timer is not None:
             self.table.add("waits")
@@ -507,7 +511,7 @@ class Pool:
         if outcome is control.Outcome.BROKEN:
             self._close(b, CloseReason.CLIENT_REPORTED_BROKEN, graceful=False)
             return
-        self._transition(b, SlotState.RESETTING, outcome.name.lower())
+        self._transition(b, SlotState.RESETTING, _OUTCOME_REASON[outcome])
         if outcome is control.Outcome.DIRTY or self.config.reset_every_lease:
             b.dirty = True
             self._spawn(self._reset(b))
