@@ -19,11 +19,9 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from .. import errors, telemetry
 from .channel import AsyncChannel, async_channel_for
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
-    AfterWait,
     LeaseCore,
     StatementGuard,
 )
@@ -86,32 +84,19 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
                 old, self._channel = self._channel, await async_channel_for(self._channel.path)
                 old.drop_user()
             grant = await self._channel.acquire(self.pgconn.backend_pid, self._lease_timeout)
-        except errors.BrokerUnavailable as exc:
-            telemetry.lease_denied(self._telemetry(), exc, time.monotonic() - t0)
-            self._lost_broker()
-            raise
-        except psycopg.Error as exc:  # PoolTimeout, BackendUnavailable, PoolClosed, ...
-            telemetry.lease_denied(self._telemetry(), exc, time.monotonic() - t0)
+        except psycopg.Error as exc:  # PoolTimeout, BackendUnavailable, BrokerUnavailable, ...
+            self._lease_failed(exc, t0)
             raise
         self._install(grant, t0)
 
     async def _after_wait(self) -> None:
-        state = self._after_wait_state()
-        if state is AfterWait.BROKEN:
-            self._give_back(broken=True)
-        elif state is AfterWait.IDLE:
+        steps = self._after_wait_steps()
+        for stmt in steps:
             try:
-                restore = self._restore_statements()
-                for stmt in restore:
-                    await super().wait(self._exec_command(stmt))
-            except BaseException:
-                # A refused reset, or cancellation mid-reset: the backend's state is unknown.
-                self._give_back(broken=True)
-                raise
-            self._give_back(broken=False, dirty=self._take_dirty() or bool(restore))
-        elif state is AfterWait.PROXIED_IDLE:
-            for stmt in self._restore_statements():
                 await super().wait(self._exec_command(stmt))
+            except BaseException as exc:
+                steps.throw(exc)  # settles the lease as broken, and raises
+                raise
 
     @contextlib.asynccontextmanager
     async def pipeline(self) -> AsyncIterator[psycopg.AsyncPipeline]:

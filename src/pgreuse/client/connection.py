@@ -19,11 +19,9 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from .. import errors, telemetry
 from .channel import Channel, channel_for
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
-    AfterWait,
     Lease,
     LeaseCore,
     StatementGuard,
@@ -91,31 +89,19 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
             if self._channel.dead:
                 self._channel = channel_for(self._channel.path)
             grant = self._channel.acquire(self.pgconn.backend_pid, self._lease_timeout)
-        except errors.BrokerUnavailable as exc:
-            telemetry.lease_denied(self._telemetry(), exc, time.monotonic() - t0)
-            self._lost_broker()
-            raise
-        except psycopg.Error as exc:  # PoolTimeout, BackendUnavailable, PoolClosed, ...
-            telemetry.lease_denied(self._telemetry(), exc, time.monotonic() - t0)
+        except psycopg.Error as exc:  # PoolTimeout, BackendUnavailable, BrokerUnavailable, ...
+            self._lease_failed(exc, t0)
             raise
         self._install(grant, t0)
 
     def _after_wait(self) -> None:
-        state = self._after_wait_state()
-        if state is AfterWait.BROKEN:
-            self._give_back(broken=True)
-        elif state is AfterWait.IDLE:
+        steps = self._after_wait_steps()
+        for stmt in steps:
             try:
-                restore = self._restore_statements()
-                for stmt in restore:
-                    super().wait(self._exec_command(stmt))
-            except psycopg.Error:
-                self._give_back(broken=True)  # the backend refused the reset: state unknown
-                raise
-            self._give_back(broken=False, dirty=self._take_dirty() or bool(restore))
-        elif state is AfterWait.PROXIED_IDLE:
-            for stmt in self._restore_statements():
                 super().wait(self._exec_command(stmt))
+            except BaseException as exc:
+                steps.throw(exc)  # settles the lease as broken, and raises
+                raise
 
     @contextlib.contextmanager
     def pipeline(self) -> Iterator[psycopg.Pipeline]:

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -310,6 +311,33 @@ class LeaseCore:
             and pgconn.transaction_status == pq.TransactionStatus.IDLE
             and pgconn.pipeline_status == pq.PipelineStatus.OFF
         )
+
+    def _lease_failed(self, exc: BaseException, t0: float) -> None:
+        """The broker did not grant: record it, and retire the connection if the broker is gone."""
+        telemetry.lease_denied(self._telemetry(), exc, time.monotonic() - t0)
+        if isinstance(exc, errors.BrokerUnavailable):
+            self._lost_broker()
+
+    def _after_wait_steps(self) -> Generator[sql.SQL | sql.Composed, None, None]:
+        """The end of every ``wait()``: yield the statements to run (usually none), settle the lease.
+
+        The sync and async connections drive this generator with their own wait; an exception a
+        statement raised is thrown back in, and the lease is given back as broken.
+        """
+        state = self._after_wait_state()
+        if state is AfterWait.BROKEN:
+            self._give_back(broken=True)
+        elif state is AfterWait.IDLE:
+            restore = self._restore_statements()
+            try:
+                yield from restore
+            except BaseException:
+                # A refused reset, or an interrupt mid-reset: the backend's state is unknown.
+                self._give_back(broken=True)
+                raise
+            self._give_back(broken=False, dirty=self._take_dirty() or bool(restore))
+        elif state is AfterWait.PROXIED_IDLE:
+            yield from self._restore_statements()
 
     def _give_back(self, *, broken: bool, dirty: bool = False) -> None:
         held = self._held
