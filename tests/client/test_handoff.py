@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import threading
 import time
 
@@ -292,3 +293,34 @@ def test_max_waiting_refuses_at_once(make_broker):
     assert broker.snapshot().counters["too_many"] == 1
     holder.close()
     queued.close()
+
+
+_IMPOSTOR = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.bind(sys.argv[1])
+s.listen()
+print("listening", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_broker_socket_of_another_user_is_not_trusted(short_tmp):
+    # Someone else's process listening where the broker should be must not get lease requests.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a listener as another user (CI runs as root)")
+    os.chmod(short_tmp, 0o777)
+    path = os.path.join(short_tmp, ".s.PGREUSE.7777")
+    impostor = subprocess.Popen(
+        ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-c", _IMPOSTOR, path],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert impostor.stdout is not None and impostor.stdout.readline() == "listening\n"
+        with pytest.raises(pgreuse.BrokerUnavailable, match=r"runs as uid \d+, not as this user"):
+            pgreuse.connect(f"host={short_tmp} port=7777 dbname=x")
+    finally:
+        impostor.kill()
+        impostor.wait()
+        impostor.stdout.close()  # type: ignore[union-attr]

@@ -25,10 +25,10 @@ import pwd
 import secrets
 import signal
 import socket
-import struct
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from ..credentials import peer_credentials, trusted_uids
 from ..shm import Table, table_path
 from ..wire import control, frames
 from . import admin
@@ -45,15 +45,7 @@ HARMLESS_PARAMETERS = frozenset({"application_name", "fallback_application_name"
 # Startup parameters that change encoding/parsing: must equal the pool's (DESIGN.md §3 rule 7).
 MATCHED_PARAMETERS = ("client_encoding", "DateStyle", "IntervalStyle", "TimeZone",
                       "standard_conforming_strings")  # fmt: skip
-_PEERCRED = struct.Struct("3i")
 PARKING_KEY_BASE = 1 << 30  # above any real pid (pid_max <= 2**22): a parking key is never a pid
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a Unix socket."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    pid, uid, gid = _PEERCRED.unpack(raw)
-    return pid, uid, gid
 
 
 class ControlClient:
@@ -139,7 +131,7 @@ class Broker:
             self.target: BackendTarget = parse_target(config.dsn)
         except ValueError as exc:
             raise ConfigError(f"--dsn: {exc}") from exc
-        self.allowed_uids = {os.geteuid(), 0}
+        self.allowed_uids = set(trusted_uids())
         self.parkings: dict[int, Parking] = {}
         self._next_key = PARKING_KEY_BASE
         self._stop = asyncio.Event()

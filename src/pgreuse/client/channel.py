@@ -27,6 +27,7 @@ import attrs
 import psycopg
 
 from .. import errors
+from ..credentials import peer_credentials, trusted_uids
 from ..wire import control
 
 HELLO_TIMEOUT = 10.0
@@ -57,6 +58,14 @@ class ChannelBase:
                 f"'python -m pgreuse.broker --socket-dir {os.path.dirname(path)} "
                 f"--port {path.rsplit('.', 1)[-1]} --dsn ...'"
             ) from exc
+        _, uid, _ = peer_credentials(sock)
+        if uid not in trusted_uids():
+            sock.close()
+            raise errors.BrokerUnavailable(
+                f"the process listening at {path} runs as uid {uid}, not as this user "
+                f"(uid {os.geteuid()}) or root: it is not trusted with leases; check who owns "
+                f"{os.path.dirname(path)} and run the broker as the application's user"
+            )
         self.sock = sock
         self.broker_pid = 0
         self.max_size = 0
