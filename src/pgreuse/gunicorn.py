@@ -48,6 +48,7 @@ def config_from_env(**overrides: Any) -> BrokerConfig:
         "idle_transaction_timeout": float(env.get("PGREUSE_IDLE_TRANSACTION_TIMEOUT", "0")),
         "log_level": env.get("PGREUSE_LOG_LEVEL", "INFO").upper(),
         "max_waiting": int(env.get("PGREUSE_MAX_WAITING", "0")),
+        "max_lease_time": float(env.get("PGREUSE_MAX_LEASE_TIME", "0")),
         "reset_every_lease": env.get("PGREUSE_RESET_EVERY_LEASE", "") not in ("", "0", "false"),
     }
     values.update(overrides)

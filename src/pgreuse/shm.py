@@ -28,7 +28,7 @@ import attrs
 from .wire.states import CloseReason, SlotState
 
 MAGIC = b"PGREUSE\0"
-LAYOUT_VERSION = 2  # 2: counters "resets" and "too_many"
+LAYOUT_VERSION = 3  # 2: counters "resets", "too_many"; 3: close reason "revoked"
 
 # Upper bounds (seconds) of the wait-time histogram buckets; the last bucket is open-ended.
 WAIT_BUCKETS: tuple[float, ...] = (

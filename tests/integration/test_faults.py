@@ -212,3 +212,20 @@ def test_connect_while_postgresql_is_unreachable_names_the_reason(pg, short_tmp)
             broker.connect()
     finally:
         assert broker.stop() == 0
+
+
+def test_a_lease_held_past_max_lease_time_is_revoked(make_broker, pg):
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute("drop table if exists revoke_t; create table revoke_t (v int)")
+    broker = make_broker("--max-size", "1", "--max-lease-time", "0.5")
+    stuck = broker.connect()
+    stuck.execute("insert into revoke_t values (1)")  # and then the holder hangs
+    victim = stuck.lease.backend_pid
+    broker.wait_for(lambda s: s.closed_by_reason["revoked"] == 1, what="the lease revoked")
+    with pytest.raises(psycopg.OperationalError):
+        stuck.execute("select 1")
+    assert stuck.closed
+    stuck.close()
+    with broker.connect(autocommit=True) as other:  # the pool is whole again
+        assert other.execute("select count(*) from revoke_t").fetchone() == (0,)  # rolled back
+        assert other.execute("select pg_backend_pid() <> %s", (victim,)).fetchone() == (True,)

@@ -63,6 +63,7 @@ class BrokerConfig:
     reset_query: str = "DISCARD ALL"
     reset_every_lease: bool = False  # run reset_query after every lease, not only dirty ones
     max_waiting: int = 0  # requests allowed to queue for a backend at once; 0: no limit
+    max_lease_time: float = 0.0  # a lease held longer is revoked; 0: no limit
 
     def __attrs_post_init__(self) -> None:
         if not self.dsn:
@@ -101,6 +102,8 @@ class BrokerConfig:
                 f"--pool-mode {self.pool_mode!r}: use 'transaction' (a backend per transaction) or "
                 "'session' (a backend for the whole client connection)"
             )
+        if self.max_lease_time < 0:
+            raise ConfigError(f"--max-lease-time {self.max_lease_time} must be >= 0 seconds (0: no limit)")
         if self.max_waiting < 0:
             raise ConfigError(f"--max-waiting {self.max_waiting} must be >= 0 (0: no limit)")
         if self.max_client_conn < 0:
@@ -135,6 +138,7 @@ class BrokerConfig:
             "--reset-query", self.reset_query,
             *(["--reset-every-lease"] if self.reset_every_lease else []),
             "--max-waiting", str(self.max_waiting),
+            "--max-lease-time", str(self.max_lease_time),
         ]  # fmt: skip
 
 
@@ -238,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
         "mode or a lease that changed session state (default: %(default)s)",
     )
     p.add_argument(
+        "--max-lease-time",
+        type=float,
+        default=0.0,
+        help="seconds a client may hold one backend (one transaction, or one statement in "
+        "autocommit); a longer lease is revoked: the broker closes that backend, PostgreSQL rolls "
+        "back, the holder gets a lost-connection error (default: %(default)s, no limit)",
+    )
+    p.add_argument(
         "--max-waiting",
         type=int,
         default=0,
@@ -276,6 +288,7 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
         reset_query=args.reset_query,
         reset_every_lease=args.reset_every_lease,
         max_waiting=args.max_waiting,
+        max_lease_time=args.max_lease_time,
     )
 
 

@@ -682,8 +682,26 @@ class Pool:
     # -- janitor ----------------------------------------------------------------------------------
 
     def tick(self) -> None:
-        """Periodic checks: dead lent backends, min_size after a failure backoff."""
+        """Periodic checks: dead or overdue lent backends, min_size after a failure backoff."""
+        limit_ns = int(self.config.max_lease_time * 1e9)
+        now_ns = time.monotonic_ns()
         for b in self.slots:
+            if (
+                limit_ns
+                and b.state is SlotState.LENT
+                and b.lease_started_ns
+                and now_ns - b.lease_started_ns > limit_ns
+            ):
+                # A stuck holder (a hung worker, a transaction that never ends) must not keep a
+                # backend forever: shutdown() takes it from every copy of the socket; PostgreSQL
+                # rolls back; the holder's next read fails as a lost connection.
+                logger.warning(
+                    "slot %d: pid %d held backend pid %d for %.1fs (--max-lease-time %g); revoking",
+                    b.index, b.holder.pid if b.holder else 0, b.pid,
+                    (now_ns - b.lease_started_ns) / 1e9, self.config.max_lease_time,
+                )  # fmt: skip
+                self._close(b, CloseReason.REVOKED, graceful=False)
+                continue
             if b.state is SlotState.LENT and b.sock is not None:
                 p = select.poll()
                 p.register(b.sock.fileno(), _RDHUP)

@@ -42,6 +42,7 @@ class CloseReason(enum.IntEnum):
     RESET_FAILED = 7
     PARAMETER_MISMATCH = 8  # a new backend reported encoding-relevant parameters unlike the pool's
     SHUTDOWN = 9
+    REVOKED = 10  # held longer than --max-lease-time: taken back with shutdown()
 
 
 class InvalidTransition(RuntimeError):
