@@ -38,6 +38,8 @@ class BrokerProcess:
         cmd = [
             sys.executable, "-m", "pgreuse.broker", "--dsn", self.dsn,
             "--socket-dir", self.socket_dir, "--port", str(self.port), "--log-level", "DEBUG",
+            # A test process killed mid-run (a timeout) must not leave brokers behind.
+            "--parent-pid", str(os.getpid()),
             *self.args,
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
