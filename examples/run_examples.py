@@ -37,6 +37,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgreuse.client.channel import broker_accepts
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_SIZE = 4  # what both examples' gunicorn.conf.py give install()
 START_TIMEOUT = 60.0
@@ -111,7 +113,7 @@ def gunicorn(example: str, env: dict[str, str], log_path: str) -> Iterator[str]:
     try:
         control = os.path.join(env["PGREUSE_SOCKET_DIR"], f".s.PGREUSE.{env.get('PGREUSE_PORT', '6432')}")
         deadline = time.monotonic() + START_TIMEOUT
-        while not _accepts(control) or not _answers(base):
+        while not broker_accepts(control) or not _answers(base):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"gunicorn for examples/{example} did not come up:\n{_tail(log_path)}")
             time.sleep(0.1)
@@ -128,17 +130,6 @@ def gunicorn(example: str, env: dict[str, str], log_path: str) -> Iterator[str]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def _accepts(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        s.connect(path)
-    except OSError:
-        return False
-    finally:
-        s.close()
-    return True
 
 
 def _answers(base: str) -> bool:

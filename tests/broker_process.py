@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from collections.abc import Sequence
 from psycopg.conninfo import conninfo_to_dict
 
 import pgreuse
+from pgreuse.client.channel import broker_accepts
 from pgreuse.shm import Snapshot, Table, table_path
 
 
@@ -49,20 +49,10 @@ class BrokerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
-            if self._accepts():
+            if broker_accepts(self.control_socket):
                 return self
             time.sleep(0.02)
         raise RuntimeError(f"broker not ready in {timeout}s:\n{self.log()}")
-
-    def _accepts(self) -> bool:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            s.connect(self.control_socket)
-        except OSError:
-            return False
-        finally:
-            s.close()
-        return True
 
     def log(self) -> str:
         try:

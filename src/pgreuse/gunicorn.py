@@ -30,6 +30,7 @@ import attrs
 
 from .broker.config import BrokerConfig
 from .broker.connector import parse_target
+from .client.channel import broker_accepts
 
 _broker: subprocess.Popen[bytes] | None = None
 _config: BrokerConfig | None = None
@@ -72,24 +73,11 @@ def start_broker(config: BrokerConfig) -> subprocess.Popen[bytes]:
             raise RuntimeError(
                 f"pgreuse broker exited with code {code} before it was ready (see its log above)"
             )
-        if _accepts(config.control_socket):
+        if broker_accepts(config.control_socket):
             return proc
         time.sleep(0.05)
     stop_broker(proc)
     raise RuntimeError(f"pgreuse broker not ready within {START_TIMEOUT}s at {config.socket_dir}")
-
-
-def _accepts(path: str) -> bool:
-    import socket  # noqa: PLC0415
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    try:
-        s.connect(path)
-    except OSError:
-        return False
-    finally:
-        s.close()
-    return True
 
 
 def stop_broker(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:

@@ -418,6 +418,18 @@ def _no_answer(path: str) -> errors.BrokerUnavailable:
     )
 
 
+def broker_accepts(path: str) -> bool:
+    """True if a broker accepts connections on the control socket ``path`` (a readiness probe)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 _channels: dict[tuple[int, str], Channel] = {}
 # Per event loop (weakly: a finished loop takes its channels with it), per path; reset at fork.
 _async_channels: weakref.WeakKeyDictionary[object, dict[str, AsyncChannel]] = weakref.WeakKeyDictionary()
