@@ -126,20 +126,22 @@ class BrokerConfig:
         return os.path.join(self.socket_dir, f".s.PGREUSE.{self.port}")
 
     def to_argv(self) -> list[str]:
-        """The command-line flags that rebuild this config (used to spawn a broker process)."""
-        return [
-            "--socket-dir", self.socket_dir, "--port", str(self.port),
-            "--max-size", str(self.max_size), "--min-size", str(self.min_size),
-            "--wait-timeout", str(self.wait_timeout),
-            "--idle-transaction-timeout", str(self.idle_transaction_timeout),
-            "--shutdown-timeout", str(self.shutdown_timeout), "--log-level", self.log_level,
-            "--parent-pid", str(self.parent_pid), "--pool-mode", self.pool_mode,
-            "--max-client-conn", str(self.max_client_conn), "--listen-addr", self.listen_addr,
-            "--reset-query", self.reset_query,
-            *(["--reset-every-lease"] if self.reset_every_lease else []),
-            "--max-waiting", str(self.max_waiting),
-            "--max-lease-time", str(self.max_lease_time),
-        ]  # fmt: skip
+        """The command-line flags that rebuild this config (used to spawn a broker process).
+
+        Every field but ``dsn`` (it may hold a password: it travels in ``PGREUSE_DSN``) becomes its
+        flag, so a new setting cannot be forgotten here.
+        """
+        argv: list[str] = []
+        for field in attrs.fields(BrokerConfig):
+            if field.name == "dsn":
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            value = getattr(self, field.name)
+            if isinstance(value, bool):
+                argv += [flag] if value else []
+            else:
+                argv += [flag, str(value)]
+        return argv
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,25 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> BrokerConfig:
-    return BrokerConfig(
-        dsn=args.dsn,
-        socket_dir=args.socket_dir,
-        port=args.port,
-        max_size=args.max_size,
-        min_size=args.min_size,
-        wait_timeout=args.wait_timeout,
-        idle_transaction_timeout=args.idle_transaction_timeout,
-        shutdown_timeout=args.shutdown_timeout,
-        log_level=args.log_level.upper(),
-        parent_pid=args.parent_pid,
-        pool_mode=args.pool_mode,
-        max_client_conn=args.max_client_conn,
-        listen_addr=args.listen_addr,
-        reset_query=args.reset_query,
-        reset_every_lease=args.reset_every_lease,
-        max_waiting=args.max_waiting,
-        max_lease_time=args.max_lease_time,
-    )
+    values = {f.name: getattr(args, f.name) for f in attrs.fields(BrokerConfig)}
+    values["log_level"] = values["log_level"].upper()
+    return BrokerConfig(**values)
 
 
 def parse_argv(argv: Sequence[str] | None = None) -> tuple[BrokerConfig, bool]:
