@@ -64,6 +64,9 @@ _COUNTERS_OFF = _HEADER.size
 _REASONS_OFF = _COUNTERS_OFF + len(COUNTERS) * 8
 # Byte offset of each counter: add()/set() run on every lease, a tuple.index() per call would scan.
 _COUNTER_OFFSETS: dict[str, int] = {name: _COUNTERS_OFF + i * 8 for i, name in enumerate(COUNTERS)}
+_LEASES_OFF = _COUNTER_OFFSETS["leases"]
+_WAITS_OFF = _COUNTER_OFFSETS["waits"]
+_WAIT_NS_OFF = _COUNTER_OFFSETS["wait_ns"]
 _HIST_OFF = _REASONS_OFF + _N_REASONS * 8
 _SLOTS_OFF = _HIST_OFF + (len(WAIT_BUCKETS) + 1) * 8
 
@@ -208,8 +211,22 @@ class Table:
 
     def add(self, counter: str, n: int = 1) -> None:
         off = _COUNTER_OFFSETS[counter]
-        (value,) = _COUNTER.unpack_from(self._mm, off)
-        _COUNTER.pack_into(self._mm, off, max(0, value + n))
+        value = _COUNTER.unpack_from(self._mm, off)[0] + n
+        _COUNTER.pack_into(self._mm, off, value if value > 0 else 0)
+
+    def record_lease(self, waited_ns: int, queued: bool) -> None:
+        """One lease granted after ``waited_ns`` (``queued``: it waited in the FIFO): the counters
+        and the wait histogram in one call, as this runs once per transaction."""
+        mm = self._mm
+        off = _LEASES_OFF
+        _COUNTER.pack_into(mm, off, _COUNTER.unpack_from(mm, off)[0] + 1)
+        if queued:
+            off = _WAITS_OFF
+            _COUNTER.pack_into(mm, off, _COUNTER.unpack_from(mm, off)[0] + 1)
+            off = _WAIT_NS_OFF
+            _COUNTER.pack_into(mm, off, _COUNTER.unpack_from(mm, off)[0] + waited_ns)
+        off = _HIST_OFF + bisect.bisect_left(WAIT_BUCKETS, waited_ns / 1e9) * 8
+        _COUNTER.pack_into(mm, off, _COUNTER.unpack_from(mm, off)[0] + 1)
 
     def set(self, counter: str, value: int) -> None:
         _COUNTER.pack_into(self._mm, _COUNTER_OFFSETS[counter], max(0, value))

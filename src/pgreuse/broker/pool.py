@@ -22,13 +22,14 @@ All of this runs on the broker's one asyncio loop thread; nothing here blocks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import select
 import socket
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import attrs
@@ -36,7 +37,7 @@ import attrs
 from ..shm import Table
 from ..wire import control
 from ..wire.frames import terminate
-from ..wire.states import CloseReason, SlotState, check_transition
+from ..wire.states import TRANSITIONS, CloseReason, SlotState, check_transition
 from .config import BrokerConfig
 from .connector import (
     BackendConnectError,
@@ -82,6 +83,10 @@ class InProcessHolder(Protocol):
 
     in_process: bool  # True: see _grant and release(unread_checked=...)
 
+    def granted(self, backend: Backend, request: int) -> None:
+        """The answer to ``request``: ``backend`` is lent. Its socket is registered with the loop for
+        reading (``backend.watched``); the holder points ``backend.on_readable`` at itself."""
+
     def revoked(self, backend: Backend) -> None: ...
 
 
@@ -101,8 +106,17 @@ class Backend:
     opened_at: float = 0.0
     dirty: bool = False
     close_reason: CloseReason = CloseReason.NONE
+    # The loop has a reader registered for ``sock`` (``dispatch_readable``). It stays registered
+    # while the backend moves between the idle watch and in-process holders, which only swap
+    # ``on_readable``: a registration costs an epoll_ctl and, in uvloop, a transport lookup.
     watched: bool = False
+    on_readable: Callable[[], None] | None = None
+    idle_watch: Callable[[], None] | None = None  # the pool's handler while idle
     tls: TLSStream | None = None  # set: encrypted, read and write through it (never handed off)
+
+    def dispatch_readable(self) -> None:
+        if self.on_readable is not None:
+            self.on_readable()
 
     @property
     def stream(self) -> socket.socket | TLSStream:
@@ -117,7 +131,7 @@ class Waiter:
     request: int
     parking: int
     enqueued_ns: int
-    timer: asyncio.TimerHandle | None = None
+    deadline_ns: int = 0  # set when queued: denied after this (monotonic ns)
 
 
 class Pool:
@@ -133,6 +147,14 @@ class Pool:
         self.table = table
         self.loop = loop
         self.slots = [Backend(i) for i in range(config.max_size)]
+        for b in self.slots:
+            b.idle_watch = functools.partial(self._idle_readable, b)
+        # Slots per state, kept by _transition: the lending path never scans the slots.
+        self._states = dict.fromkeys(SlotState, 0)
+        self._states[SlotState.CLOSED] = len(self.slots)
+        # One timer for every queued waiter (the earliest deadline), not one per request.
+        self._expiry: asyncio.TimerHandle | None = None
+        self._debug = logger.isEnabledFor(logging.DEBUG)  # refreshed by tick()
         self.idle: list[Backend] = []  # used as a stack: the most recently returned goes out first
         self.waiters: deque[Waiter] = deque()
         self.parameters: dict[str, str] | None = None
@@ -164,13 +186,20 @@ class Pool:
 
     # -- state ------------------------------------------------------------------------------------
 
-    def _transition(self, b: Backend, new: SlotState, reason: str) -> None:
-        check_transition(b.index, b.state, new, reason)
-        if logger.isEnabledFor(logging.DEBUG):  # this runs three times per lease: no eager work
-            logger.debug("slot %d gen %d: %s -> %s (%s)", b.index, b.generation, b.state.name,
+    def _transition(self, b: Backend, new: SlotState, reason: str, *, publish: bool = True) -> None:
+        """Move ``b`` to ``new``. ``publish=False``: a step the same callback leaves again (a clean
+        release on its way to the next holder), which no reader of the table could act on."""
+        old = b.state
+        if new not in TRANSITIONS[old]:
+            check_transition(b.index, old, new, reason)  # raises
+        if self._debug:  # this runs up to three times per transaction: no eager work
+            logger.debug("slot %d gen %d: %s -> %s (%s)", b.index, b.generation, old.name,
                          new.name, reason)  # fmt: skip
+        self._states[old] -= 1
+        self._states[new] += 1
         b.state = new
-        self._publish(b)
+        if publish:
+            self._publish(b)
 
     def _publish(self, b: Backend) -> None:
         self.table.write_slot(
@@ -188,10 +217,10 @@ class Pool:
         )
 
     def _alive(self) -> int:
-        return sum(1 for b in self.slots if b.state is not SlotState.CLOSED)
+        return len(self.slots) - self._states[SlotState.CLOSED]
 
     def _count(self, state: SlotState) -> int:
-        return sum(1 for b in self.slots if b.state is state)
+        return self._states[state]
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         async def runner() -> None:
@@ -212,7 +241,7 @@ class Pool:
             self._open_one()
 
     def _open_one(self) -> bool:
-        if self.closing:
+        if self.closing or not self._states[SlotState.CLOSED]:
             return False
         b = next((s for s in self.slots if s.state is SlotState.CLOSED), None)
         if b is None:
@@ -361,6 +390,15 @@ class Pool:
 
     def request(self, client: Client, request: int, parking: int) -> None:
         """A worker asks for a backend (``Acquire``)."""
+        if (
+            self.idle
+            and not self.waiters
+            and not self.paused
+            and not self.closing
+            and (not self.proxy_only or getattr(client, "in_process", False))
+        ):
+            self._grant(self.idle.pop(), client, request, parking, time.monotonic_ns())
+            return
         w = Waiter(client, request, parking, time.monotonic_ns())
         if self.closing:
             self._deny(w, control.DenyCode.CLOSED, "the broker is shutting down")
@@ -374,9 +412,6 @@ class Pool:
                 "through the broker's proxy: reconnect (a connection opened before the pool knew "
                 "this, or by an older pgreuse, still asks for handoff)",
             )
-            return
-        if self.idle and not self.waiters and not self.paused:
-            self._grant(self.idle.pop(), w)
             return
         if not self._alive() and self.last_connect_error and time.monotonic() < self._retry_at:
             # PostgreSQL was unreachable a moment ago: fail now with the reason instead of making
@@ -397,8 +432,10 @@ class Pool:
                 counter="too_many",
             )
             return
-        w.timer = self.loop.call_later(self.config.wait_timeout, self._expire, w)
+        w.deadline_ns = w.enqueued_ns + int(self.config.wait_timeout * 1e9)
         self.waiters.append(w)
+        if self._expiry is None:
+            self._arm_expiry(w.deadline_ns)
         self.table.set("pending", len(self.waiters))
         if len(self.waiters) > self._max_pending:
             self._max_pending = len(self.waiters)
@@ -410,7 +447,7 @@ class Pool:
             self.table.set("pending", len(self.waiters))
             return
         while self.waiters and self.idle:
-            self._grant(self.idle.pop(), self.waiters.popleft())
+            self._grant_waiter(self.idle.pop(), self.waiters.popleft())
         self.table.set("pending", len(self.waiters))
         if not self.waiters:
             return
@@ -419,70 +456,76 @@ class Pool:
         while need > 0 and self._open_one():
             need -= 1
 
-    def _grant(self, b: Backend, w: Waiter) -> None:
-        if w.timer:
-            w.timer.cancel()
-        if getattr(w.client, "in_process", False):
-            # An idle backend is always registered with the loop: the in-process holder replaces
-            # the callback (add_reader on a registered fd costs no epoll_ctl) instead of a
-            # remove + add per lease, and hands the registration back the same way.
-            b.watched = False
-        else:
-            self._unwatch(b)
+    def _grant_waiter(self, b: Backend, w: Waiter) -> None:
+        self._grant(b, w.client, w.request, w.parking, w.enqueued_ns, queued=True)
+
+    def _grant(
+        self, b: Backend, client: Client, request: int, parking: int, asked_ns: int, *, queued: bool = False
+    ) -> None:
+        """Lend ``b`` for ``request`` (``queued``: nonzero if the request waited in the FIFO)."""
+        in_process = getattr(client, "in_process", False)
+        if not in_process:
+            self._unwatch(b)  # the worker reads the socket now
         now = time.monotonic_ns()
-        waited = now - w.enqueued_ns
-        b.holder = w.client
-        b.parking = w.parking
+        b.holder = client
+        b.parking = parking
         b.lease_started_ns = now
         b.leases += 1
         self._transition(b, SlotState.LENT, "granted")
-        self.table.add("leases")
-        if w.timer is not None:
-            self.table.add("waits")
-            self.table.add("wait_ns", waited)
-        self.table.observe_wait(waited / 1e9)
-        send_fd = w.client.fds.get(b.index) != b.generation
+        self.table.record_lease(now - asked_ns, queued)
+        if in_process:
+            # The idle watch stays registered: the holder swaps b.on_readable (see Backend).
+            client.granted(b, request)  # type: ignore[attr-defined]
+            return
+        send_fd = client.fds.get(b.index) != b.generation
         assert b.sock is not None
         if send_fd:
-            w.client.fds[b.index] = b.generation
-        w.client.send(
-            control.Grant(w.request, b.index, b.generation, b.pid, send_fd),
+            client.fds[b.index] = b.generation
+        client.send(
+            control.Grant(request, b.index, b.generation, b.pid, send_fd),
             b.sock.fileno() if send_fd else None,
         )
 
     def _deny(self, w: Waiter, code: control.DenyCode, message: str, counter: str = "") -> None:
-        if w.timer:
-            w.timer.cancel()
         if counter:
             self.table.add(counter)
         w.client.send(control.Deny(w.request, code, message))
 
-    def _expire(self, w: Waiter) -> None:
-        try:
+    def _arm_expiry(self, deadline_ns: int) -> None:
+        delay = max(0.0, (deadline_ns - time.monotonic_ns()) / 1e9)
+        self._expiry = self.loop.call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        """Deny every waiter past its deadline; arm the timer for the next deadline."""
+        self._expiry = None
+        # Loops round timers to the millisecond: a waiter due within one counts as due.
+        now = time.monotonic_ns() + 1_000_000
+        expired = [w for w in self.waiters if w.deadline_ns <= now]
+        for w in expired:
             self.waiters.remove(w)
-        except ValueError:
-            return
-        self.table.set("pending", len(self.waiters))
-        w.timer = None
-        detail = (
-            f"; last connection error: {self.last_connect_error}"
-            if (self.last_connect_error and not self._alive())
-            else ""
-        )
-        self._deny(
-            w,
-            control.DenyCode.TIMEOUT,
-            f"no backend free within {self.config.wait_timeout:g}s (--wait-timeout; all "
-            f"{self.config.max_size} of --max-size are in use){detail}",
-            counter="timeouts",
-        )
+        if expired:
+            self.table.set("pending", len(self.waiters))
+        for w in expired:
+            detail = (
+                f"; last connection error: {self.last_connect_error}"
+                if (self.last_connect_error and not self._alive())
+                else ""
+            )
+            timeout = (w.deadline_ns - w.enqueued_ns) / 1e9
+            self._deny(
+                w,
+                control.DenyCode.TIMEOUT,
+                f"no backend free within {timeout:g}s (--wait-timeout; all "
+                f"{self.config.max_size} of --max-size are in use){detail}",
+                counter="timeouts",
+            )
+        if self.waiters and self._expiry is None:
+            self._arm_expiry(min(w.deadline_ns for w in self.waiters))
 
     def abandon(self, client: Client, request: int) -> None:
         for w in self.waiters:
             if w.client is client and w.request == request:
                 self.waiters.remove(w)
-                if w.timer:
-                    w.timer.cancel()
                 self.table.set("pending", len(self.waiters))
                 return
         # Already granted or denied: the worker handles the late answer itself.
@@ -511,8 +554,9 @@ class Pool:
         if outcome is control.Outcome.BROKEN:
             self._close(b, CloseReason.CLIENT_REPORTED_BROKEN, graceful=False)
             return
-        self._transition(b, SlotState.RESETTING, _OUTCOME_REASON[outcome])
-        if outcome is control.Outcome.DIRTY or self.config.reset_every_lease:
+        reset = outcome is control.Outcome.DIRTY or self.config.reset_every_lease
+        self._transition(b, SlotState.RESETTING, _OUTCOME_REASON[outcome], publish=reset)
+        if reset:
             b.dirty = True
             self._spawn(self._reset(b))
             return
@@ -520,7 +564,8 @@ class Pool:
         if problem is not None:
             self._close(b, problem, graceful=False)
             return
-        self._transition(b, SlotState.IDLE, "clean release")
+        # Published by _make_idle: as IDLE, or as LENT to the next waiter.
+        self._transition(b, SlotState.IDLE, "clean release", publish=False)
         self._make_idle(b)
 
     def _end_lease(self, b: Backend) -> None:
@@ -565,24 +610,36 @@ class Pool:
         self._make_idle(b)
 
     def _make_idle(self, b: Backend) -> None:
+        """``b`` just became IDLE: lend it to the first waiter, or keep it on the idle stack."""
         if self.closing:
             self._close(b, CloseReason.SHUTDOWN, graceful=True)
             return
         self._watch(b)
+        if self.waiters and not self.paused:
+            self._grant_waiter(b, self.waiters.popleft())
+            self.table.set("pending", len(self.waiters))
+            if self.waiters and self._states[SlotState.CLOSED]:
+                self._dispatch()  # open more backends for those still waiting
+            return
+        self._publish(b)
         self.idle.append(b)
-        self._dispatch()
+        if self.waiters:
+            self._dispatch()
 
     # -- watching idle backends -------------------------------------------------------------------
 
     def _watch(self, b: Backend) -> None:
         assert b.sock is not None
-        self.loop.add_reader(b.sock.fileno(), self._idle_readable, b)
-        b.watched = True
+        b.on_readable = b.idle_watch
+        if not b.watched:
+            self.loop.add_reader(b.sock.fileno(), b.dispatch_readable)
+            b.watched = True
 
     def _unwatch(self, b: Backend) -> None:
         if b.watched and b.sock is not None:
             self.loop.remove_reader(b.sock.fileno())
         b.watched = False
+        b.on_readable = None
 
     def _idle_readable(self, b: Backend) -> None:
         # An idle backend speaks only to say goodbye (a FATAL on shutdown or termination).
@@ -644,8 +701,6 @@ class Pool:
         """A worker process closed its control channel (it exited, or died)."""
         for w in [w for w in self.waiters if w.client is client]:
             self.waiters.remove(w)
-            if w.timer:
-                w.timer.cancel()
         self.table.set("pending", len(self.waiters))
         for b in self.slots:
             if b.holder is client and b.state is SlotState.LENT:
@@ -683,6 +738,7 @@ class Pool:
 
     def tick(self) -> None:
         """Periodic checks: dead or overdue lent backends, min_size after a failure backoff."""
+        self._debug = logger.isEnabledFor(logging.DEBUG)
         limit_ns = int(self.config.max_lease_time * 1e9)
         now_ns = time.monotonic_ns()
         for b in self.slots:

@@ -129,7 +129,6 @@ class ProxySession:
         self.application_name = application_name
         self.addr = addr
         self.connect_time = time.time()
-        self.request_time = 0.0
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.proxied = False  # sent anything but Terminate: not a parked pgreuse connection
         self.closed = False
@@ -160,8 +159,8 @@ class ProxySession:
         # Readiness registrations.
         self._c_reading = False
         self._c_writing = False
-        self._b_reading = False
-        self._b_writing = False
+        self._b_writing = False  # reading: self.backend.watched (see pool.Backend)
+        self._on_backend = self._backend_readable  # bound once: installed at every lease
 
     def __repr__(self) -> str:
         lease = f"slot={self.backend.index}" if self.backend else "no backend"
@@ -183,6 +182,13 @@ class ProxySession:
         if self._request is not None:
             return "waiting"
         return "idle"
+
+    @property
+    def request_time(self) -> float:
+        """Wall-clock time of the last lease request (``SHOW CLIENTS``), derived when asked."""
+        if not self._request_ns:
+            return 0.0
+        return time.time() - (time.monotonic_ns() - self._request_ns) / 1e9
 
     @property
     def waiting_since_ns(self) -> int:
@@ -239,6 +245,14 @@ class ProxySession:
         """Register exactly the readers and writers the buffers call for (backpressure)."""
         if self.closed:
             return
+        if not self._to_backend and not self._to_client and self._btls is None:
+            # Nothing buffered (after almost every event): read both sides, write neither.
+            if not self._c_reading or self._c_writing:
+                self._set_client(reading=True, writing=False)
+            b = self.backend
+            if b is not None and (not b.watched or self._b_writing):
+                self._set_backend(reading=True, writing=False)
+            return
         # With a backend, stop reading while it cannot take more; without one, bound the buffer.
         limit = 1 if self.backend is not None else _MAX_PENDING
         c_read = len(self._to_backend) < limit
@@ -262,12 +276,14 @@ class ProxySession:
             self._c_writing = writing
 
     def _set_backend(self, *, reading: bool, writing: bool) -> None:
-        if reading != self._b_reading:
+        b = self.backend
+        assert b is not None
+        if reading != b.watched:
             if reading:
-                self.loop.add_reader(self._bfd, self._backend_readable)
+                self.loop.add_reader(self._bfd, b.dispatch_readable)
             else:
                 self.loop.remove_reader(self._bfd)
-            self._b_reading = reading
+            b.watched = reading
         if writing != self._b_writing:
             if writing:
                 self.loop.add_writer(self._bfd, self._backend_writable)
@@ -307,23 +323,17 @@ class ProxySession:
         pos = 0
         keep_from = 0  # start of the run of bytes to forward
         out: list[bytes | memoryview] = []
-        view = memoryview(data)
+        view: memoryview | None = None
+        if self._c_left:  # the rest of a message begun in an earlier chunk
+            pos = min(self._c_left, n)
+            self._c_left -= pos
+            if self._c_action != _Forward.FORWARD:
+                keep_from = pos
+        # One turn per message: this loop is the client half of the hot path.
         while pos < n:
-            if self._c_left:
-                take = min(self._c_left, n - pos)
-                if self._c_action != _Forward.FORWARD:
-                    if keep_from < pos:
-                        out.append(view[keep_from:pos])
-                    keep_from = pos + take
-                pos += take
-                self._c_left -= take
-                continue
             # A Parse's first body byte says whether it names its statement (transaction mode).
             if n - pos < 5 or (n - pos < 6 and data[pos] == 0x50 and not self.session_mode):
-                self._c_stash = bytes(view[pos:])
-                if keep_from < pos:
-                    out.append(view[keep_from:pos])
-                keep_from = n
+                self._c_stash = data[pos:]
                 break
             type_, length = _HEADER.unpack_from(data, pos)
             if length < 4 or length > frames.MAX_FRAME:
@@ -332,14 +342,22 @@ class ProxySession:
                 action = self._named_parse(data, pos + 5, min(n, pos + 1 + length))
             else:
                 action = self._decide(type_)
-            self._c_action = action
+            end = pos + 1 + length
             if action != _Forward.FORWARD:
                 if keep_from < pos:
+                    view = view or memoryview(data)
                     out.append(view[keep_from:pos])
-                keep_from = pos  # the _c_left branch moves it past the dropped bytes
-            self._c_left = 1 + length  # the next turn of the loop consumes the message itself
-        if keep_from < n:
-            out.append(view[keep_from:n])
+                keep_from = end
+            if end > n:
+                self._c_action = action
+                self._c_left = end - n
+            pos = end
+        stop = min(pos, n)
+        if keep_from == 0 and stop == n:
+            out.append(data)  # all of it (the usual case): no copy, no view
+        elif keep_from < stop:
+            view = view or memoryview(data)
+            out.append(view[keep_from:stop])
         for chunk in out:
             self._forward(chunk)
         if self._quitting and self.backend is not None and self._idle():
@@ -452,33 +470,34 @@ class ProxySession:
         self._want_lease = False
         self._request = next(self._ids)
         self._request_ns = time.monotonic_ns()
-        self.request_time = time.time()
         # May answer synchronously (an idle backend): send() below runs inside this call.
         self.pool.request(self, self._request, self.parking_key)
 
     def send(self, msg: control.Message, fd: int | None = None) -> None:
-        """The pool's answer to a request (``pool.Client``)."""
-        if not isinstance(msg, control.Grant | control.Deny) or msg.request != self._request:
+        """The pool's refusal of a request (``pool.Client``; grants come through :meth:`granted`)."""
+        if not isinstance(msg, control.Deny) or msg.request != self._request:
             return  # an answer to a request this session abandoned
         self._request = None
         self.stats.wait_ns += time.monotonic_ns() - self._request_ns
-        if isinstance(msg, control.Deny):
-            self._denied(msg)
-            return
-        b = self.pool.slots[msg.slot]
-        assert b.sock is not None
-        if self.closed:
+        self._denied(msg)
+
+    def granted(self, b: Backend, request: int) -> None:
+        """The pool lends ``b`` for ``request`` (``pool.InProcessHolder``)."""
+        if request != self._request or self.closed:
             # Cannot happen in process (abandon() runs before close() returns); never keep it.
             self.pool.release(self, b.index, b.generation, control.Outcome.CLEAN)
             return
-        self.backend, self._bsock, self._bfd = b, b.stream, b.sock.fileno()
-        self._btls = b.tls
-        # The pool left the idle watch registered (in_process): replacing its callback is free.
-        self.loop.add_reader(self._bfd, self._backend_readable)
-        self._b_reading = True
-        pending = bytes(self._to_backend)
-        self._to_backend.clear()
-        if pending:
+        self._request = None
+        self.stats.wait_ns += time.monotonic_ns() - self._request_ns
+        sock = b.sock
+        assert sock is not None
+        self.backend, self._bfd, self._btls = b, sock.fileno(), b.tls
+        self._bsock = sock if b.tls is None else b.tls
+        # The socket is still registered for reading (the pool's idle watch): take the callback.
+        b.on_readable = self._on_backend
+        if self._to_backend:
+            pending = bytes(self._to_backend)
+            self._to_backend.clear()
             self._forward(pending)
         self._interest()
 
@@ -514,13 +533,10 @@ class ProxySession:
         b = self.backend
         assert b is not None
         clean = outcome is control.Outcome.CLEAN
-        if clean and self._b_reading and not self._b_writing:
-            # Hand the loop registration back to the pool, which replaces our callback with its
-            # idle watch (or removes it if it closes the backend) before the loop runs again.
-            self._b_reading = False
-            b.watched = True
-        else:
+        if not clean or self._b_writing:
             self._set_backend(reading=False, writing=False)
+        # else the read registration goes back with the backend: the pool swaps its callback for
+        # the idle watch (or removes it if it closes the backend) before the loop runs again.
         self.backend, self._bsock, self._bfd = None, None, -1
         self._btls = None
         self._to_backend.clear()
@@ -612,14 +628,13 @@ class ProxySession:
             self._b_stash = b""
         n = len(data)
         pos = 0
+        if self._b_left:  # the rest of a message begun in an earlier read
+            pos = min(self._b_left, n)
+            self._b_left -= pos
+        # One turn per message: this loop is the server half of the hot path.
         while pos < n:
-            if self._b_left:
-                take = min(self._b_left, n - pos)
-                pos += take
-                self._b_left -= take
-                continue
             # A header, plus ReadyForQuery's status byte, may straddle two reads.
-            if n - pos < 6 and (n - pos < 5 or data[pos : pos + 1] == b"Z"):
+            if n - pos < 6 and (n - pos < 5 or data[pos] == 0x5A):
                 self._b_stash = data[pos:]
                 return
             type_, length = _HEADER.unpack_from(data, pos)
@@ -632,7 +647,9 @@ class ProxySession:
                     raise frames.ProtocolError("server sent a ReadyForQuery nobody asked for")
             elif type_ == b"S" and not self.session_mode:
                 self._dirty = True  # SET: session state the next holder must not inherit
-            self._b_left = 1 + length
+            pos += 1 + length
+        if pos > n:
+            self._b_left = pos - n
 
     def _reply(self, data: bytes) -> None:
         self.stats.sent += len(data)
