@@ -65,6 +65,8 @@ _REASONS_OFF = _COUNTERS_OFF + len(COUNTERS) * 8
 # Byte offset of each counter: add()/set() run on every lease, a tuple.index() per call would scan.
 _COUNTER_OFFSETS: dict[str, int] = {name: _COUNTERS_OFF + i * 8 for i, name in enumerate(COUNTERS)}
 _LEASES_OFF = _COUNTER_OFFSETS["leases"]
+_SLOT_SIZE = _SLOT.size
+_WAIT_BOUNDS_NS = tuple(round(b * 1e9) for b in WAIT_BUCKETS)
 _WAITS_OFF = _COUNTER_OFFSETS["waits"]
 _WAIT_NS_OFF = _COUNTER_OFFSETS["wait_ns"]
 _HIST_OFF = _REASONS_OFF + _N_REASONS * 8
@@ -204,10 +206,12 @@ class Table:
         use_ns: int,
         opened_at: float,
     ) -> None:
-        _SLOT.pack_into(
-            self._mm, _SLOTS_OFF + index * _SLOT.size, state, close_reason, dirty, generation,
-            backend_pid, holder_pid, lease_started_ns, leases, use_ns, opened_at,
-        )  # fmt: skip
+        self.write_slot_values(index, state, close_reason, dirty, generation, backend_pid,
+                               holder_pid, lease_started_ns, leases, use_ns, opened_at)  # fmt: skip
+
+    def write_slot_values(self, index: int, *values: object) -> None:
+        """:meth:`write_slot` with the fields in layout order, positionally (once per lease)."""
+        _SLOT.pack_into(self._mm, _SLOTS_OFF + index * _SLOT_SIZE, *values)
 
     def add(self, counter: str, n: int = 1) -> None:
         off = _COUNTER_OFFSETS[counter]
@@ -225,7 +229,10 @@ class Table:
             _COUNTER.pack_into(mm, off, _COUNTER.unpack_from(mm, off)[0] + 1)
             off = _WAIT_NS_OFF
             _COUNTER.pack_into(mm, off, _COUNTER.unpack_from(mm, off)[0] + waited_ns)
-        off = _HIST_OFF + bisect.bisect_left(WAIT_BUCKETS, waited_ns / 1e9) * 8
+        if waited_ns <= _WAIT_BOUNDS_NS[0]:
+            off = _HIST_OFF  # not queued: the first bucket, without a search
+        else:
+            off = _HIST_OFF + bisect.bisect_left(_WAIT_BOUNDS_NS, waited_ns) * 8
         _COUNTER.pack_into(mm, off, _COUNTER.unpack_from(mm, off)[0] + 1)
 
     def set(self, counter: str, value: int) -> None:

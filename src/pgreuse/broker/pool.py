@@ -70,18 +70,17 @@ class Client(Protocol):
 
     pid: int
     fds: dict[int, int]  # slot -> generation of the fd this process holds
+    in_process: bool  # an InProcessHolder (the proxy), not a worker process
 
     def send(self, msg: control.Message, fd: int | None = None) -> None: ...
 
 
-class InProcessHolder(Protocol):
+class InProcessHolder(Client, Protocol):
     """A holder inside the broker that reads and writes the backend socket itself (a proxy session).
 
     The pool calls :meth:`revoked` just before it closes a backend such a holder has lent (the backend
     died, shutdown): the holder must stop using the socket, whose fd number is about to be reused.
     """
-
-    in_process: bool  # True: see _grant and release(unread_checked=...)
 
     def granted(self, backend: Backend, request: int) -> None:
         """The answer to ``request``: ``backend`` is lent. Its socket is registered with the loop for
@@ -195,26 +194,17 @@ class Pool:
         if self._debug:  # this runs up to three times per transaction: no eager work
             logger.debug("slot %d gen %d: %s -> %s (%s)", b.index, b.generation, old.name,
                          new.name, reason)  # fmt: skip
-        self._states[old] -= 1
-        self._states[new] += 1
+        states = self._states
+        states[old] -= 1
+        states[new] += 1
         b.state = new
         if publish:
             self._publish(b)
 
     def _publish(self, b: Backend) -> None:
-        self.table.write_slot(
-            b.index,
-            state=b.state,
-            close_reason=b.close_reason,
-            dirty=b.dirty,
-            generation=b.generation,
-            backend_pid=b.pid,
-            holder_pid=b.holder.pid if b.holder else 0,
-            lease_started_ns=b.lease_started_ns,
-            leases=b.leases,
-            use_ns=b.use_ns,
-            opened_at=b.opened_at,
-        )
+        holder = b.holder.pid if b.holder else 0
+        self.table.write_slot_values(b.index, b.state, b.close_reason, b.dirty, b.generation, b.pid,
+                                     holder, b.lease_started_ns, b.leases, b.use_ns, b.opened_at)  # fmt: skip
 
     def _alive(self) -> int:
         return len(self.slots) - self._states[SlotState.CLOSED]
@@ -395,7 +385,7 @@ class Pool:
             and not self.waiters
             and not self.paused
             and not self.closing
-            and (not self.proxy_only or getattr(client, "in_process", False))
+            and (client.in_process or not self.proxy_only)
         ):
             self._grant(self.idle.pop(), client, request, parking, time.monotonic_ns())
             return
@@ -403,7 +393,7 @@ class Pool:
         if self.closing:
             self._deny(w, control.DenyCode.CLOSED, "the broker is shutting down")
             return
-        if self.proxy_only and not getattr(client, "in_process", False):
+        if self.proxy_only and not client.in_process:
             self._deny(
                 w,
                 control.DenyCode.BAD_REQUEST,
@@ -436,11 +426,13 @@ class Pool:
         self.waiters.append(w)
         if self._expiry is None:
             self._arm_expiry(w.deadline_ns)
-        self.table.set("pending", len(self.waiters))
         if len(self.waiters) > self._max_pending:
             self._max_pending = len(self.waiters)
             self.table.set("max_pending", self._max_pending)
-        self._dispatch()
+        if self.idle or self._states[SlotState.CLOSED]:
+            self._dispatch()  # paused with idle backends, or room to open one
+        else:
+            self.table.set("pending", len(self.waiters))
 
     def _dispatch(self) -> None:
         if self.paused:
@@ -463,9 +455,6 @@ class Pool:
         self, b: Backend, client: Client, request: int, parking: int, asked_ns: int, *, queued: bool = False
     ) -> None:
         """Lend ``b`` for ``request`` (``queued``: nonzero if the request waited in the FIFO)."""
-        in_process = getattr(client, "in_process", False)
-        if not in_process:
-            self._unwatch(b)  # the worker reads the socket now
         now = time.monotonic_ns()
         b.holder = client
         b.parking = parking
@@ -473,10 +462,11 @@ class Pool:
         b.leases += 1
         self._transition(b, SlotState.LENT, "granted")
         self.table.record_lease(now - asked_ns, queued)
-        if in_process:
+        if client.in_process:
             # The idle watch stays registered: the holder swaps b.on_readable (see Backend).
             client.granted(b, request)  # type: ignore[attr-defined]
             return
+        self._unwatch(b)  # the worker reads the socket now
         send_fd = client.fds.get(b.index) != b.generation
         assert b.sock is not None
         if send_fd:
@@ -551,22 +541,22 @@ class Pool:
             logger.debug("pid %d released stale slot %d gen %d", client.pid, index, generation)
             return
         self._end_lease(b)
+        if outcome is control.Outcome.CLEAN and not self.config.reset_every_lease:
+            # The hot path: published once, by _make_idle (as IDLE, or LENT to the next waiter).
+            self._transition(b, SlotState.RESETTING, "clean", publish=False)
+            problem = None if unread_checked and b.tls is None else self._unread(b)
+            if problem is not None:
+                self._close(b, problem, graceful=False)
+                return
+            self._transition(b, SlotState.IDLE, "clean release", publish=False)
+            self._make_idle(b)
+            return
         if outcome is control.Outcome.BROKEN:
             self._close(b, CloseReason.CLIENT_REPORTED_BROKEN, graceful=False)
             return
-        reset = outcome is control.Outcome.DIRTY or self.config.reset_every_lease
-        self._transition(b, SlotState.RESETTING, _OUTCOME_REASON[outcome], publish=reset)
-        if reset:
-            b.dirty = True
-            self._spawn(self._reset(b))
-            return
-        problem = None if unread_checked and not (b.tls and b.tls.buffered()) else self._unread(b)
-        if problem is not None:
-            self._close(b, problem, graceful=False)
-            return
-        # Published by _make_idle: as IDLE, or as LENT to the next waiter.
-        self._transition(b, SlotState.IDLE, "clean release", publish=False)
-        self._make_idle(b)
+        self._transition(b, SlotState.RESETTING, _OUTCOME_REASON[outcome])
+        b.dirty = True
+        self._spawn(self._reset(b))
 
     def _end_lease(self, b: Backend) -> None:
         if b.lease_started_ns:

@@ -43,6 +43,7 @@ import logging
 import socket
 import struct
 import time
+from typing import Final
 
 import attrs
 
@@ -53,10 +54,15 @@ from .tls import TLSStream
 logger = logging.getLogger("pgreuse.broker")
 
 _RECV = 256 * 1024
+# Every plaintext read lands here and is copied out at its real size: recv(_RECV) would allocate
+# _RECV bytes each time, which glibc serves with mmap/munmap above its threshold (two extra
+# syscalls and page faults per read). One buffer serves all sessions: the loop runs one at a time.
+_RBUF = memoryview(bytearray(_RECV))
 # Bytes a client may send while it waits for a backend before the broker stops reading from it.
 _MAX_PENDING = 1024 * 1024
 _HEADER = struct.Struct("!ci")
 _SYNC_POINTS = frozenset((b"Q", b"S", b"F"))
+_SERVER_WATCHED = frozenset((b"Z", b"S"))  # ReadyForQuery, ParameterStatus
 # Messages that need no backend when none is held: COPY data after a failed COPY (a server drops
 # it too) and Flush with nothing in flight.
 _NO_BACKEND_NEEDED = frozenset((b"d", b"c", b"f", b"H"))
@@ -90,9 +96,9 @@ class ProxyStats:
 class _Forward:
     """Per-message decision while scanning a client chunk."""
 
-    FORWARD = 0
-    DROP = 1
-    REJECT = 2  # after a denied lease: answer like a server in error, until Sync
+    FORWARD: Final = 0
+    DROP: Final = 1
+    REJECT: Final = 2  # after a denied lease: answer like a server in error, until Sync
 
 
 class ProxySession:
@@ -295,7 +301,8 @@ class ProxySession:
 
     def _client_readable(self) -> None:
         try:
-            data = self.sock.recv(_RECV)
+            n = self.sock.recv_into(_RBUF)
+            data = _RBUF[:n].tobytes()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -455,14 +462,26 @@ class ProxySession:
             # TLS: records already encrypted go first; new plaintext only once they are out.
             if self._btls is not None and not self._btls.flush():
                 return
-            sent = self._bsock.send(self._to_backend) if self._to_backend else 0
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._backend_failed(f"send failed: {exc}")
+            return
+        if self._to_backend:
+            self._flush_to_backend()
+        self._interest()
+
+    def _flush_to_backend(self) -> None:
+        """Send what is buffered for the backend (no copy); the rest waits for writability."""
+        assert self._bsock is not None
+        try:
+            sent = self._bsock.send(self._to_backend)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._backend_failed(f"send failed: {exc}")
             return
         del self._to_backend[:sent]
-        self._interest()
 
     # -- the lease --------------------------------------------------------------------------------
 
@@ -496,10 +515,10 @@ class ProxySession:
         # The socket is still registered for reading (the pool's idle watch): take the callback.
         b.on_readable = self._on_backend
         if self._to_backend:
-            pending = bytes(self._to_backend)
-            self._to_backend.clear()
-            self._forward(pending)
-        self._interest()
+            self._flush_to_backend()
+        if self._to_backend or not self._c_reading or self._btls is not None:
+            self._interest()
+        # else: reading both sides and writing neither, as registered already
 
     def _denied(self, msg: control.Deny) -> None:
         self.stats.denied += 1
@@ -539,16 +558,17 @@ class ProxySession:
         # the idle watch (or removes it if it closes the backend) before the loop runs again.
         self.backend, self._bsock, self._bfd = None, None, -1
         self._btls = None
-        self._to_backend.clear()
-        self._b_left = 0
-        self._b_stash = b""
-        self._syncs = 0
-        self._unsynced = False
-        self._tx = b"I"
-        self._dirty = False  # this lease's session state went back with it (outcome DIRTY)
+        if not clean:  # a clean backend is idle (_idle()): the protocol state is already at rest
+            self._to_backend.clear()
+            self._b_left = 0
+            self._b_stash = b""
+            self._syncs = 0
+            self._unsynced = False
+            self._tx = b"I"
+            self._dirty = False  # this lease's session state went back with it (outcome DIRTY)
+            if outcome is control.Outcome.BROKEN:
+                self.stats.broken += 1
         self.stats.xacts += 1
-        if outcome is control.Outcome.BROKEN:
-            self.stats.broken += 1
         self.pool.release(self, b.index, b.generation, outcome, unread_checked=clean and just_read)
 
     def revoked(self, backend: Backend) -> None:
@@ -590,7 +610,11 @@ class ProxySession:
     def _backend_readable(self) -> None:
         assert self._bsock is not None
         try:
-            data = self._bsock.recv(_RECV)
+            if self._btls is None:
+                n = self._bsock.recv_into(_RBUF)  # type: ignore[union-attr]
+                data = _RBUF[:n].tobytes()
+            else:
+                data = self._btls.recv(_RECV)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -631,22 +655,24 @@ class ProxySession:
         if self._b_left:  # the rest of a message begun in an earlier read
             pos = min(self._b_left, n)
             self._b_left -= pos
-        # One turn per message: this loop is the server half of the hot path.
+        unpack = _HEADER.unpack_from
+        # One turn per message, as few lines as can be: this loop is the server half of the hot path.
         while pos < n:
             # A header, plus ReadyForQuery's status byte, may straddle two reads.
             if n - pos < 6 and (n - pos < 5 or data[pos] == 0x5A):
                 self._b_stash = data[pos:]
                 return
-            type_, length = _HEADER.unpack_from(data, pos)
-            if length < 4 or length > frames.MAX_FRAME:
+            type_, length = unpack(data, pos)
+            if type_ in _SERVER_WATCHED:
+                if type_ == b"Z":
+                    self._tx = data[pos + 5 : pos + 6]
+                    self._syncs -= 1
+                    if self._syncs < 0:
+                        raise frames.ProtocolError("server sent a ReadyForQuery nobody asked for")
+                elif not self.session_mode:
+                    self._dirty = True  # ParameterStatus after a SET: the next holder must not inherit it
+            if length < 4:  # (no upper bound: server messages are forwarded, never buffered whole)
                 raise frames.ProtocolError(f"server message type {type_!r} has invalid length {length}")
-            if type_ == b"Z":
-                self._tx = data[pos + 5 : pos + 6]
-                self._syncs -= 1
-                if self._syncs < 0:
-                    raise frames.ProtocolError("server sent a ReadyForQuery nobody asked for")
-            elif type_ == b"S" and not self.session_mode:
-                self._dirty = True  # SET: session state the next holder must not inherit
             pos += 1 + length
         if pos > n:
             self._b_left = pos - n

@@ -51,6 +51,8 @@ PARKING_KEY_BASE = 1 << 30  # above any real pid (pid_max <= 2**22): a parking k
 class ControlClient:
     """One worker process's control channel."""
 
+    in_process = False  # pool.Client: the worker gets the backend's fd
+
     def __init__(self, sock: socket.socket, pid: int, loop: asyncio.AbstractEventLoop) -> None:
         self.sock = sock
         self.pid = pid
