@@ -460,12 +460,17 @@ class Pool:
         b.parking = parking
         b.lease_started_ns = now
         b.leases += 1
-        self._transition(b, SlotState.LENT, "granted")
-        self.table.record_lease(now - asked_ns, queued)
+        self._transition(b, SlotState.LENT, "granted", publish=False)
         if client.in_process:
-            # The idle watch stays registered: the holder swaps b.on_readable (see Backend).
+            # The idle watch stays registered: the holder swaps b.on_readable (see Backend). It
+            # sends the query it holds before the table is written: the writes are off its path.
             client.granted(b, request)  # type: ignore[attr-defined]
+            if b.holder is client:  # still lent to it (a failed send gives it back at once)
+                self._publish(b)
+            self.table.record_lease(now - asked_ns, queued)
             return
+        self._publish(b)
+        self.table.record_lease(now - asked_ns, queued)
         self._unwatch(b)  # the worker reads the socket now
         send_fd = client.fds.get(b.index) != b.generation
         assert b.sock is not None

@@ -609,12 +609,15 @@ class ProxySession:
 
     def _backend_readable(self) -> None:
         assert self._bsock is not None
+        # Plaintext: a view of the shared buffer, not a copy. What outlives this call is copied out
+        # (_reply's remainder, _scan_backend's stash).
+        data: bytes | memoryview
         try:
-            if self._btls is None:
-                n = self._bsock.recv_into(_RBUF)  # type: ignore[union-attr]
-                data = _RBUF[:n].tobytes()
-            else:
-                data = self._btls.recv(_RECV)
+            data = (
+                _RBUF[: self._bsock.recv_into(_RBUF)]  # type: ignore[union-attr]
+                if self._btls is None
+                else self._btls.recv(_RECV)
+            )
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -623,12 +626,14 @@ class ProxySession:
         if not data:
             self._backend_failed("the server closed the connection")
             return
+        # Forward first, then scan: the bytes go to the client unchanged either way, and the scan
+        # is then off the path of the answer (a malformed stream still ends the session below).
+        self._reply(data)
         try:
             self._scan_backend(data)
         except frames.ProtocolError as exc:
             self._backend_failed(str(exc))
             return
-        self._reply(data)
         if self.closed:
             return
         if self.backend is not None and self._idle() and (self._quitting or not self.session_mode):
@@ -646,7 +651,7 @@ class ProxySession:
             self._give_back(outcome, just_read=True)
         self._interest()
 
-    def _scan_backend(self, data: bytes) -> None:
+    def _scan_backend(self, data: bytes | memoryview) -> None:
         if self._b_stash:
             data = self._b_stash + data
             self._b_stash = b""
@@ -660,12 +665,12 @@ class ProxySession:
         while pos < n:
             # A header, plus ReadyForQuery's status byte, may straddle two reads.
             if n - pos < 6 and (n - pos < 5 or data[pos] == 0x5A):
-                self._b_stash = data[pos:]
+                self._b_stash = bytes(data[pos:])
                 return
             type_, length = unpack(data, pos)
             if type_ in _SERVER_WATCHED:
                 if type_ == b"Z":
-                    self._tx = data[pos + 5 : pos + 6]
+                    self._tx = bytes(data[pos + 5 : pos + 6])
                     self._syncs -= 1
                     if self._syncs < 0:
                         raise frames.ProtocolError("server sent a ReadyForQuery nobody asked for")
@@ -677,7 +682,7 @@ class ProxySession:
         if pos > n:
             self._b_left = pos - n
 
-    def _reply(self, data: bytes) -> None:
+    def _reply(self, data: bytes | memoryview) -> None:
         self.stats.sent += len(data)
         if self._to_client:
             self._to_client += data

@@ -1,0 +1,138 @@
+"""The proxy's fast path against a real broker and PostgreSQL: what its shortcuts must not break.
+
+The hot path keeps a backend registered with the loop while it moves between the pool's idle watch
+and proxy sessions (only a callback changes), shares one receive buffer between sessions, and arms
+one expiry timer for all waiters. Each test here would fail if one of those shortcuts lost a byte, a
+hang-up or a deadline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import psycopg
+import pytest
+
+from pgreuse.wire.states import SlotState
+
+
+def plain(broker, **kwargs) -> psycopg.Connection:  # type: ignore[no-untyped-def, type-arg]
+    # A plain psycopg connection (a proxied client); no named prepared statements in transaction mode.
+    return psycopg.connect(broker.conninfo, prepare_threshold=None, **kwargs)
+
+
+def test_results_and_parameters_larger_than_the_receive_buffer(make_broker):
+    # 2 MB of rows in one result, and a 3 MB parameter: both span many reads (the buffer is 256 KiB),
+    # with message headers cut at arbitrary places. Two sessions alternate on one backend.
+    b = make_broker("--max-size", "1")
+    big = "".join(chr(0x41 + i % 26) for i in range(3_000_000))
+    with plain(b, autocommit=True) as c1, plain(b, autocommit=True) as c2:
+        for conn in (c1, c2, c1):
+            rows = conn.execute("select i, repeat(md5(i::text), 32) from generate_series(1, 2000) i").fetchall()
+            assert len(rows) == 2000
+            assert rows[1999] == (2000, hashlib.md5(b"2000").hexdigest() * 32)  # noqa: S324
+            got = conn.execute("select length(%s::text), md5(%s::text)", (big, big)).fetchone()
+            assert got == (len(big), hashlib.md5(big.encode()).hexdigest())  # noqa: S324
+    snap = b.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="leases returned")
+    assert snap.counters["protocol_errors"] == 0
+    assert sum(snap.closed_by_reason.values()) == 0  # the backend was never lost on the way
+
+
+def test_a_backend_that_dies_while_idle_after_proxying_is_noticed(make_broker, pg):
+    # After a proxied transaction the backend's socket stays registered with the loop and only its
+    # callback goes back to the pool's idle watch: that watch must still see the backend hang up.
+    b = make_broker("--max-size", "1", "--min-size", "1")
+    with plain(b, autocommit=True) as conn:
+        (pid,) = conn.execute("select pg_backend_pid()").fetchone()  # type: ignore[misc]
+        with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+            admin.execute("select pg_terminate_backend(%s)", (pid,))
+        # No client does anything: only the idle watch can notice.
+        snap = b.wait_for(
+            lambda s: s.closed_by_reason["server_closed"] >= 1 and s.count(SlotState.IDLE) == 1,
+            what="the idle backend's hang-up noticed and the slot refilled",
+        )
+        assert snap.slots[0].backend_pid != pid
+        # The same client carries on with the replacement.
+        assert conn.execute("select pg_backend_pid()").fetchone() != (pid,)
+
+
+def test_proxy_and_handoff_take_turns_on_one_backend(make_broker):
+    # The backend's loop registration goes proxy -> idle watch -> removed (a worker reads the fd) ->
+    # idle watch -> proxy: every turn must get its own answers and leave nothing behind.
+    b = make_broker("--max-size", "1")
+    with b.connect(autocommit=True) as handoff, plain(b, autocommit=True) as proxied:
+        for i in range(30):
+            assert proxied.execute("select %s::int, pg_backend_pid()", (i,)).fetchone()[0] == i  # type: ignore[index]
+            assert handoff.execute("select %s::int + 1000", (i,)).fetchone() == (i + 1000,)
+    snap = b.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="leases returned")
+    assert snap.counters["leases"] >= 60
+    assert sum(snap.closed_by_reason.values()) == 0
+
+
+def test_each_waiter_gets_its_own_deadline(make_broker):
+    # One timer serves every waiter: a request queued later must not time out with the first one,
+    # and a request served before its deadline must not be denied.
+    b = make_broker("--max-size", "1", "--wait-timeout", "1.5")
+    holder = plain(b)
+    holder.execute("select 1")  # holds the only backend in an open transaction
+    outcomes: dict[str, tuple[str, float]] = {}
+
+    def wait(name: str, delay: float) -> None:
+        time.sleep(delay)
+        with plain(b, autocommit=True) as conn:
+            t0 = time.monotonic()
+            try:
+                conn.execute("select 1")
+                outcomes[name] = ("ok", time.monotonic() - t0)
+            except psycopg.OperationalError as exc:
+                outcomes[name] = (str(exc.sqlstate), time.monotonic() - t0)
+
+    first = threading.Thread(target=wait, args=("first", 0.0))
+    second = threading.Thread(target=wait, args=("second", 0.7))
+    first.start()
+    second.start()
+    first.join(10)
+    # The first timed out; the second has waited about 0.8 s of its 1.5 s: serve it now.
+    assert outcomes["first"][0] == "08P01"
+    assert 1.3 < outcomes["first"][1] < 5
+    assert "second" not in outcomes
+    holder.commit()
+    second.join(10)
+    assert outcomes["second"][0] == "ok"
+    holder.close()
+    assert b.snapshot().counters["timeouts"] == 1
+
+
+@pytest.mark.parametrize("clients", [8])
+def test_many_clients_on_few_backends_lose_nothing(make_broker, pg, clients):
+    # Every release goes straight to the next waiter (no idle step): count every row.
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute("drop table if exists hot_path_rows; create table hot_path_rows (c int, i int)")
+    b = make_broker("--max-size", "2")
+    errors: list[BaseException] = []
+
+    def client(n: int) -> None:
+        try:
+            with plain(b) as conn:
+                for i in range(50):
+                    conn.execute("insert into hot_path_rows values (%s, %s)", (n, i))
+                    conn.commit()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        assert admin.execute("select count(*), count(distinct (c, i)) from hot_path_rows").fetchone() == (
+            clients * 50,
+            clients * 50,
+        )
+    snap = b.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="leases returned")
+    assert snap.counters["waits"] > 0  # the run did queue, so handoffs went waiter to waiter
+    assert snap.counters["pending"] == 0
