@@ -11,7 +11,7 @@ root, PgBouncer runs as the ``postgres`` user (it refuses root), through ``runus
 
 Usage::
 
-    python bench/proxy_vs_pgbouncer.py [--duration 10] [--pool-size 8] [--scale 1] [--mode simple]
+    python bench/proxy_vs_pgbouncer.py [--duration 10] [--rounds 3] [--pool-size 8] [--scale 1] [--mode simple]
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,7 +95,12 @@ admin_users = {cluster.superuser}
         _wait_socket(os.path.join(d, f".s.PGSQL.{PGBOUNCER_PORT}"), "pgbouncer", log)
         yield d
     finally:
-        proc.send_signal(signal.SIGINT)
+        # As root, proc is runuser, which does not pass signals on: stop PgBouncer by its pidfile.
+        try:
+            with open(os.path.join(d, "pgbouncer.pid")) as f:
+                os.kill(int(f.read().strip()), signal.SIGINT)
+        except (OSError, ValueError):
+            proc.send_signal(signal.SIGINT)
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
@@ -152,31 +158,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pool-size", type=int, default=8, help="server connections per pooler (default 8)")
     p.add_argument("--scale", type=int, default=1, help="pgbench -i scale factor (default 1)")
     p.add_argument("--mode", default="simple", choices=("simple", "extended"), help="pgbench -M")
+    p.add_argument(
+        "--rounds", type=int, default=3,
+        help="runs per target and workload, in rotating order; the table shows medians (default 3)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     cluster = DevCluster.create(max_connections=60)
     try:
         init = [os.path.join(find_pg_bindir(), "pgbench"), "-i", "-q", "-s", str(args.scale), cluster.dsn()]
         subprocess.run(init, check=True, capture_output=True, env=_env())
-        results: dict[tuple[str, int], dict[str, tuple[float, float]]] = {w: {} for w in WORKLOADS}
+        runs: dict[tuple[str, int], dict[str, list[tuple[float, float]]]] = {w: {} for w in WORKLOADS}
         with pgbouncer(cluster, args.pool_size) as bdir, pgreuse_broker(cluster, args.pool_size) as rdir:
             targets = {
                 "postgres": (cluster.socket_dir, cluster.port),
                 "pgbouncer": (bdir, PGBOUNCER_PORT),
                 "pgreuse": (rdir, PGREUSE_PORT),
             }
+            names = list(targets)
             for script, clients in WORKLOADS:
-                for name, target in targets.items():
-                    r = pgbench(target, cluster, script, clients, args)
-                    results[(script, clients)][name] = r
-                    print(
-                        f"{script:12} c={clients:<3} {name:10} {r[0]:10.0f} tps {r[1]:7.3f} ms",
-                        file=sys.stderr,
-                    )
+                for round_ in range(args.rounds):
+                    # Rotate the order: a machine that slows down during a round does not always
+                    # penalize the same target.
+                    for name in names[round_ % 3 :] + names[: round_ % 3]:
+                        r = pgbench(targets[name], cluster, script, clients, args)
+                        runs[(script, clients)].setdefault(name, []).append(r)
+                        print(
+                            f"{script:12} c={clients:<3} {name:10} {r[0]:10.0f} tps {r[1]:7.3f} ms",
+                            file=sys.stderr,
+                        )
     finally:
         cluster.destroy()
+    results = {
+        w: {name: (statistics.median(t for t, _ in rs), statistics.median(lat for _, lat in rs))
+            for name, rs in by_name.items()}
+        for w, by_name in runs.items()
+    }  # fmt: skip
     print(
-        f"\npgbench -M {args.mode}, {args.duration}s per run, scale {args.scale}, pool size "
-        f"{args.pool_size}, {os.cpu_count()} CPUs; latency = average ms\n"
+        f"\npgbench -M {args.mode}, {args.duration}s per run, median of {args.rounds} runs, scale "
+        f"{args.scale}, pool size {args.pool_size}, {os.cpu_count()} CPUs; latency = average ms\n"
     )
     print("| workload | clients | PostgreSQL direct | PgBouncer | pgreuse proxy | pgreuse / PgBouncer |")
     print("|---|---:|---:|---:|---:|---:|")

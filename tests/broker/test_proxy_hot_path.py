@@ -15,7 +15,7 @@ import time
 import psycopg
 import pytest
 
-from pgreuse.wire.states import SlotState
+from pgreuse.wire.states import CloseReason, SlotState
 
 
 def plain(broker, **kwargs) -> psycopg.Connection:  # type: ignore[no-untyped-def, type-arg]
@@ -136,3 +136,77 @@ def test_many_clients_on_few_backends_lose_nothing(make_broker, pg, clients):
     snap = b.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="leases returned")
     assert snap.counters["waits"] > 0  # the run did queue, so handoffs went waiter to waiter
     assert snap.counters["pending"] == 0
+
+
+# -- the frame scanner at every split point (no server needed: what is tested is how the broker cuts
+# -- a byte stream it is given, the way a server's answer may arrive in any number of reads) ---------
+
+
+def _msg(type_: bytes, body: bytes) -> bytes:
+    return type_ + (4 + len(body)).to_bytes(4, "big") + body
+
+
+ANSWER = (
+    _msg(b"1", b"")  # ParseComplete: a 5-byte message
+    + _msg(b"T", b"\0\x01a\0" + b"\0" * 6 + b"\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0")
+    + _msg(b"D", b"\0\x01\0\0\0\x0242")
+    + _msg(b"C", b"SELECT 1\0")
+    + _msg(b"Z", b"I")
+)
+QUERY = _msg(b"Q", b"select 42\0")
+
+
+def test_the_scanner_finds_the_end_of_a_transaction_however_the_answer_is_cut(short_tmp):
+    import asyncio  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    from pgreuse.broker.config import BrokerConfig  # noqa: PLC0415
+    from pgreuse.broker.connector import parse_target  # noqa: PLC0415
+    from pgreuse.broker.pool import Pool  # noqa: PLC0415
+    from pgreuse.broker.proxy import ProxySession, ProxyStats  # noqa: PLC0415
+    from pgreuse.shm import Table, table_path  # noqa: PLC0415
+
+    async def run() -> None:
+        d = str(short_tmp)
+        table = Table.create(table_path(d, 6999), max_size=1, min_size=0, wait_timeout=5.0,
+                             database="t", user="t")  # fmt: skip
+        config = BrokerConfig(dsn=f"host={d} port=1", socket_dir=d, port=6999, max_size=1, min_size=0)
+        pool = Pool(config, parse_target(f"host={d} port=1 user=t dbname=t"), table, asyncio.get_running_loop())
+        server, backend_end = socket.socketpair()
+        server.setblocking(False)
+        b = pool.slots[0]
+        b.generation, b.sock, b.pid = 1, server, 4242
+        pool._transition(b, SlotState.CONNECTING, "test")
+        pool._transition(b, SlotState.IDLE, "test")
+        pool._make_idle(b)
+        inner, outer = socket.socketpair()
+        inner.setblocking(False)
+        outer.settimeout(5)
+        backend_end.settimeout(5)
+        session = ProxySession(
+            inner, pool, parking_key=1, peer_pid=1, session_mode=False, stats=ProxyStats(),
+            user="t", database="t", application_name="", addr="unix",
+        )  # fmt: skip
+        session.start(b"")
+        for cut in range(1, len(ANSWER)):
+            outer.sendall(QUERY)
+            session._client_readable()
+            assert backend_end.recv(65536) == QUERY
+            for part in (ANSWER[:cut], ANSWER[cut:]):
+                assert session.backend is b, f"cut at {cut}: given back before the answer ended"
+                backend_end.sendall(part)
+                b.dispatch_readable()
+            got = b""
+            while len(got) < len(ANSWER):
+                got += outer.recv(65536)
+            assert got == ANSWER, f"cut at {cut}"
+            assert session.backend is None, f"cut at {cut}: not given back at ReadyForQuery"
+            assert b.state is SlotState.IDLE
+        session.close()
+        assert table.snapshot().counters["leases"] == len(ANSWER) - 1
+        pool._close(b, CloseReason.SHUTDOWN, graceful=False)
+        for sock in (inner, outer, backend_end):
+            sock.close()
+        table.close()
+
+    asyncio.run(run())

@@ -661,12 +661,9 @@ class ProxySession:
             pos = min(self._b_left, n)
             self._b_left -= pos
         unpack = _HEADER.unpack_from
-        # One turn per message, as few lines as can be: this loop is the server half of the hot path.
-        while pos < n:
-            # A header, plus ReadyForQuery's status byte, may straddle two reads.
-            if n - pos < 6 and (n - pos < 5 or data[pos] == 0x5A):
-                self._b_stash = bytes(data[pos:])
-                return
+        last = n - 6  # a header plus ReadyForQuery's status byte fit from here on
+        # One turn per message, as few operations as can be: the server half of the hot path.
+        while pos <= last:
             type_, length = unpack(data, pos)
             if type_ in _SERVER_WATCHED:
                 if type_ == b"Z":
@@ -681,6 +678,10 @@ class ProxySession:
             pos += 1 + length
         if pos > n:
             self._b_left = pos - n
+        elif pos < n:
+            # Fewer than 6 bytes left: a header that may be cut (or a short message whose
+            # successor, at least the ReadyForQuery that ends every answer, is still to come).
+            self._b_stash = bytes(data[pos:])
 
     def _reply(self, data: bytes | memoryview) -> None:
         self.stats.sent += len(data)
