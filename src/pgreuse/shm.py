@@ -69,6 +69,7 @@ _SLOT_SIZE = _SLOT.size
 _WAIT_BOUNDS_NS = tuple(round(b * 1e9) for b in WAIT_BUCKETS)
 _WAITS_OFF = _COUNTER_OFFSETS["waits"]
 _WAIT_NS_OFF = _COUNTER_OFFSETS["wait_ns"]
+_USE_NS_OFF = _COUNTER_OFFSETS["use_ns"]
 _HIST_OFF = _REASONS_OFF + _N_REASONS * 8
 _SLOTS_OFF = _HIST_OFF + (len(WAIT_BUCKETS) + 1) * 8
 
@@ -217,6 +218,11 @@ class Table:
         off = _COUNTER_OFFSETS[counter]
         value = _COUNTER.unpack_from(self._mm, off)[0] + n
         _COUNTER.pack_into(self._mm, off, value if value > 0 else 0)
+
+    def record_use(self, used_ns: int) -> None:
+        """A lease ended after ``used_ns`` (once per transaction: no name lookup)."""
+        mm = self._mm
+        _COUNTER.pack_into(mm, _USE_NS_OFF, _COUNTER.unpack_from(mm, _USE_NS_OFF)[0] + used_ns)
 
     def record_lease(self, waited_ns: int, queued: bool) -> None:
         """One lease granted after ``waited_ns`` (``queued``: it waited in the FIFO): the counters

@@ -541,21 +541,52 @@ class Pool:
             logger.warning("pid %d released slot %d, which does not exist", client.pid, index)
             return
         b = self.slots[index]
-        if b.generation != generation or b.holder is not client or b.state is not SlotState.LENT:
-            # The broker already took this backend back (it died while lent, or was revoked).
+        if b.generation != generation:
             logger.debug("pid %d released stale slot %d gen %d", client.pid, index, generation)
             return
-        self._end_lease(b)
+        self.give_back(b, client, outcome, unread_checked=unread_checked)
+
+    def give_back(
+        self, b: Backend, client: Client, outcome: control.Outcome, *, unread_checked: bool = False
+    ) -> None:
+        """:meth:`release` for a holder that has the :class:`Backend` itself (the proxy)."""
+        if b.holder is not client or b.state is not SlotState.LENT:
+            # The broker already took this backend back (it died while lent, or was revoked).
+            logger.debug("pid %d gave back slot %d, which it no longer holds", client.pid, b.index)
+            return
         if outcome is control.Outcome.CLEAN and not self.config.reset_every_lease:
-            # The hot path: published once, by _make_idle (as IDLE, or LENT to the next waiter).
+            # The hot path (once per proxied transaction): _end_lease, _make_idle and _watch inlined;
+            # the table is written once, as IDLE or as LENT to the next waiter.
+            used = time.monotonic_ns() - b.lease_started_ns
+            b.use_ns += used
+            self.table.record_use(used)
+            b.holder = None
+            b.parking = 0
+            b.lease_started_ns = 0
             self._transition(b, SlotState.RESETTING, "clean", publish=False)
             problem = None if unread_checked and b.tls is None else self._unread(b)
             if problem is not None:
                 self._close(b, problem, graceful=False)
                 return
             self._transition(b, SlotState.IDLE, "clean release", publish=False)
-            self._make_idle(b)
+            if self.closing:
+                self._close(b, CloseReason.SHUTDOWN, graceful=True)
+                return
+            b.on_readable = b.idle_watch
+            if not b.watched:
+                self._watch(b)
+            if self.waiters and not self.paused:
+                self._grant_waiter(b, self.waiters.popleft())
+                self.table.set("pending", len(self.waiters))
+                if self.waiters and self._states[SlotState.CLOSED]:
+                    self._dispatch()  # open more backends for those still waiting
+                return
+            self._publish(b)
+            self.idle.append(b)
+            if self.waiters:
+                self._dispatch()
             return
+        self._end_lease(b)
         if outcome is control.Outcome.BROKEN:
             self._close(b, CloseReason.CLIENT_REPORTED_BROKEN, graceful=False)
             return

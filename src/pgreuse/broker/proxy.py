@@ -63,6 +63,7 @@ _MAX_PENDING = 1024 * 1024
 _HEADER = struct.Struct("!ci")
 _SYNC_POINTS = frozenset((b"Q", b"S", b"F"))
 _SERVER_WATCHED = frozenset((b"Z", b"S"))  # ReadyForQuery, ParameterStatus
+_LONE = frozenset((b"Q", b"S"))  # client messages _from_client's fast path may take alone
 # Messages that need no backend when none is held: COPY data after a failed COPY (a server drops
 # it too) and Flush with nothing in flight.
 _NO_BACKEND_NEEDED = frozenset((b"d", b"c", b"f", b"H"))
@@ -323,6 +324,16 @@ class ProxySession:
 
     def _from_client(self, data: bytes) -> None:
         """Scan ``data`` for message boundaries and forward, drop or answer each message."""
+        if not self._c_stash and not self._c_left and len(data) > 5 and self._rejecting is None:
+            # The usual chunk: one whole Query or Sync, which _decide always forwards when no
+            # refusal is being answered. Its one decision, without the scan loop.
+            type_, length = _HEADER.unpack_from(data, 0)
+            if length + 1 == len(data) and type_ in _LONE:
+                self._decide(type_)
+                self._forward(data)
+                if self._want_lease and self._request is None and self.backend is None:
+                    self._lease()
+                return
         if self._c_stash:
             data = self._c_stash + data
             self._c_stash = b""
@@ -569,7 +580,7 @@ class ProxySession:
             if outcome is control.Outcome.BROKEN:
                 self.stats.broken += 1
         self.stats.xacts += 1
-        self.pool.release(self, b.index, b.generation, outcome, unread_checked=clean and just_read)
+        self.pool.give_back(b, self, outcome, unread_checked=clean and just_read)
 
     def revoked(self, backend: Backend) -> None:
         """The pool is closing our backend (it died, or the broker shuts down): stop using it."""
