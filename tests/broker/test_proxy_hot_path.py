@@ -210,3 +210,16 @@ def test_the_scanner_finds_the_end_of_a_transaction_however_the_answer_is_cut(sh
         table.close()
 
     asyncio.run(run())
+
+
+def test_reset_every_lease_through_the_proxy(make_broker):
+    # A clean give-back leaves the backend registered with the loop; a reset must not inherit that
+    # registration (the reset reads the socket itself, and the next lease must see its answers).
+    b = make_broker("--max-size", "1", "--reset-every-lease", "--wait-timeout", "3")
+    with plain(b, autocommit=True) as conn:
+        conn.execute("set statement_timeout = '4s'")
+        for i in range(5):
+            assert conn.execute("select %s::int", (i,)).fetchone() == (i,)
+    snap = b.wait_for(lambda s: s.count(SlotState.IDLE) == 1, what="the backend idle again")
+    assert snap.counters["resets"] >= 6
+    assert sum(snap.closed_by_reason.values()) == 0

@@ -587,6 +587,9 @@ class Pool:
                 self._dispatch()
             return
         self._end_lease(b)
+        # The reset below reads the socket through the loop itself, and a close needs no watch: an
+        # in-process holder may have left its read registration in place.
+        self._unwatch(b)
         if outcome is control.Outcome.BROKEN:
             self._close(b, CloseReason.CLIENT_REPORTED_BROKEN, graceful=False)
             return
