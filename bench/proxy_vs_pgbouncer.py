@@ -11,7 +11,8 @@ root, PgBouncer runs as the ``postgres`` user (it refuses root), through ``runus
 
 Usage::
 
-    python bench/proxy_vs_pgbouncer.py [--duration 10] [--rounds 3] [--pool-size 8] [--scale 1] [--mode simple]
+    python bench/proxy_vs_pgbouncer.py [--duration 10] [--rounds 3] [--pool-size 8] [--scale 1]
+        [--mode simple]
 """
 
 from __future__ import annotations

@@ -30,11 +30,12 @@ def test_results_and_parameters_larger_than_the_receive_buffer(make_broker):
     big = "".join(chr(0x41 + i % 26) for i in range(3_000_000))
     with plain(b, autocommit=True) as c1, plain(b, autocommit=True) as c2:
         for conn in (c1, c2, c1):
-            rows = conn.execute("select i, repeat(md5(i::text), 32) from generate_series(1, 2000) i").fetchall()
+            sql = "select i, repeat(md5(i::text), 32) from generate_series(1, 2000) i"
+            rows = conn.execute(sql).fetchall()
             assert len(rows) == 2000
-            assert rows[1999] == (2000, hashlib.md5(b"2000").hexdigest() * 32)  # noqa: S324
+            assert rows[1999] == (2000, hashlib.md5(b"2000").hexdigest() * 32)
             got = conn.execute("select length(%s::text), md5(%s::text)", (big, big)).fetchone()
-            assert got == (len(big), hashlib.md5(big.encode()).hexdigest())  # noqa: S324
+            assert got == (len(big), hashlib.md5(big.encode()).hexdigest())
     snap = b.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="leases returned")
     assert snap.counters["protocol_errors"] == 0
     assert sum(snap.closed_by_reason.values()) == 0  # the backend was never lost on the way
@@ -119,7 +120,7 @@ def test_many_clients_on_few_backends_lose_nothing(make_broker, pg, clients):
                 for i in range(50):
                     conn.execute("insert into hot_path_rows values (%s, %s)", (n, i))
                     conn.commit()
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
@@ -171,7 +172,8 @@ def test_the_scanner_finds_the_end_of_a_transaction_however_the_answer_is_cut(sh
         table = Table.create(table_path(d, 6999), max_size=1, min_size=0, wait_timeout=5.0,
                              database="t", user="t")  # fmt: skip
         config = BrokerConfig(dsn=f"host={d} port=1", socket_dir=d, port=6999, max_size=1, min_size=0)
-        pool = Pool(config, parse_target(f"host={d} port=1 user=t dbname=t"), table, asyncio.get_running_loop())
+        target = parse_target(f"host={d} port=1 user=t dbname=t")
+        pool = Pool(config, target, table, asyncio.get_running_loop())
         server, backend_end = socket.socketpair()
         server.setblocking(False)
         b = pool.slots[0]
@@ -223,3 +225,110 @@ def test_reset_every_lease_through_the_proxy(make_broker):
     snap = b.wait_for(lambda s: s.count(SlotState.IDLE) == 1, what="the backend idle again")
     assert snap.counters["resets"] >= 6
     assert sum(snap.closed_by_reason.values()) == 0
+
+
+# -- raw protocol clients: what a pipelining client (libpq pipeline mode, several Query messages in
+# -- one write) does, which psycopg's blocking API cannot show ----------------------------------------
+
+
+class _Raw:
+    """A bare protocol-3 client on the broker's PostgreSQL socket."""
+
+    def __init__(self, broker) -> None:  # type: ignore[no-untyped-def]
+        import os  # noqa: PLC0415
+        import socket  # noqa: PLC0415
+
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.settimeout(15)
+        self.sock.connect(os.path.join(broker.socket_dir, f".s.PGSQL.{broker.port}"))
+        body = (196608).to_bytes(4, "big") + b"user\0postgres\0database\0" + broker.dbname.encode() + b"\0\0"
+        self.sock.sendall((len(body) + 4).to_bytes(4, "big") + body)
+        self.buf = b""
+        assert self.until_ready(1)[-1][0] == b"Z"
+
+    def messages(self) -> list[tuple[bytes, bytes]]:
+        out = []
+        while len(self.buf) >= 5 and len(self.buf) >= 1 + int.from_bytes(self.buf[1:5], "big"):
+            n = 1 + int.from_bytes(self.buf[1:5], "big")
+            out.append((self.buf[:1], self.buf[5:n]))
+            self.buf = self.buf[n:]
+        return out
+
+    def until_ready(self, count: int) -> list[tuple[bytes, bytes]]:
+        got: list[tuple[bytes, bytes]] = []
+        while sum(1 for t, _ in got if t == b"Z") < count:
+            got += self.messages()
+            if sum(1 for t, _ in got if t == b"Z") >= count:
+                break
+            data = self.sock.recv(65536)
+            assert data, "the broker closed the connection"
+            self.buf += data
+        return got
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_pipelining_client_that_times_out_does_not_delay_other_waiters(make_broker):
+    # A timed-out client with a second query queued asks again at once, from inside the expiry
+    # pass: the timer must still fire for the other waiter's own, earlier deadline.
+    b = make_broker("--max-size", "1", "--wait-timeout", "2")
+    holder = plain(b)
+    holder.execute("select 1")  # holds the only backend in an open transaction
+    pipelining, other = _Raw(b), _Raw(b)
+    try:
+        pipelining.sock.sendall(_msg(b"Q", b"select 1\0") + _msg(b"Q", b"select 2\0"))
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        other.sock.sendall(_msg(b"Q", b"select 3\0"))
+        answer = other.until_ready(1)
+        waited = time.monotonic() - t0
+        assert [t for t, _ in answer] == [b"E", b"Z"]
+        assert 1.8 < waited < 2.6, f"denied after {waited:.2f}s; --wait-timeout is 2s"
+    finally:
+        holder.close()
+        pipelining.close()
+        other.close()
+
+
+def test_hundreds_of_pipelined_queries_refused_at_once(make_broker):
+    # Each refusal is answered, then the next query asks again: that must not recurse per query.
+    b = make_broker("--max-size", "1", "--max-waiting", "1", "--wait-timeout", "10")
+    holder = plain(b)
+    holder.execute("select 1")  # holds the only backend
+    queued = _Raw(b)
+    queued.sock.sendall(_msg(b"Q", b"select 1\0"))  # takes the one waiting place
+    b.wait_for(lambda s: s.counters["pending"] == 1, what="one waiter")
+    flood = _Raw(b)
+    try:
+        flood.sock.sendall(_msg(b"Q", b"select 2\0") * 1500)
+        answers = flood.until_ready(1500)
+        errors = [body for t, body in answers if t == b"E"]
+        assert len(errors) == 1500
+        assert b"53300" in errors[0] and b"--max-waiting" in errors[-1]
+        holder.commit()
+        assert [t for t, _ in queued.until_ready(1)][-1] == b"Z"
+        flood.sock.sendall(_msg(b"Q", b"select 3\0"))  # the flooding client carries on
+        assert [t for t, _ in flood.until_ready(1)] == [b"T", b"D", b"C", b"Z"]
+    finally:
+        holder.close()
+        queued.close()
+        flood.close()
+    assert b.proc.poll() is None
+
+
+def test_session_mode_takes_a_parse_header_cut_from_its_body(make_broker):
+    b = make_broker("--pool-mode", "session")
+    raw = _Raw(b)
+    try:
+        parse = _msg(b"P", b"stmt\0select 41 + 1\0\0\0")
+        rest = parse[5:] + _msg(b"B", b"\0stmt\0\0\0\0\0\0\0") + _msg(b"E", b"\0\0\0\0\0") + _msg(b"S", b"")
+        raw.sock.sendall(parse[:5])  # a read that ends right after the Parse header
+        time.sleep(0.3)
+        raw.sock.sendall(rest)
+        answer = raw.until_ready(1)
+        assert [t for t, _ in answer] == [b"1", b"2", b"D", b"C", b"Z"]
+        assert answer[2][1].endswith(b"42")
+    finally:
+        raw.close()
+    assert b.proc.poll() is None

@@ -153,6 +153,7 @@ class Pool:
         self._states[SlotState.CLOSED] = len(self.slots)
         # One timer for every queued waiter (the earliest deadline), not one per request.
         self._expiry: asyncio.TimerHandle | None = None
+        self._expiry_at = 0  # the deadline it is armed for (monotonic ns)
         self._debug = logger.isEnabledFor(logging.DEBUG)  # refreshed by tick()
         self.idle: list[Backend] = []  # used as a stack: the most recently returned goes out first
         self.waiters: deque[Waiter] = deque()
@@ -319,6 +320,14 @@ class Pool:
                 opened.tls.describe() if opened.tls is not None else "no TLS",
                 "the pool is proxy-only" if self.proxy_only else "pgreuse clients get handoff",
             )
+            if self.proxy_only:
+                # Handoff requests that queued while this was unknown cannot be served.
+                refused = [w for w in self.waiters if not w.client.in_process]
+                if refused:
+                    self.waiters = deque(w for w in self.waiters if w.client.in_process)
+                    self.table.set("pending", len(self.waiters))
+                    for w in refused:
+                        self._deny(w, control.DenyCode.BAD_REQUEST, self._proxy_only_refusal())
         self._backoff = 0.0
         self._retry_at = 0.0
         self.last_connect_error = None
@@ -394,14 +403,7 @@ class Pool:
             self._deny(w, control.DenyCode.CLOSED, "the broker is shutting down")
             return
         if self.proxy_only and not client.in_process:
-            self._deny(
-                w,
-                control.DenyCode.BAD_REQUEST,
-                f"the backends of this pool use TLS (sslmode={self.target.sslmode}), so their "
-                "sockets cannot be handed to another process; pgreuse connections to it go "
-                "through the broker's proxy: reconnect (a connection opened before the pool knew "
-                "this, or by an older pgreuse, still asks for handoff)",
-            )
+            self._deny(w, control.DenyCode.BAD_REQUEST, self._proxy_only_refusal())
             return
         if not self._alive() and self.last_connect_error and time.monotonic() < self._retry_at:
             # PostgreSQL was unreachable a moment ago: fail now with the reason instead of making
@@ -424,8 +426,7 @@ class Pool:
             return
         w.deadline_ns = w.enqueued_ns + int(self.config.wait_timeout * 1e9)
         self.waiters.append(w)
-        if self._expiry is None:
-            self._arm_expiry(w.deadline_ns)
+        self._arm_expiry(w.deadline_ns)
         if len(self.waiters) > self._max_pending:
             self._max_pending = len(self.waiters)
             self.table.set("max_pending", self._max_pending)
@@ -433,6 +434,14 @@ class Pool:
             self._dispatch()  # paused with idle backends, or room to open one
         else:
             self.table.set("pending", len(self.waiters))
+
+    def _proxy_only_refusal(self) -> str:
+        return (
+            f"the backends of this pool use TLS (sslmode={self.target.sslmode}), so their "
+            "sockets cannot be handed to another process; pgreuse connections to it go "
+            "through the broker's proxy: reconnect (a connection opened before the pool knew "
+            "this, or by an older pgreuse, still asks for handoff)"
+        )
 
     def _dispatch(self) -> None:
         if self.paused:
@@ -487,6 +496,12 @@ class Pool:
         w.client.send(control.Deny(w.request, code, message))
 
     def _arm_expiry(self, deadline_ns: int) -> None:
+        """Make sure the expiry timer fires by ``deadline_ns`` (it serves every waiter)."""
+        if self._expiry is not None:
+            if deadline_ns >= self._expiry_at:
+                return
+            self._expiry.cancel()
+        self._expiry_at = deadline_ns
         delay = max(0.0, (deadline_ns - time.monotonic_ns()) / 1e9)
         self._expiry = self.loop.call_later(delay, self._expire)
 
@@ -496,9 +511,10 @@ class Pool:
         # Loops round timers to the millisecond: a waiter due within one counts as due.
         now = time.monotonic_ns() + 1_000_000
         expired = [w for w in self.waiters if w.deadline_ns <= now]
-        for w in expired:
-            self.waiters.remove(w)
         if expired:
+            # One pass, not a remove() per waiter (a burst of timeouts is not quadratic).
+            # Denials below may queue new requests (a client's next pipelined query).
+            self.waiters = deque(w for w in self.waiters if w.deadline_ns > now)
             self.table.set("pending", len(self.waiters))
         for w in expired:
             detail = (
@@ -514,7 +530,7 @@ class Pool:
                 f"{self.config.max_size} of --max-size are in use){detail}",
                 counter="timeouts",
             )
-        if self.waiters and self._expiry is None:
+        if self.waiters:
             self._arm_expiry(min(w.deadline_ns for w in self.waiters))
 
     def abandon(self, client: Client, request: int) -> None:

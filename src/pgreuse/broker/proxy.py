@@ -148,6 +148,8 @@ class ProxySession:
         self._request: int | None = None  # id of the request the pool has not answered yet
         self._request_ns = 0
         self._want_lease = False
+        self._denying = False  # inside _denied: see _lease_if_wanted
+        self._lease_deferred = False
         # Client -> backend.
         self._to_backend = bytearray()
         self._c_left = 0  # bytes of the current client message still to come
@@ -324,15 +326,14 @@ class ProxySession:
 
     def _from_client(self, data: bytes) -> None:
         """Scan ``data`` for message boundaries and forward, drop or answer each message."""
-        if not self._c_stash and not self._c_left and len(data) > 5 and self._rejecting is None:
+        if not self._c_stash and not self._c_left and len(data) >= 5 and self._rejecting is None:
             # The usual chunk: one whole Query or Sync, which _decide always forwards when no
             # refusal is being answered. Its one decision, without the scan loop.
             type_, length = _HEADER.unpack_from(data, 0)
             if length + 1 == len(data) and type_ in _LONE:
                 self._decide(type_)
                 self._forward(data)
-                if self._want_lease and self._request is None and self.backend is None:
-                    self._lease()
+                self._lease_if_wanted()
                 return
         if self._c_stash:
             data = self._c_stash + data
@@ -356,7 +357,7 @@ class ProxySession:
             type_, length = _HEADER.unpack_from(data, pos)
             if length < 4 or length > frames.MAX_FRAME:
                 raise frames.ProtocolError(f"client message type {type_!r} has invalid length {length}")
-            if type_ == b"P" and length > 4 and data[pos + 5] and not self.session_mode:
+            if type_ == b"P" and not self.session_mode and length > 4 and data[pos + 5]:
                 action = self._named_parse(data, pos + 5, min(n, pos + 1 + length))
             else:
                 action = self._decide(type_)
@@ -380,8 +381,22 @@ class ProxySession:
             self._forward(chunk)
         if self._quitting and self.backend is not None and self._idle():
             self._give_back(self._outcome_on_leave())
+        self._lease_if_wanted()
+
+    def _lease_if_wanted(self) -> None:
         if self._want_lease and self._request is None and self.backend is None and not self.closed:
-            self._lease()
+            if not self._denying:
+                self._lease()
+            elif not self._lease_deferred:
+                # Answering a refusal: a refusal of this request may come back at once, and
+                # leasing here would recurse once per pipelined query. Ask on the next loop turn.
+                self._lease_deferred = True
+                self.loop.call_soon(self._deferred_lease)
+
+    def _deferred_lease(self) -> None:
+        self._lease_deferred = False
+        self._lease_if_wanted()
+        self._interest()
 
     def _named_parse(self, data: bytes, start: int, end: int) -> int:
         """A Parse naming its statement, in transaction mode (see the module docstring)."""
@@ -552,7 +567,11 @@ class ProxySession:
             f"{prefix}pgreuse broker: {msg.message}",
             hint="retry later, or raise the broker's --max-size or --wait-timeout",
         )
-        self._from_client(pending)
+        self._denying = True
+        try:
+            self._from_client(pending)
+        finally:
+            self._denying = False
         if self._c_stash:
             raise AssertionError("a complete buffer left an incomplete header")  # pragma: no cover
         self._c_stash = stash
