@@ -3,8 +3,9 @@
 Invariants:
 
 * At most ``max_size`` slots hold a socket (connecting, idle, lent or resetting) at any time.
-* A slot changes state only through :meth:`Pool._transition` (which checks the state machine and mirrors
-  the slot into the shared-memory table).
+* A slot changes state only through :meth:`Pool._transition`, which checks the state machine and
+  mirrors the slot into the shared-memory table (a step that the same call leaves again, like
+  ``resetting`` on a clean release, is mirrored only by the step it ends in).
 * A backend is lent only from ``idle``, and reaches ``idle`` only from a fresh connect or after a
   ``resetting`` step that proved nothing is left unread on its socket.
 * A backend whose holder process died, or whose holder saw it fail, is closed (``shutdown()`` first:
