@@ -75,7 +75,7 @@ def test_proxy_and_handoff_take_turns_on_one_backend(make_broker):
 def test_each_waiter_gets_its_own_deadline(make_broker):
     # One timer serves every waiter: a request queued later must not time out with the first one,
     # and a request served before its deadline must not be denied.
-    b = make_broker("--max-size", "1", "--wait-timeout", "1.5")
+    b = make_broker("--max-size", "1", "--wait-timeout", "3")
     holder = plain(b)
     holder.execute("select 1")  # holds the only backend in an open transaction
     outcomes: dict[str, tuple[str, float]] = {}
@@ -91,13 +91,13 @@ def test_each_waiter_gets_its_own_deadline(make_broker):
                 outcomes[name] = (str(exc.sqlstate), time.monotonic() - t0)
 
     first = threading.Thread(target=wait, args=("first", 0.0))
-    second = threading.Thread(target=wait, args=("second", 0.7))
+    second = threading.Thread(target=wait, args=("second", 1.5))
     first.start()
     second.start()
     first.join(10)
-    # The first timed out; the second has waited about 0.8 s of its 1.5 s: serve it now.
+    # The first timed out; the second has waited about 1.5 s of its 3 s: serve it now.
     assert outcomes["first"][0] == "08P01"
-    assert 1.3 < outcomes["first"][1] < 5
+    assert 2.8 < outcomes["first"][1] < 6
     assert "second" not in outcomes
     holder.commit()
     second.join(10)
@@ -284,7 +284,8 @@ def test_a_pipelining_client_that_times_out_does_not_delay_other_waiters(make_br
         answer = other.until_ready(1)
         waited = time.monotonic() - t0
         assert [t for t, _ in answer] == [b"E", b"Z"]
-        assert 1.8 < waited < 2.6, f"denied after {waited:.2f}s; --wait-timeout is 2s"
+        # (Before the fix: about 3.5 s, the other client's second deadline.)
+        assert 1.8 < waited < 3.2, f"denied after {waited:.2f}s; --wait-timeout is 2s"
     finally:
         holder.close()
         pipelining.close()
