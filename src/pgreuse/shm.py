@@ -65,10 +65,11 @@ _REASONS_OFF = _COUNTERS_OFF + len(COUNTERS) * 8
 # Byte offset of each counter: add()/set() run on every lease, a tuple.index() per call would scan.
 _COUNTER_OFFSETS: dict[str, int] = {name: _COUNTERS_OFF + i * 8 for i, name in enumerate(COUNTERS)}
 _LEASES_OFF = _COUNTER_OFFSETS["leases"]
+# leases, waits and wait_ns are adjacent: record_lease reads and writes them as one.
+assert COUNTERS[:3] == ("leases", "waits", "wait_ns")
+_LEASE_COUNTERS = struct.Struct("<QQQ")
 _SLOT_SIZE = _SLOT.size
 _WAIT_BOUNDS_NS = tuple(round(b * 1e9) for b in WAIT_BUCKETS)
-_WAITS_OFF = _COUNTER_OFFSETS["waits"]
-_WAIT_NS_OFF = _COUNTER_OFFSETS["wait_ns"]
 _USE_NS_OFF = _COUNTER_OFFSETS["use_ns"]
 _HIST_OFF = _REASONS_OFF + _N_REASONS * 8
 _SLOTS_OFF = _HIST_OFF + (len(WAIT_BUCKETS) + 1) * 8
@@ -228,13 +229,11 @@ class Table:
         """One lease granted after ``waited_ns`` (``queued``: it waited in the FIFO): the counters
         and the wait histogram in one call, as this runs once per transaction."""
         mm = self._mm
-        off = _LEASES_OFF
-        _COUNTER.pack_into(mm, off, _COUNTER.unpack_from(mm, off)[0] + 1)
+        leases, waits, wait_ns = _LEASE_COUNTERS.unpack_from(mm, _LEASES_OFF)
         if queued:
-            off = _WAITS_OFF
-            _COUNTER.pack_into(mm, off, _COUNTER.unpack_from(mm, off)[0] + 1)
-            off = _WAIT_NS_OFF
-            _COUNTER.pack_into(mm, off, _COUNTER.unpack_from(mm, off)[0] + waited_ns)
+            _LEASE_COUNTERS.pack_into(mm, _LEASES_OFF, leases + 1, waits + 1, wait_ns + waited_ns)
+        else:
+            _COUNTER.pack_into(mm, _LEASES_OFF, leases + 1)
         if waited_ns <= _WAIT_BOUNDS_NS[0]:
             off = _HIST_OFF  # not queued: the first bucket, without a search
         else:
