@@ -13,7 +13,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 import pgreuse
 from pgreuse.client.channel import broker_accepts
-from pgreuse.shm import Snapshot, Table, table_path
+from pgreuse.shm import Snapshot, Table, TableError, table_path
 
 
 class BrokerProcess:
@@ -49,7 +49,9 @@ class BrokerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{self.log()}")
-            if broker_accepts(self.control_socket):
+            # Ready: it accepts, and its own table is in place (the listeners come first, so a
+            # test could otherwise read no table, or a table a killed broker left behind).
+            if broker_accepts(self.control_socket) and self._table_pid() == self.proc.pid:
                 return self
             time.sleep(0.02)
         raise RuntimeError(f"broker not ready in {timeout}s:\n{self.log()}")
@@ -63,6 +65,12 @@ class BrokerProcess:
 
     def connect(self, **kwargs: object) -> pgreuse.Connection:
         return pgreuse.connect(self.conninfo, **kwargs)  # type: ignore[arg-type]
+
+    def _table_pid(self) -> int:
+        try:
+            return self.snapshot().broker_pid
+        except (OSError, TableError):  # not there yet, or not whole yet
+            return 0
 
     def snapshot(self) -> Snapshot:
         t = Table.open(table_path(self.socket_dir, self.port))
