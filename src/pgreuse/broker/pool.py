@@ -572,8 +572,8 @@ class Pool:
             logger.debug("pid %d gave back slot %d, which it no longer holds", client.pid, b.index)
             return
         if outcome is control.Outcome.CLEAN and not self.config.reset_every_lease:
-            # The hot path (once per proxied transaction): _end_lease, _make_idle and _watch inlined;
-            # the table is written once, as IDLE or as LENT to the next waiter.
+            # The hot path (once per proxied transaction): _end_lease inlined; the table is written
+            # once, by _make_idle (as IDLE, or as LENT to the next waiter).
             used = time.monotonic_ns() - b.lease_started_ns
             b.use_ns += used
             self.table.record_use(used)
@@ -586,22 +586,7 @@ class Pool:
                 self._close(b, problem, graceful=False)
                 return
             self._transition(b, SlotState.IDLE, "clean release", publish=False)
-            if self.closing:
-                self._close(b, CloseReason.SHUTDOWN, graceful=True)
-                return
-            b.on_readable = b.idle_watch
-            if not b.watched:
-                self._watch(b)
-            if self.waiters and not self.paused:
-                self._grant_waiter(b, self.waiters.popleft())
-                self.table.set("pending", len(self.waiters))
-                if self.waiters and self._states[SlotState.CLOSED]:
-                    self._dispatch()  # open more backends for those still waiting
-                return
-            self._publish(b)
-            self.idle.append(b)
-            if self.waiters:
-                self._dispatch()
+            self._make_idle(b)
             return
         self._end_lease(b)
         # The reset below reads the socket through the loop itself, and a close needs no watch: an

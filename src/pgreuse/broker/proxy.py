@@ -530,7 +530,7 @@ class ProxySession:
         """The pool lends ``b`` for ``request`` (``pool.InProcessHolder``)."""
         if request != self._request or self.closed:
             # Cannot happen in process (abandon() runs before close() returns); never keep it.
-            self.pool.release(self, b.index, b.generation, control.Outcome.CLEAN)
+            self.pool.give_back(b, self, control.Outcome.CLEAN)
             return
         self._request = None
         self.stats.wait_ns += time.monotonic_ns() - self._request_ns
