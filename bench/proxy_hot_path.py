@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
-import struct
 import sys
 import tempfile
 import time
@@ -31,19 +30,15 @@ from pgreuse.broker.connector import parse_target
 from pgreuse.broker.pool import Pool
 from pgreuse.broker.proxy import ProxySession, ProxyStats
 from pgreuse.shm import Table, table_path
+from pgreuse.wire.frames import frame
 from pgreuse.wire.states import SlotState
 
-
-def _msg(type_: bytes, body: bytes) -> bytes:
-    return type_ + struct.pack("!i", 4 + len(body)) + body
-
-
-QUERY = _msg(b"Q", b"SELECT abalance FROM pgbench_accounts WHERE aid = 4242;\0")
+QUERY = frame(b"Q", b"SELECT abalance FROM pgbench_accounts WHERE aid = 4242;\0")
 ANSWER = (
-    _msg(b"T", b"\0\x01abalance\0" + b"\0" * 6 + b"\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0")
-    + _msg(b"D", b"\0\x01\0\0\0\x010")
-    + _msg(b"C", b"SELECT 1\0")
-    + _msg(b"Z", b"I")
+    frame(b"T", b"\0\x01abalance\0" + b"\0" * 6 + b"\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0")
+    + frame(b"D", b"\0\x01\0\0\0\x010")
+    + frame(b"C", b"SELECT 1\0")
+    + frame(b"Z", b"I")
 )
 
 

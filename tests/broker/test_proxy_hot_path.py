@@ -8,13 +8,22 @@ hang-up or a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
+import socket
 import threading
 import time
 
 import psycopg
 import pytest
 
+from pgreuse.broker.config import BrokerConfig
+from pgreuse.broker.connector import parse_target
+from pgreuse.broker.pool import Pool
+from pgreuse.broker.proxy import ProxySession, ProxyStats
+from pgreuse.shm import Table, table_path
+from pgreuse.wire import frames
 from pgreuse.wire.states import CloseReason, SlotState
 
 
@@ -143,30 +152,17 @@ def test_many_clients_on_few_backends_lose_nothing(make_broker, pg, clients):
 # -- a byte stream it is given, the way a server's answer may arrive in any number of reads) ---------
 
 
-def _msg(type_: bytes, body: bytes) -> bytes:
-    return type_ + (4 + len(body)).to_bytes(4, "big") + body
-
-
 ANSWER = (
-    _msg(b"1", b"")  # ParseComplete: a 5-byte message
-    + _msg(b"T", b"\0\x01a\0" + b"\0" * 6 + b"\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0")
-    + _msg(b"D", b"\0\x01\0\0\0\x0242")
-    + _msg(b"C", b"SELECT 1\0")
-    + _msg(b"Z", b"I")
+    frames.frame(b"1", b"")  # ParseComplete: a 5-byte message
+    + frames.frame(b"T", b"\0\x01a\0" + b"\0" * 6 + b"\0\0\0\x17\0\x04\xff\xff\xff\xff\0\0")
+    + frames.frame(b"D", b"\0\x01\0\0\0\x0242")
+    + frames.frame(b"C", b"SELECT 1\0")
+    + frames.frame(b"Z", b"I")
 )
-QUERY = _msg(b"Q", b"select 42\0")
+QUERY = frames.frame(b"Q", b"select 42\0")
 
 
 def test_the_scanner_finds_the_end_of_a_transaction_however_the_answer_is_cut(short_tmp):
-    import asyncio  # noqa: PLC0415
-    import socket  # noqa: PLC0415
-
-    from pgreuse.broker.config import BrokerConfig  # noqa: PLC0415
-    from pgreuse.broker.connector import parse_target  # noqa: PLC0415
-    from pgreuse.broker.pool import Pool  # noqa: PLC0415
-    from pgreuse.broker.proxy import ProxySession, ProxyStats  # noqa: PLC0415
-    from pgreuse.shm import Table, table_path  # noqa: PLC0415
-
     async def run() -> None:
         d = str(short_tmp)
         table = Table.create(table_path(d, 6999), max_size=1, min_size=0, wait_timeout=5.0,
@@ -232,37 +228,28 @@ def test_reset_every_lease_through_the_proxy(make_broker):
 
 
 class _Raw:
-    """A bare protocol-3 client on the broker's PostgreSQL socket."""
+    """A bare protocol-3 client on the broker's PostgreSQL socket (pgreuse's own sans-IO framing)."""
 
     def __init__(self, broker) -> None:  # type: ignore[no-untyped-def]
-        import os  # noqa: PLC0415
-        import socket  # noqa: PLC0415
-
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.settimeout(15)
         self.sock.connect(os.path.join(broker.socket_dir, f".s.PGSQL.{broker.port}"))
-        body = (196608).to_bytes(4, "big") + b"user\0postgres\0database\0" + broker.dbname.encode() + b"\0\0"
-        self.sock.sendall((len(body) + 4).to_bytes(4, "big") + body)
-        self.buf = b""
+        self.sock.sendall(frames.startup_message({"user": "postgres", "database": broker.dbname}))
+        self.reader = frames.FrameReader()
         assert self.until_ready(1)[-1][0] == b"Z"
 
-    def messages(self) -> list[tuple[bytes, bytes]]:
-        out = []
-        while len(self.buf) >= 5 and len(self.buf) >= 1 + int.from_bytes(self.buf[1:5], "big"):
-            n = 1 + int.from_bytes(self.buf[1:5], "big")
-            out.append((self.buf[:1], self.buf[5:n]))
-            self.buf = self.buf[n:]
-        return out
-
     def until_ready(self, count: int) -> list[tuple[bytes, bytes]]:
+        """Every message up to the ``count``-th ReadyForQuery, as (type, body)."""
         got: list[tuple[bytes, bytes]] = []
-        while sum(1 for t, _ in got if t == b"Z") < count:
-            got += self.messages()
-            if sum(1 for t, _ in got if t == b"Z") >= count:
-                break
-            data = self.sock.recv(65536)
-            assert data, "the broker closed the connection"
-            self.buf += data
+        while count:
+            msg = self.reader.next_message()
+            if msg is None:
+                data = self.sock.recv(65536)
+                assert data, "the broker closed the connection"
+                self.reader.feed(data)
+                continue
+            got.append((msg.type, bytes(msg.body)))
+            count -= msg.type == b"Z"
         return got
 
     def close(self) -> None:
@@ -277,10 +264,10 @@ def test_a_pipelining_client_that_times_out_does_not_delay_other_waiters(make_br
     holder.execute("select 1")  # holds the only backend in an open transaction
     pipelining, other = _Raw(b), _Raw(b)
     try:
-        pipelining.sock.sendall(_msg(b"Q", b"select 1\0") + _msg(b"Q", b"select 2\0"))
+        pipelining.sock.sendall(frames.frame(b"Q", b"select 1\0") + frames.frame(b"Q", b"select 2\0"))
         time.sleep(0.5)
         t0 = time.monotonic()
-        other.sock.sendall(_msg(b"Q", b"select 3\0"))
+        other.sock.sendall(frames.frame(b"Q", b"select 3\0"))
         answer = other.until_ready(1)
         waited = time.monotonic() - t0
         assert [t for t, _ in answer] == [b"E", b"Z"]
@@ -298,18 +285,18 @@ def test_hundreds_of_pipelined_queries_refused_at_once(make_broker):
     holder = plain(b)
     holder.execute("select 1")  # holds the only backend
     queued = _Raw(b)
-    queued.sock.sendall(_msg(b"Q", b"select 1\0"))  # takes the one waiting place
+    queued.sock.sendall(frames.frame(b"Q", b"select 1\0"))  # takes the one waiting place
     b.wait_for(lambda s: s.counters["pending"] == 1, what="one waiter")
     flood = _Raw(b)
     try:
-        flood.sock.sendall(_msg(b"Q", b"select 2\0") * 1500)
+        flood.sock.sendall(frames.frame(b"Q", b"select 2\0") * 1500)
         answers = flood.until_ready(1500)
         errors = [body for t, body in answers if t == b"E"]
         assert len(errors) == 1500
         assert b"53300" in errors[0] and b"--max-waiting" in errors[-1]
         holder.commit()
         assert [t for t, _ in queued.until_ready(1)][-1] == b"Z"
-        flood.sock.sendall(_msg(b"Q", b"select 3\0"))  # the flooding client carries on
+        flood.sock.sendall(frames.frame(b"Q", b"select 3\0"))  # the flooding client carries on
         assert [t for t, _ in flood.until_ready(1)] == [b"T", b"D", b"C", b"Z"]
     finally:
         holder.close()
@@ -322,8 +309,13 @@ def test_session_mode_takes_a_parse_header_cut_from_its_body(make_broker):
     b = make_broker("--pool-mode", "session")
     raw = _Raw(b)
     try:
-        parse = _msg(b"P", b"stmt\0select 41 + 1\0\0\0")
-        rest = parse[5:] + _msg(b"B", b"\0stmt\0\0\0\0\0\0\0") + _msg(b"E", b"\0\0\0\0\0") + _msg(b"S", b"")
+        parse = frames.frame(b"P", b"stmt\0select 41 + 1\0\0\0")
+        rest = (
+            parse[5:]
+            + frames.frame(b"B", b"\0stmt\0\0\0\0\0\0\0")
+            + frames.frame(b"E", b"\0\0\0\0\0")
+            + frames.frame(b"S", b"")
+        )
         raw.sock.sendall(parse[:5])  # a read that ends right after the Parse header
         time.sleep(0.3)
         raw.sock.sendall(rest)
