@@ -603,7 +603,7 @@ class Pool:
         if b.lease_started_ns:
             used = time.monotonic_ns() - b.lease_started_ns
             b.use_ns += used
-            self.table.add("use_ns", used)
+            self.table.record_use(used)
         b.holder = None
         b.parking = 0
         b.lease_started_ns = 0
