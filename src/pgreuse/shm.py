@@ -65,12 +65,12 @@ _REASONS_OFF = _COUNTERS_OFF + len(COUNTERS) * 8
 # Byte offset of each counter: add()/set() run on every lease, a tuple.index() per call would scan.
 _COUNTER_OFFSETS: dict[str, int] = {name: _COUNTERS_OFF + i * 8 for i, name in enumerate(COUNTERS)}
 _LEASES_OFF = _COUNTER_OFFSETS["leases"]
-# leases, waits and wait_ns are adjacent: record_lease reads and writes them as one.
+# leases, waits and wait_ns are adjacent: flush() reads and writes them as one ...
 assert COUNTERS[:3] == ("leases", "waits", "wait_ns")
-_LEASE_COUNTERS = struct.Struct("<QQQ")
+assert COUNTERS[3] == "use_ns"  # ... and use_ns follows them: flush() writes all four
+_LEASE_COUNTERS = struct.Struct("<QQQQ")
 _SLOT_SIZE = _SLOT.size
 _WAIT_BOUNDS_NS = tuple(round(b * 1e9) for b in WAIT_BUCKETS)
-_USE_NS_OFF = _COUNTER_OFFSETS["use_ns"]
 _HIST_OFF = _REASONS_OFF + _N_REASONS * 8
 _SLOTS_OFF = _HIST_OFF + (len(WAIT_BUCKETS) + 1) * 8
 
@@ -132,6 +132,9 @@ class Table:
         # Readers compare it with the path's current inode: a restarted broker renames a new table
         # over the old one, and the old mapping would go on showing a dead broker's last state.
         self.inode = inode
+        # Lease counters noted and not yet written (note_lease, note_use, flush).
+        self._n_leases = self._n_waits = self._n_wait_ns = self._n_use_ns = 0
+        self._n_hist = [0] * (len(WAIT_BUCKETS) + 1)
 
     @classmethod
     def create(
@@ -220,25 +223,39 @@ class Table:
         value = _COUNTER.unpack_from(self._mm, off)[0] + n
         _COUNTER.pack_into(self._mm, off, value if value > 0 else 0)
 
-    def record_use(self, used_ns: int) -> None:
-        """A lease ended after ``used_ns`` (once per transaction: no name lookup)."""
-        mm = self._mm
-        _COUNTER.pack_into(mm, _USE_NS_OFF, _COUNTER.unpack_from(mm, _USE_NS_OFF)[0] + used_ns)
+    def note_lease(self, waited_ns: int, queued: bool) -> None:
+        """Count one lease granted after ``waited_ns`` (``queued``: it waited in the FIFO).
 
-    def record_lease(self, waited_ns: int, queued: bool) -> None:
-        """One lease granted after ``waited_ns`` (``queued``: it waited in the FIFO): the counters
-        and the wait histogram in one call, as this runs once per transaction."""
-        mm = self._mm
-        leases, waits, wait_ns = _LEASE_COUNTERS.unpack_from(mm, _LEASES_OFF)
+        Noted in the process and written by :meth:`flush` (so are :meth:`note_use`'s): the proxy
+        lends once per transaction, and four struct writes into the mapping per lease cost more
+        than the rest of its bookkeeping. The broker flushes within ``pool.TABLE_LAG``."""
+        self._n_leases += 1
         if queued:
-            _LEASE_COUNTERS.pack_into(mm, _LEASES_OFF, leases + 1, waits + 1, wait_ns + waited_ns)
+            self._n_waits += 1
+            self._n_wait_ns += waited_ns
+            self._n_hist[bisect.bisect_left(_WAIT_BOUNDS_NS, waited_ns)] += 1
         else:
-            _COUNTER.pack_into(mm, _LEASES_OFF, leases + 1)
-        if waited_ns <= _WAIT_BOUNDS_NS[0]:
-            off = _HIST_OFF  # not queued: the first bucket, without a search
-        else:
-            off = _HIST_OFF + bisect.bisect_left(_WAIT_BOUNDS_NS, waited_ns) * 8
-        _COUNTER.pack_into(mm, off, _COUNTER.unpack_from(mm, off)[0] + 1)
+            self._n_hist[0] += 1  # not queued: the first bucket, without a search
+
+    def note_use(self, used_ns: int) -> None:
+        """Count ``used_ns`` of lent time (a lease ended); written by :meth:`flush`."""
+        self._n_use_ns += used_ns
+
+    def flush(self) -> None:
+        """Add what :meth:`note_lease` and :meth:`note_use` counted to the table."""
+        if not self._n_leases and not self._n_use_ns:
+            return
+        mm = self._mm
+        leases, waits, wait_ns, use_ns = _LEASE_COUNTERS.unpack_from(mm, _LEASES_OFF)
+        _LEASE_COUNTERS.pack_into(mm, _LEASES_OFF, leases + self._n_leases, waits + self._n_waits,
+                                  wait_ns + self._n_wait_ns, use_ns + self._n_use_ns)  # fmt: skip
+        hist = self._n_hist
+        for i, n in enumerate(hist):
+            if n:
+                off = _HIST_OFF + i * 8
+                _COUNTER.pack_into(mm, off, _COUNTER.unpack_from(mm, off)[0] + n)
+                hist[i] = 0
+        self._n_leases = self._n_waits = self._n_wait_ns = self._n_use_ns = 0
 
     def set(self, counter: str, value: int) -> None:
         _COUNTER.pack_into(self._mm, _COUNTER_OFFSETS[counter], max(0, value))
@@ -255,6 +272,8 @@ class Table:
     # -- readers ---------------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
+        if self.writable:
+            self.flush()  # the broker's own reads (SHOW STATS) include what it has noted
         mm = self._mm
         (_m, _v, pid, gen, max_size, min_size, started, wait_timeout, db, user) = _HEADER.unpack_from(mm, 0)
         counters = {

@@ -63,6 +63,11 @@ CHECKED_PARAMETERS = (
 )
 _RDHUP = getattr(select, "POLLRDHUP", 0x2000)
 _OUTCOME_REASON = {o: o.name.lower() for o in control.Outcome}
+# Longest a slot record, a lease counter or the ``pending`` gauge of the shared-memory table may lag
+# behind the pool for in-process (proxy) leases. They are written in batches: the proxy lends once
+# per transaction, and writing the mapping at every lease cost more than the rest of its bookkeeping.
+# Readers are statistics (``pgreuse stats``, telemetry), never decisions.
+TABLE_LAG = 0.05
 
 
 class Client(Protocol):
@@ -156,6 +161,9 @@ class Pool:
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at = 0  # the deadline it is armed for (monotonic ns)
         self._debug = logger.isEnabledFor(logging.DEBUG)  # refreshed by tick()
+        # Table writes batched for TABLE_LAG (see flush_table).
+        self._lagging: set[Backend] = set()
+        self._flush_timer: asyncio.TimerHandle | None = None
         self.idle: list[Backend] = []  # used as a stack: the most recently returned goes out first
         self.waiters: deque[Waiter] = deque()
         self.parameters: dict[str, str] | None = None
@@ -207,6 +215,28 @@ class Pool:
         holder = b.holder.pid if b.holder else 0
         self.table.write_slot_values(b.index, b.state, b.close_reason, b.dirty, b.generation, b.pid,
                                      holder, b.lease_started_ns, b.leases, b.use_ns, b.opened_at)  # fmt: skip
+
+    def _publish_soon(self, b: Backend) -> None:
+        """Write ``b``'s record within TABLE_LAG (an in-process lease: see TABLE_LAG)."""
+        self._lagging.add(b)
+        if self._flush_timer is None:
+            self._flush_timer = self.loop.call_later(TABLE_LAG, self.flush_table)
+
+    def _counters_soon(self) -> None:
+        """Write the noted lease counters and the ``pending`` gauge within TABLE_LAG."""
+        if self._flush_timer is None:
+            self._flush_timer = self.loop.call_later(TABLE_LAG, self.flush_table)
+
+    def flush_table(self) -> None:
+        """Bring the table up to date with the pool: lagging slot records, counters, ``pending``."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        for b in self._lagging:
+            self._publish(b)
+        self._lagging.clear()
+        self.table.set("pending", len(self.waiters))
+        self.table.flush()
 
     def _alive(self) -> int:
         return len(self.slots) - self._states[SlotState.CLOSED]
@@ -274,8 +304,8 @@ class Pool:
             self._retry_at = time.monotonic() + self._backoff
             logger.warning("slot %d: %s (next attempt in %.2fs)", b.index, exc, self._backoff)
             b.close_reason = CloseReason.CONNECT_FAILED
-            self.table.count_close(CloseReason.CONNECT_FAILED)
             self._transition(b, SlotState.CLOSED, "connect failed")
+            self.table.count_close(CloseReason.CONNECT_FAILED)  # after the slot: see _close
             self._connect_failed()
             self._attempt_done.set()
             self._attempt_done = asyncio.Event()
@@ -434,7 +464,7 @@ class Pool:
         if self.idle or self._states[SlotState.CLOSED]:
             self._dispatch()  # paused with idle backends, or room to open one
         else:
-            self.table.set("pending", len(self.waiters))
+            self._counters_soon()  # the pending gauge
 
     def _proxy_only_refusal(self) -> str:
         return (
@@ -471,16 +501,14 @@ class Pool:
         b.lease_started_ns = now
         b.leases += 1
         self._transition(b, SlotState.LENT, "granted", publish=False)
+        self.table.note_lease(now - asked_ns, queued)
         if client.in_process:
-            # The idle watch stays registered: the holder swaps b.on_readable (see Backend). It
-            # sends the query it holds before the table is written: the writes are off its path.
+            # The idle watch stays registered: the holder swaps b.on_readable (see Backend).
             client.granted(b, request)  # type: ignore[attr-defined]
-            if b.holder is client:  # still lent to it (a failed send gives it back at once)
-                self._publish(b)
-            self.table.record_lease(now - asked_ns, queued)
+            self._publish_soon(b)
             return
         self._publish(b)
-        self.table.record_lease(now - asked_ns, queued)
+        self.table.flush()  # a worker's lease shows at once (its telemetry reads the table)
         self._unwatch(b)  # the worker reads the socket now
         send_fd = client.fds.get(b.index) != b.generation
         assert b.sock is not None
@@ -574,19 +602,32 @@ class Pool:
         if outcome is control.Outcome.CLEAN and not self.config.reset_every_lease:
             # The hot path (once per proxied transaction): _end_lease inlined; the table is written
             # once, by _make_idle (as IDLE, or as LENT to the next waiter).
-            used = time.monotonic_ns() - b.lease_started_ns
+            now = time.monotonic_ns()
+            used = now - b.lease_started_ns
             b.use_ns += used
-            self.table.record_use(used)
+            self.table.note_use(used)
+            waiters = self.waiters
+            if (
+                unread_checked
+                and waiters
+                and waiters[0].client.in_process
+                and b.tls is None
+                and not self.paused
+                and not self.closing
+            ):
+                self._hand_over(b, waiters.popleft(), now)
+                return
             b.holder = None
             b.parking = 0
             b.lease_started_ns = 0
             self._transition(b, SlotState.RESETTING, "clean", publish=False)
             problem = None if unread_checked and b.tls is None else self._unread(b)
             if problem is not None:
+                self._counters_soon()  # the use noted above
                 self._close(b, problem, graceful=False)
                 return
             self._transition(b, SlotState.IDLE, "clean release", publish=False)
-            self._make_idle(b)
+            self._make_idle(b, lazy=client.in_process)
             return
         self._end_lease(b)
         # The reset below reads the socket through the loop itself, and a close needs no watch: an
@@ -599,11 +640,32 @@ class Pool:
         b.dirty = True
         self._spawn(self._reset(b))
 
+    def _hand_over(self, b: Backend, w: Waiter, now: int) -> None:
+        """Lend ``b``, given back clean by an in-process holder, straight to the in-process waiter
+        ``w`` (under load, once per proxied transaction).
+
+        The slot stays ``LENT``: only its holder changes. The skipped ``resetting`` and ``idle``
+        steps prove nothing a handover needs: the holder read the socket up to ReadyForQuery ``I``
+        and found nothing after it (``unread_checked``, plaintext only), and the socket stays
+        registered with the loop, where the new holder takes over the read callback.
+        """
+        client = w.client
+        b.holder = client
+        b.parking = w.parking
+        b.lease_started_ns = now
+        b.leases += 1
+        self.table.note_lease(now - w.enqueued_ns, True)
+        client.granted(b, w.request)  # type: ignore[attr-defined]
+        self._publish_soon(b)  # (arms the timer that also writes the counters and pending)
+        if self.waiters and self._states[SlotState.CLOSED]:
+            self._dispatch()  # open more backends for those still waiting
+
     def _end_lease(self, b: Backend) -> None:
         if b.lease_started_ns:
             used = time.monotonic_ns() - b.lease_started_ns
             b.use_ns += used
-            self.table.record_use(used)
+            self.table.note_use(used)
+            self._counters_soon()
         b.holder = None
         b.parking = 0
         b.lease_started_ns = 0
@@ -640,8 +702,9 @@ class Pool:
         self._transition(b, SlotState.IDLE, "reset")
         self._make_idle(b)
 
-    def _make_idle(self, b: Backend) -> None:
-        """``b`` just became IDLE: lend it to the first waiter, or keep it on the idle stack."""
+    def _make_idle(self, b: Backend, *, lazy: bool = False) -> None:
+        """``b`` just became IDLE: lend it to the first waiter, or keep it on the idle stack.
+        ``lazy``: it comes back from an in-process lease; its record may lag (TABLE_LAG)."""
         if self.closing:
             self._close(b, CloseReason.SHUTDOWN, graceful=True)
             return
@@ -652,7 +715,10 @@ class Pool:
             if self.waiters and self._states[SlotState.CLOSED]:
                 self._dispatch()  # open more backends for those still waiting
             return
-        self._publish(b)
+        if lazy:
+            self._publish_soon(b)
+        else:
+            self._publish(b)
         self.idle.append(b)
         if self.waiters:
             self._dispatch()
@@ -713,10 +779,12 @@ class Pool:
             self.table.add("backends_closed")
         self._end_lease(b)
         b.close_reason = reason
-        self.table.count_close(reason)
         logger.info("slot %d gen %d: backend pid %d closed: %s",
                     b.index, b.generation, b.pid, reason.name.lower())  # fmt: skip
         self._transition(b, SlotState.CLOSED, reason.name.lower())
+        # Counted after the slot is written: a reader takes the counters first, so one that sees
+        # this close also sees the slot closed (or later), never the closed backend as idle.
+        self.table.count_close(reason)
         self._refill()
 
     def _refill(self) -> None:
@@ -822,5 +890,6 @@ class Pool:
                 self._close(b, CloseReason.SHUTDOWN, graceful=b.state is SlotState.IDLE)
         for t in list(self._tasks):
             t.cancel()
+        self.flush_table()  # the last batch (the table outlives the loop for readers)
         pid = os.getpid()
         logger.info("pool closed (broker pid %d)", pid)

@@ -63,7 +63,7 @@ _MAX_PENDING = 1024 * 1024
 _HEADER = struct.Struct("!ci")
 _SYNC_POINTS = frozenset((b"Q", b"S", b"F"))
 _SERVER_WATCHED = frozenset((b"Z", b"S"))  # ReadyForQuery, ParameterStatus
-_LONE = frozenset((b"Q", b"S"))  # client messages _from_client's fast path may take alone
+_LONE = frozenset((b"Q", b"S"))  # client messages _client_readable's fast path may take alone
 # Messages that need no backend when none is held: COPY data after a failed COPY (a server drops
 # it too) and Flush with nothing in flight.
 _NO_BACKEND_NEEDED = frozenset((b"d", b"c", b"f", b"H"))
@@ -305,17 +305,35 @@ class ProxySession:
     def _client_readable(self) -> None:
         try:
             n = self.sock.recv_into(_RBUF)
-            data = _RBUF[:n].tobytes()
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             logger.debug("client key %d: %s", self.parking_key, exc)
             self.close()
             return
-        if not data:
+        if not n:
             self.close()
             return
-        self.stats.received += len(data)
+        self.stats.received += n
+        if n >= 5 and not self._c_stash and not self._c_left and self._rejecting is None:
+            type_, length = _HEADER.unpack_from(_RBUF, 0)
+            if length + 1 == n and type_ in _LONE:
+                # The usual read: one whole Query or Sync, and no refusal being answered. What
+                # _decide does for it, without the scan loop; it needs a backend.
+                self._quitting = False
+                self.proxied = True
+                self._syncs += 1
+                self._unsynced = False
+                self.stats.queries += 1
+                if self.backend is not None and not self._to_backend:
+                    self._forward(_RBUF[:n])  # copies only what the socket does not take
+                else:
+                    self._to_backend += _RBUF[:n]
+                    if self.backend is None and self._request is None:
+                        self._lease()  # (never inside _denied: this is a loop callback)
+                self._interest()
+                return
+        data = _RBUF[:n].tobytes()
         try:
             self._from_client(data)
         except frames.ProtocolError as exc:
@@ -326,15 +344,6 @@ class ProxySession:
 
     def _from_client(self, data: bytes) -> None:
         """Scan ``data`` for message boundaries and forward, drop or answer each message."""
-        if not self._c_stash and not self._c_left and len(data) >= 5 and self._rejecting is None:
-            # The usual chunk: one whole Query or Sync, which _decide always forwards when no
-            # refusal is being answered. Its one decision, without the scan loop.
-            type_, length = _HEADER.unpack_from(data, 0)
-            if length + 1 == len(data) and type_ in _LONE:
-                self._decide(type_)
-                self._forward(data)
-                self._lease_if_wanted()
-                return
         if self._c_stash:
             data = self._c_stash + data
             self._c_stash = b""
