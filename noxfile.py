@@ -25,6 +25,14 @@ PSYCOPG_MATRIX = [
 # The handoff rests on psycopg internals: the client tests and the fault tests (libpq seeing its
 # backend die, close while leased, fork) run on every psycopg of the matrix.
 PSYCOPG_SENSITIVE_TESTS = ["tests/client", "tests/wire", "tests/integration/test_faults.py"]
+# The proxy's server-stream scanner has a C version (pgreuse._speedups, built by pip where a compiler
+# is present) and a Python reference (pgreuse.wire.scan): the whole suite runs on C, and the
+# newest pure-Python psycopg leg also runs the proxy tests on the Python scanner.
+PURE_PYTHON_PROXY_TESTS = [
+    "tests/broker/test_proxy.py",
+    "tests/broker/test_proxy_hot_path.py",
+    "tests/broker/test_pgbench.py",
+]
 _SHOW_PSYCOPG = (
     "import psycopg; "
     "print('psycopg', psycopg.__version__, psycopg.pq.__impl__, 'libpq', psycopg.pq.version())"
@@ -53,6 +61,12 @@ def tests(session: nox.Session, psycopg: str, impl: str) -> None:
         # A reused venv may still hold the C implementation from an earlier layout of this session.
         session.run("python", "-m", "pip", "uninstall", "-y", "-q", "psycopg-binary", "psycopg-c")
     env = {**_passthrough_env(), "PSYCOPG_IMPL": impl}
+    pure_scanner = (psycopg, impl) == (PSYCOPG_NEWEST, "python")
+    if pure_scanner:
+        env.update(PGREUSE_PURE_PYTHON="1", PGREUSE_EXPECT_SCAN="python")
+    elif os.environ.get("PGREUSE_REQUIRE_SPEEDUPS"):
+        # CI (.ci/run) installs a compiler: a build that fell back to Python must fail there.
+        env["PGREUSE_EXPECT_SCAN"] = "c"
     # Prove what is under test before running it: PSYCOPG_IMPL makes psycopg fail if it is missing.
     session.run(
         "python",
@@ -61,7 +75,9 @@ def tests(session: nox.Session, psycopg: str, impl: str) -> None:
         env=env,
     )
     whole_suite = (psycopg, impl) == (PSYCOPG_NEWEST, "binary")
-    selection = session.posargs or ([] if whole_suite else PSYCOPG_SENSITIVE_TESTS)
+    selection = session.posargs or (
+        [] if whole_suite else PSYCOPG_SENSITIVE_TESTS + (PURE_PYTHON_PROXY_TESTS if pure_scanner else [])
+    )
     session.run("pytest", "-n", "2", *selection, env=env)
 
 

@@ -367,3 +367,16 @@ def test_the_table_catches_up_with_every_proxied_lease(make_broker):
     assert c["use_ns"] > before.counters["use_ns"] and c["pending"] == 0
     slot = snap.slots[0]
     assert (slot.leases, slot.holder_pid) == (expected, 0)
+
+
+def test_the_broker_runs_the_expected_scanner(make_broker):
+    # nox runs the proxy tests once on the C scanner and once on the Python one: prove the broker
+    # under test runs the one its matrix leg is about (the environment reaches its process).
+    expected = os.environ.get("PGREUSE_EXPECT_SCAN")
+    if expected is None:
+        pytest.skip("PGREUSE_EXPECT_SCAN not set (nox sets it per matrix leg)")
+    b = make_broker("--max-size", "1")
+    deadline = time.monotonic() + 10
+    while "proxy scanner:" not in b.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"proxy scanner: {expected}" in b.log()

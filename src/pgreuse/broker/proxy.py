@@ -47,7 +47,8 @@ from typing import Final
 
 import attrs
 
-from ..wire import control, frames
+from ..wire import control, frames, scan
+from ..wire.scan import scan_server
 from .pool import Backend, Pool
 from .tls import TLSStream
 
@@ -62,7 +63,7 @@ _RBUF = memoryview(bytearray(_RECV))
 _MAX_PENDING = 1024 * 1024
 _HEADER = struct.Struct("!ci")
 _SYNC_POINTS = frozenset((b"Q", b"S", b"F"))
-_SERVER_WATCHED = frozenset((b"Z", b"S"))  # ReadyForQuery, ParameterStatus
+_IDLE = ord("I")  # ReadyForQuery status: not in a transaction
 _LONE = frozenset((b"Q", b"S"))  # client messages _client_readable's fast path may take alone
 # Messages that need no backend when none is held: COPY data after a failed COPY (a server drops
 # it too) and Flush with nothing in flight.
@@ -163,7 +164,7 @@ class ProxySession:
         self._to_client = bytearray()
         self._b_left = 0
         self._b_stash = b""
-        self._tx = b"I"
+        self._tx = _IDLE  # ReadyForQuery's last status byte, as an int
         self._dirty = False
         # Readiness registrations.
         self._c_reading = False
@@ -173,7 +174,7 @@ class ProxySession:
 
     def __repr__(self) -> str:
         lease = f"slot={self.backend.index}" if self.backend else "no backend"
-        return f"<ProxySession key={self.parking_key} pid={self.pid} {lease} tx={self._tx!r}>"
+        return f"<ProxySession key={self.parking_key} pid={self.pid} {lease} tx={chr(self._tx)}>"
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -240,7 +241,7 @@ class ProxySession:
         return (
             self._syncs == 0
             and not self._unsynced
-            and self._tx == b"I"
+            and self._tx == _IDLE
             and not self._b_left
             and not self._b_stash
             and not self._to_backend
@@ -254,8 +255,13 @@ class ProxySession:
         """Register exactly the readers and writers the buffers call for (backpressure)."""
         if self.closed:
             return
-        if not self._to_backend and not self._to_client and self._btls is None:
-            # Nothing buffered (after almost every event): read both sides, write neither.
+        if (
+            not self._to_client
+            and self._btls is None
+            and (not self._to_backend or (self.backend is None and len(self._to_backend) < _MAX_PENDING))
+        ):
+            # Nothing buffered, or a query waiting for its backend (after almost every event): read
+            # both sides, write neither.
             if not self._c_reading or self._c_writing:
                 self._set_client(reading=True, writing=False)
             b = self.backend
@@ -603,7 +609,7 @@ class ProxySession:
             self._b_stash = b""
             self._syncs = 0
             self._unsynced = False
-            self._tx = b"I"
+            self._tx = _IDLE
             self._dirty = False  # this lease's session state went back with it (outcome DIRTY)
             if outcome is control.Outcome.BROKEN:
                 self.stats.broken += 1
@@ -699,22 +705,17 @@ class ProxySession:
         if self._b_left:  # the rest of a message begun in an earlier read
             pos = min(self._b_left, n)
             self._b_left -= pos
-        unpack = _HEADER.unpack_from
-        last = n - 6  # a header plus ReadyForQuery's status byte fit from here on
-        # One turn per message, as few operations as can be: the server half of the hot path.
-        while pos <= last:
-            type_, length = unpack(data, pos)
-            if type_ in _SERVER_WATCHED:
-                if type_ == b"Z":
-                    self._tx = bytes(data[pos + 5 : pos + 6])
-                    self._syncs -= 1
-                    if self._syncs < 0:
-                        raise frames.ProtocolError("server sent a ReadyForQuery nobody asked for")
-                elif not self.session_mode:
-                    self._dirty = True  # ParameterStatus after a SET: the next holder must not inherit it
-            if length < 4:  # (no upper bound: server messages are forwarded, never buffered whole)
+        pos, self._syncs, tx, flags = scan_server(data, pos, self._syncs)
+        if tx >= 0:
+            self._tx = tx
+        if flags:
+            if flags & scan.UNSOLICITED_READY:
+                raise frames.ProtocolError("server sent a ReadyForQuery nobody asked for")
+            if flags & scan.BAD_LENGTH:
+                type_, length = _HEADER.unpack_from(data, pos)
                 raise frames.ProtocolError(f"server message type {type_!r} has invalid length {length}")
-            pos += 1 + length
+            if not self.session_mode:
+                self._dirty = True  # ParameterStatus after a SET: the next holder must not inherit it
         if pos > n:
             self._b_left = pos - n
         elif pos < n:

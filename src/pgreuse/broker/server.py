@@ -30,7 +30,7 @@ from typing import Any
 
 from ..credentials import peer_credentials, trusted_uids
 from ..shm import Table, table_path
-from ..wire import control, frames
+from ..wire import control, frames, scan
 from . import admin
 from .config import BrokerConfig, ConfigError, parse_listen_addr
 from .connector import BackendConnectError, BackendTarget, parse_target
@@ -188,8 +188,9 @@ class Broker:
         self._spawn(self._janitor())
         logger.info(
             "pgreuse broker pid %d ready: clients connect with host=%s port=%d; backends: %s, "
-            "max-size %d",
+            "max-size %d; proxy scanner: %s",
             os.getpid(), cfg.socket_dir, cfg.port, self.target.describe(), cfg.max_size,
+            scan.IMPLEMENTATION,
         )  # fmt: skip
         try:
             await self._stop.wait()

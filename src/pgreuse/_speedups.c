@@ -1,0 +1,93 @@
+/*
+ * pgreuse._speedups: the proxy's server-stream scanner in C.
+ *
+ * The reference is pgreuse.wire.scan.scan_server_py; this file must do exactly what it does (the
+ * differential test in tests/wire/test_scan.py feeds both the same streams, cut everywhere). The
+ * proxy walks every message header the server sends, once per message: for a 1000-row result that
+ * is 1000 turns of a Python loop per transaction, and in C it is a few nanoseconds each.
+ *
+ * Build is optional (pyproject.toml): without a compiler pgreuse runs the Python scanner, and
+ * PGREUSE_PURE_PYTHON=1 selects it even when this module is built.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+
+/* Flags in the result (keep in step with pgreuse.wire.scan). */
+#define SAW_PARAMETER_STATUS 1
+#define BAD_LENGTH 2
+#define UNSOLICITED_READY 4
+
+static PyObject *
+scan_server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_buffer view;
+    Py_ssize_t pos;
+    long syncs;
+    long tx = -1;
+    long flags = 0;
+
+    (void)self;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "scan_server() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    pos = PyLong_AsSsize_t(args[1]);
+    if (pos == -1 && PyErr_Occurred())
+        return NULL;
+    syncs = PyLong_AsLong(args[2]);
+    if (syncs == -1 && PyErr_Occurred())
+        return NULL;
+    if (pos < 0) {
+        PyErr_Format(PyExc_ValueError, "scan_server(): negative position %zd", pos);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    {
+        const unsigned char *buf = (const unsigned char *)view.buf;
+        /* From here on a header plus ReadyForQuery's status byte no longer fit. */
+        Py_ssize_t last = view.len - 6;
+
+        while (pos <= last) {
+            const unsigned char *p = buf + pos;
+            unsigned char type = p[0];
+            int32_t length = (int32_t)(((uint32_t)p[1] << 24) | ((uint32_t)p[2] << 16) |
+                                       ((uint32_t)p[3] << 8) | (uint32_t)p[4]);
+
+            if (type == 'Z') {
+                tx = p[5];
+                if (--syncs < 0) {
+                    flags |= UNSOLICITED_READY;
+                    break;
+                }
+            }
+            else if (type == 'S') {
+                flags |= SAW_PARAMETER_STATUS;
+            }
+            if (length < 4) {
+                flags |= BAD_LENGTH;
+                break;
+            }
+            pos += 1 + (Py_ssize_t)length;
+        }
+    }
+    PyBuffer_Release(&view);
+    return Py_BuildValue("(nlll)", pos, syncs, tx, flags);
+}
+
+static PyMethodDef methods[] = {
+    {"scan_server", (PyCFunction)(void (*)(void))scan_server, METH_FASTCALL,
+     "scan_server(data, pos, syncs) -> (pos, syncs, tx, flags): see pgreuse.wire.scan."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "pgreuse._speedups", "C versions of pgreuse's hot loops.", -1, methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,4 @@
+# The C module built from _speedups.c (optional): see pgreuse.wire.scan.
+def scan_server(
+    data: bytes | bytearray | memoryview, pos: int, syncs: int, /
+) -> tuple[int, int, int, int]: ...
