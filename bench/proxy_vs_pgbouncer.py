@@ -4,7 +4,14 @@ Starts a :class:`~pgreuse.devcluster.DevCluster`, PgBouncer (transaction pooling
 (transaction mode), both with 8 server connections to the same database, then runs pgbench against
 PostgreSQL directly, PgBouncer and pgreuse, one after the other, for each workload: ``-S`` (select
 only) with 1 and 16 clients, and the default TPC-B-like script with 1 and 16 clients. Prints a
-markdown table (tps and average latency per target) and the pgreuse/PgBouncer throughput ratio.
+markdown table (tps and average latency per target) and the pgreuse/PgBouncer throughput ratio, and a
+second table with what decides that ratio on a machine where everything shares a few cores: the CPU
+each pooler process spends per transaction (user and system time from ``/proc/<pid>/stat`` over the
+run), and the latency each adds to a round trip over PostgreSQL direct.
+
+The ratio is taken per round, from the two poolers' runs of that round (adjacent in time), and the
+table shows the median over rounds: on a shared machine the speed of everything drifts from one
+minute to the next, and a ratio of medians would mix runs minutes apart.
 
 Needs ``pgbouncer`` (Debian: ``apt-get install pgbouncer``) and the PostgreSQL server binaries. As
 root, PgBouncer runs as the ``postgres`` user (it refuses root), through ``runuser``.
@@ -29,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 from pgreuse.devcluster import DevCluster, find_pg_bindir
 
@@ -52,8 +60,18 @@ def _wait_socket(path: str, what: str, log: str, timeout: float = 20.0) -> None:
     raise RuntimeError(f"{what} did not create {path} within {timeout}s; its log:\n{tail}")
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of process ``pid`` so far (``/proc/<pid>/stat`` fields 14, 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
+
+
 @contextmanager
-def pgbouncer(cluster: DevCluster, pool_size: int) -> Iterator[str]:
+def pgbouncer(cluster: DevCluster, pool_size: int) -> Iterator[tuple[str, int]]:
     exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     if not os.path.exists(exe):
         raise SystemExit("pgbouncer not found: apt-get install pgbouncer (Debian/Ubuntu)")
@@ -94,7 +112,8 @@ admin_users = {cluster.superuser}
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
     try:
         _wait_socket(os.path.join(d, f".s.PGSQL.{PGBOUNCER_PORT}"), "pgbouncer", log)
-        yield d
+        with open(os.path.join(d, "pgbouncer.pid")) as f:
+            yield d, int(f.read().strip())
     finally:
         # As root, proc is runuser, which does not pass signals on: stop PgBouncer by its pidfile.
         try:
@@ -111,7 +130,7 @@ admin_users = {cluster.superuser}
 
 
 @contextmanager
-def pgreuse_broker(cluster: DevCluster, pool_size: int) -> Iterator[str]:
+def pgreuse_broker(cluster: DevCluster, pool_size: int) -> Iterator[tuple[str, int]]:
     d = tempfile.mkdtemp(prefix="pgr-b-", dir="/tmp")
     log = os.path.join(d, "broker.log")
     cmd = [
@@ -123,7 +142,7 @@ def pgreuse_broker(cluster: DevCluster, pool_size: int) -> Iterator[str]:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
         _wait_socket(os.path.join(d, f".s.PGREUSE.{PGREUSE_PORT}"), "the pgreuse broker", log)
-        yield d
+        yield d, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -134,23 +153,40 @@ def pgreuse_broker(cluster: DevCluster, pool_size: int) -> Iterator[str]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+class Run(NamedTuple):
+    tps: float
+    latency_ms: float
+    user_us: float  # the pooler's CPU per transaction (0 for PostgreSQL direct)
+    system_us: float
+
+
 def pgbench(
-    target: tuple[str, int], cluster: DevCluster, script: str, clients: int, args: argparse.Namespace
-) -> tuple[float, float]:
-    host, port = target
+    target: tuple[str, int, int], cluster: DevCluster, script: str, clients: int, args: argparse.Namespace
+) -> Run:
+    """One pgbench run against ``target`` (host, port, pid of the pooler or 0)."""
+    host, port, pid = target
     exe = os.path.join(find_pg_bindir(), "pgbench")
     cmd = [
         exe, "-h", host, "-p", str(port), "-U", cluster.superuser, "-n", "-b", script,
         "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(args.duration), "-M", args.mode,
         cluster.dbname,
     ]  # fmt: skip
+    before = _cpu_seconds(pid) if pid else (0.0, 0.0)
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=False)
+    after = _cpu_seconds(pid) if pid else (0.0, 0.0)
     if out.returncode != 0 or "failed transactions: 0 " not in out.stdout:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
     tps = re.search(r"tps = ([\d.]+)", out.stdout)
     lat = re.search(r"latency average = ([\d.]+) ms", out.stdout)
-    assert tps and lat, out.stdout
-    return float(tps.group(1)), float(lat.group(1))
+    processed = re.search(r"number of transactions actually processed: (\d+)", out.stdout)
+    assert tps and lat and processed, out.stdout
+    n = max(1, int(processed.group(1)))
+    return Run(
+        float(tps.group(1)),
+        float(lat.group(1)),
+        (after[0] - before[0]) / n * 1e6,
+        (after[1] - before[1]) / n * 1e6,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -168,12 +204,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         init = [os.path.join(find_pg_bindir(), "pgbench"), "-i", "-q", "-s", str(args.scale), cluster.dsn()]
         subprocess.run(init, check=True, capture_output=True, env=_env())
-        runs: dict[tuple[str, int], dict[str, list[tuple[float, float]]]] = {w: {} for w in WORKLOADS}
-        with pgbouncer(cluster, args.pool_size) as bdir, pgreuse_broker(cluster, args.pool_size) as rdir:
+        runs: dict[tuple[str, int], dict[str, list[Run]]] = {w: {} for w in WORKLOADS}
+        with (
+            pgbouncer(cluster, args.pool_size) as (bdir, bpid),
+            pgreuse_broker(cluster, args.pool_size) as (rdir, rpid),
+        ):
             targets = {
-                "postgres": (cluster.socket_dir, cluster.port),
-                "pgbouncer": (bdir, PGBOUNCER_PORT),
-                "pgreuse": (rdir, PGREUSE_PORT),
+                "postgres": (cluster.socket_dir, cluster.port, 0),
+                "pgbouncer": (bdir, PGBOUNCER_PORT, bpid),
+                "pgreuse": (rdir, PGREUSE_PORT, rpid),
             }
             names = list(targets)
             for script, clients in WORKLOADS:
@@ -184,26 +223,42 @@ def main(argv: Sequence[str] | None = None) -> int:
                         r = pgbench(targets[name], cluster, script, clients, args)
                         runs[(script, clients)].setdefault(name, []).append(r)
                         print(
-                            f"{script:12} c={clients:<3} {name:10} {r[0]:10.0f} tps {r[1]:7.3f} ms",
+                            f"{script:12} c={clients:<3} {name:10} {r.tps:10.0f} tps {r.latency_ms:7.3f} ms"
+                            f"  cpu/tx {r.user_us:5.1f} us user {r.system_us:5.1f} us sys",
                             file=sys.stderr,
                         )
     finally:
         cluster.destroy()
-    results = {
-        w: {name: (statistics.median(t for t, _ in rs), statistics.median(lat for _, lat in rs))
-            for name, rs in by_name.items()}
-        for w, by_name in runs.items()
-    }  # fmt: skip
     print(
-        f"\npgbench -M {args.mode}, {args.duration}s per run, median of {args.rounds} runs, scale "
-        f"{args.scale}, pool size {args.pool_size}, {os.cpu_count()} CPUs; latency = average ms\n"
+        f"\npgbench -M {args.mode}, {args.duration}s per run, {args.rounds} rounds, scale "
+        f"{args.scale}, pool size {args.pool_size}, {os.cpu_count()} CPUs; medians over rounds\n"
     )
     print("| workload | clients | PostgreSQL direct | PgBouncer | pgreuse proxy | pgreuse / PgBouncer |")
     print("|---|---:|---:|---:|---:|---:|")
-    for (script, clients), by_target in results.items():
-        cells = [f"{by_target[n][0]:,.0f} tps, {by_target[n][1]:.3f} ms" for n in targets]
-        ratio = by_target["pgreuse"][0] / by_target["pgbouncer"][0]
+    for (script, clients), by_name in runs.items():
+        cells = [
+            f"{statistics.median(r.tps for r in by_name[n]):,.0f} tps, "
+            f"{statistics.median(r.latency_ms for r in by_name[n]):.3f} ms"
+            for n in targets
+        ]
+        ratio = statistics.median(
+            a.tps / b.tps for a, b in zip(by_name["pgreuse"], by_name["pgbouncer"], strict=True)
+        )
         print(f"| {script} | {clients} | {' | '.join(cells)} | {ratio:.2f}x |")
+    print("\nPer transaction: the pooler's CPU (user + system), the latency it adds to PostgreSQL direct\n")
+    print("| workload | clients | PgBouncer CPU | pgreuse CPU | PgBouncer adds | pgreuse adds |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for (script, clients), by_name in runs.items():
+        direct = statistics.median(r.latency_ms for r in by_name["postgres"])
+        cells = [
+            f"{statistics.median(r.user_us for r in by_name[n]):.1f} + "
+            f"{statistics.median(r.system_us for r in by_name[n]):.1f} us"
+            for n in ("pgbouncer", "pgreuse")
+        ] + [
+            f"{(statistics.median(r.latency_ms for r in by_name[n]) - direct) * 1000:.0f} us"
+            for n in ("pgbouncer", "pgreuse")
+        ]
+        print(f"| {script} | {clients} | {' | '.join(cells)} |")
     return 0
 
 
