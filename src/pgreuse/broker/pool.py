@@ -5,9 +5,13 @@ Invariants:
 * At most ``max_size`` slots hold a socket (connecting, idle, lent or resetting) at any time.
 * A slot changes state only through :meth:`Pool._transition`, which checks the state machine and
   mirrors the slot into the shared-memory table (a step that the same call leaves again, like
-  ``resetting`` on a clean release, is mirrored only by the step it ends in).
+  ``resetting`` on a clean release, is mirrored only by the step it ends in). For in-process (proxy)
+  leases the mirror and the lease counters are written in batches, within :data:`TABLE_LAG`.
 * A backend is lent only from ``idle``, and reaches ``idle`` only from a fresh connect or after a
-  ``resetting`` step that proved nothing is left unread on its socket.
+  ``resetting`` step that proved nothing is left unread on its socket. One exception, the proxy's
+  hot path: a backend an in-process holder gives back clean, having read its socket up to
+  ReadyForQuery ``I`` and found nothing after it, goes straight to the next waiter if that is
+  in-process too (:meth:`Pool._hand_over`): the slot stays ``lent`` and only its holder changes.
 * A backend whose holder process died, or whose holder saw it fail, is closed (``shutdown()`` first:
   other workers may still cache a dup of its fd) and never lent again; a replacement is opened in a
   fresh generation of the same slot.
