@@ -380,3 +380,16 @@ def test_the_broker_runs_the_expected_scanner(make_broker):
     while "proxy scanner:" not in b.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert f"proxy scanner: {expected}" in b.log()
+
+
+def test_a_worker_lease_reaches_the_table_without_further_traffic(make_broker):
+    # Handoff leases are not batched like the proxy's: the end of the last lease before the pool
+    # goes quiet must reach the table too, with nothing after it to carry it there.
+    b = make_broker("--max-size", "1")
+    with b.connect(autocommit=True) as conn:
+        conn.execute("select pg_sleep(0.05)")
+    snap = b.wait_for(
+        lambda s: s.counters["use_ns"] >= 50_000_000 and s.count(SlotState.LENT) == 0,
+        what="the lease's 50 ms of use in the table",
+    )
+    assert snap.counters["leases"] == 1

@@ -610,6 +610,8 @@ class Pool:
             used = now - b.lease_started_ns
             b.use_ns += used
             self.table.note_use(used)
+            if not client.in_process:
+                self.table.flush()  # a worker's lease shows at once, its end too
             waiters = self.waiters
             if (
                 unread_checked
