@@ -22,7 +22,8 @@ static PyObject *
 scan_server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
-    Py_ssize_t pos;
+    Py_ssize_t start;
+    long long pos; /* 64 bits even where Py_ssize_t is 32: pos + 1 + length must not overflow */
     long syncs;
     long tx = -1;
     long flags = 0;
@@ -32,22 +33,23 @@ scan_server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_TypeError, "scan_server() takes 3 arguments (%zd given)", nargs);
         return NULL;
     }
-    pos = PyLong_AsSsize_t(args[1]);
-    if (pos == -1 && PyErr_Occurred())
+    start = PyLong_AsSsize_t(args[1]);
+    if (start == -1 && PyErr_Occurred())
         return NULL;
     syncs = PyLong_AsLong(args[2]);
     if (syncs == -1 && PyErr_Occurred())
         return NULL;
-    if (pos < 0) {
-        PyErr_Format(PyExc_ValueError, "scan_server(): negative position %zd", pos);
+    if (start < 0) {
+        PyErr_Format(PyExc_ValueError, "scan_server(): negative position %zd", start);
         return NULL;
     }
+    pos = start;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
     {
         const unsigned char *buf = (const unsigned char *)view.buf;
         /* From here on a header plus ReadyForQuery's status byte no longer fit. */
-        Py_ssize_t last = view.len - 6;
+        long long last = (long long)view.len - 6;
 
         while (pos <= last) {
             const unsigned char *p = buf + pos;
@@ -69,11 +71,11 @@ scan_server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 flags |= BAD_LENGTH;
                 break;
             }
-            pos += 1 + (Py_ssize_t)length;
+            pos += 1 + (long long)length;
         }
     }
     PyBuffer_Release(&view);
-    return Py_BuildValue("(nlll)", pos, syncs, tx, flags);
+    return Py_BuildValue("(Llll)", pos, syncs, tx, flags);
 }
 
 static PyMethodDef methods[] = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from pgreuse.wire import frames
 from pgreuse.wire.states import SlotState
@@ -132,6 +134,40 @@ def test_session_mode_keeps_the_backend_and_resets_it(make_broker):
         with plain(b, autocommit=True) as c:
             (flag,) = c.execute("select current_setting('myapp.flag', true)").fetchone()  # type: ignore[misc]
             assert flag in (None, "")
+
+
+def test_session_mode_resets_a_backend_whose_client_left_before_the_answer(make_broker):
+    # Query and Terminate in one write (a driver closing while its last query runs, a forked child
+    # on a shared socket): the answer's ReadyForQuery gives the backend back, and the session's
+    # state must go with a reset, not to the next client.
+    b = make_broker("--max-size", "1", "--pool-mode", "session")
+    params = conninfo_to_dict(b.conninfo)
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(os.path.join(b.socket_dir, f".s.PGSQL.{b.port}"))
+    reader = frames.FrameReader()
+
+    def until_ready() -> None:
+        while True:
+            msg = reader.next_message()
+            if msg is None:
+                data = s.recv(65536)
+                assert data, "the broker closed the connection"
+                reader.feed(data)
+            elif msg.type == b"Z":
+                return
+
+    user = str(params.get("user") or getpass.getuser())
+    s.sendall(frames.startup_message({"user": user, "database": str(params["dbname"])}))
+    until_ready()
+    s.sendall(frames.query("set search_path to leaked_schema"))
+    until_ready()
+    s.sendall(frames.query("select pg_sleep(0.2)") + frames.terminate())
+    b.wait_for(lambda snap: snap.counters["resets"] >= 1, what="the backend reset after the client left")
+    s.close()
+    with plain(b, autocommit=True) as c:
+        (search_path,) = c.execute("show search_path").fetchone()  # type: ignore[misc]
+    assert "leaked_schema" not in search_path
 
 
 def test_wait_timeout_answers_with_an_error_and_the_broker_stays_healthy(make_broker):

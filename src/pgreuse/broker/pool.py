@@ -615,6 +615,7 @@ class Pool:
             waiters = self.waiters
             if (
                 unread_checked
+                and client.in_process
                 and waiters
                 and waiters[0].client.in_process
                 and b.tls is None
@@ -655,6 +656,7 @@ class Pool:
         and found nothing after it (``unread_checked``, plaintext only), and the socket stays
         registered with the loop, where the new holder takes over the read callback.
         """
+        assert b.watched  # the old holder left the read registration in place (see Backend)
         client = w.client
         b.holder = client
         b.parking = w.parking
@@ -782,7 +784,9 @@ class Pool:
             b.sock.close()
             b.sock = None
             b.tls = None
-            self.table.add("backends_closed")
+            had_socket = True
+        else:
+            had_socket = False
         self._end_lease(b)
         b.close_reason = reason
         logger.info("slot %d gen %d: backend pid %d closed: %s",
@@ -790,6 +794,8 @@ class Pool:
         self._transition(b, SlotState.CLOSED, reason.name.lower())
         # Counted after the slot is written: a reader takes the counters first, so one that sees
         # this close also sees the slot closed (or later), never the closed backend as idle.
+        if had_socket:
+            self.table.add("backends_closed")
         self.table.count_close(reason)
         self._refill()
 

@@ -682,7 +682,9 @@ class ProxySession:
         if self.closed:
             return
         if self.backend is not None and self._idle() and (self._quitting or not self.session_mode):
-            outcome = control.Outcome.DIRTY if self._dirty else control.Outcome.CLEAN
+            # Session mode gets here only when the client has left (Terminate before the answer):
+            # its session state goes back with the backend, which is reset before the next client.
+            outcome = control.Outcome.DIRTY if self._dirty or self.session_mode else control.Outcome.CLEAN
             if self._dirty and not self._quitting and self.pool.parameters:
                 # The client saw a SET change a reported parameter, and the backend is about to be
                 # reset: tell the client what every backend it gets from now on reports, so its
