@@ -505,12 +505,14 @@ class Pool:
         b.lease_started_ns = now
         b.leases += 1
         self._transition(b, SlotState.LENT, "granted", publish=False)
-        self.table.note_lease(now - asked_ns, queued)
         if client.in_process:
-            # The idle watch stays registered: the holder swaps b.on_readable (see Backend).
+            # The idle watch stays registered: the holder swaps b.on_readable (see Backend). It
+            # sends the query it holds first: the bookkeeping below is off that query's path.
             client.granted(b, request)  # type: ignore[attr-defined]
+            self.table.note_lease(now - asked_ns, queued)
             self._publish_soon(b)
             return
+        self.table.note_lease(now - asked_ns, queued)
         self._publish(b)
         self.table.flush()  # a worker's lease shows at once (its telemetry reads the table)
         self._unwatch(b)  # the worker reads the socket now
@@ -662,8 +664,8 @@ class Pool:
         b.parking = w.parking
         b.lease_started_ns = now
         b.leases += 1
-        self.table.note_lease(now - w.enqueued_ns, True)
         client.granted(b, w.request)  # type: ignore[attr-defined]
+        self.table.note_lease(now - w.enqueued_ns, True)
         self._publish_soon(b)  # (arms the timer that also writes the counters and pending)
         if self.waiters and self._states[SlotState.CLOSED]:
             self._dispatch()  # open more backends for those still waiting
