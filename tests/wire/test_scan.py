@@ -1,4 +1,4 @@
-"""The server-stream scanner: the Python reference, and the C version checked against it."""
+"""The proxy's message scanners: the Python references, and the C versions checked against them."""
 
 from __future__ import annotations
 
@@ -9,13 +9,20 @@ import struct
 import pytest
 
 from pgreuse.wire import scan
-from pgreuse.wire.frames import frame
-from pgreuse.wire.scan import BAD_LENGTH, SAW_PARAMETER_STATUS, UNSOLICITED_READY, scan_server_py
+from pgreuse.wire.frames import MAX_FRAME, frame
+from pgreuse.wire.scan import (
+    BAD_LENGTH,
+    SAW_PARAMETER_STATUS,
+    UNSOLICITED_READY,
+    scan_client_py,
+    scan_server_py,
+)
 
 try:
+    from pgreuse._speedups import scan_client as scan_client_c
     from pgreuse._speedups import scan_server as scan_server_c
-except ImportError:  # not built: only the reference can be tested
-    scan_server_c = None
+except ImportError:  # not built: only the references can be tested
+    scan_client_c = scan_server_c = None
 
 # nox sets this for each leg of the matrix: a build that silently fell back to Python fails here.
 EXPECTED = os.environ.get("PGREUSE_EXPECT_SCAN")
@@ -34,6 +41,7 @@ def test_the_expected_implementation_runs():
     assert scan.IMPLEMENTATION == EXPECTED
     if EXPECTED == "c":
         assert scan.scan_server is scan_server_c
+        assert scan.scan_client is scan_client_c
 
 
 def test_an_answer_is_walked_to_its_end():
@@ -103,3 +111,85 @@ def test_c_scanner_rejects_bad_arguments_like_python_would():
         scan_server_c(b"", -1, 0)
     with pytest.raises(TypeError):
         scan_server_c(b"")  # type: ignore[call-arg]
+
+
+EXTENDED = (
+    frame(b"P", b"\0select $1\0\0\0")
+    + frame(b"B", b"\0\0\0\0\0\x01\0\0\0\x011\0\0")
+    + frame(b"D", b"P\0")
+    + frame(b"E", b"\0\0\0\0\0")
+    + frame(b"S", b"")
+)
+
+
+def test_client_reads_of_ordinary_messages_take_the_fast_path():
+    q = frame(b"Q", b"select 1\0")
+    assert scan_client_py(q, len(q), False) == (1, 0, ord("Q"))
+    assert scan_client_py(EXTENDED, len(EXTENDED), False) == (1, 0, ord("P"))
+    # Without the Sync: work in flight, no sync point yet.
+    no_sync = EXTENDED[:-5]
+    assert scan_client_py(no_sync, len(no_sync), False) == (0, 1, ord("P"))
+    # COPY data and Flush leave the state as it was.
+    copy = frame(b"d", b"1\t2\n") + frame(b"H", b"")
+    assert scan_client_py(copy, len(copy), False) == (0, -1, ord("d"))
+    # Only the first n bytes count (the proxy passes its whole receive buffer).
+    assert scan_client_py(q + b"garbage", len(q), False) == (1, 0, ord("Q"))
+
+
+@pytest.mark.parametrize(
+    ("data", "session_mode"),
+    [
+        (frame(b"Q", b"select 1\0")[:-1], False),  # a read that ends inside a message
+        (frame(b"Q", b"select 1\0") + b"S\0\0", False),  # ... or inside a header
+        (frame(b"X", b""), False),  # Terminate
+        (frame(b"P", b"s1\0select 1\0\0\0") + frame(b"S", b""), False),  # a named statement
+        (b"Q" + struct.pack("!i", 3) + b"xx", False),  # a length below 4
+        (b"Q" + struct.pack("!i", MAX_FRAME + 1), False),  # ... or above the limit
+    ],
+)
+def test_client_reads_that_need_the_message_loop(data, session_mode):
+    assert scan_client_py(data, len(data), session_mode) == (0, 0, -1)
+
+
+def test_a_named_statement_is_ordinary_in_session_mode():
+    data = frame(b"P", b"s1\0select 1\0\0\0") + frame(b"S", b"")
+    assert scan_client_py(data, len(data), True) == (1, 0, ord("P"))
+
+
+def _client_stream(rng: random.Random) -> bytes:
+    parts = []
+    for _ in range(rng.randint(1, 8)):
+        kind = rng.random()
+        if kind < 0.05:
+            parts.append(rng.choice(b"QPSX").to_bytes(1, "big") + struct.pack("!i", rng.randint(-5, 4)))
+        elif kind < 0.15:
+            parts.append(frame(b"P", rng.choice((b"", b"s1")) + b"\0select 1\0\0\0"))
+        elif kind < 0.2:
+            parts.append(frame(b"P", b""))  # a Parse with no body at all
+        else:
+            body = bytes(rng.getrandbits(8) for _ in range(rng.choice((0, 1, 4, 30))))
+            parts.append(
+                frame(
+                    rng.choice((b"Q", b"S", b"F", b"B", b"D", b"E", b"C", b"H", b"d", b"c", b"f", b"X")), body
+                )
+            )
+    return b"".join(parts)
+
+
+@pytest.mark.skipif(scan_client_c is None and EXPECTED != "c", reason="pgreuse._speedups not built")
+def test_c_and_python_classify_every_cut_of_random_client_reads_alike():
+    assert scan_client_c is not None, "PGREUSE_EXPECT_SCAN=c but pgreuse._speedups is not built"
+    rng = random.Random(112026)
+    for _ in range(400):
+        data = _client_stream(rng)
+        padded = bytearray(data + b"\xff" * 7)  # bytes past n must not count (the shared buffer)
+        for n in range(len(data) + 1):
+            for session_mode in (False, True):
+                want = scan_client_py(data, n, session_mode)
+                assert scan_client_c(data, n, session_mode) == want, (data, n, session_mode)
+                assert scan_client_c(memoryview(padded), n, session_mode) == want, (data, n)
+    for _ in range(2000):
+        junk = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 48)))
+        assert scan_client_c(junk, len(junk), False) == scan_client_py(junk, len(junk), False), junk
+    with pytest.raises(ValueError, match="5 bytes asked of a buffer of 4"):
+        scan_client_c(b"abcd", 5, False)

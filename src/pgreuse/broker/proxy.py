@@ -48,7 +48,7 @@ from typing import Final
 import attrs
 
 from ..wire import control, frames, scan
-from ..wire.scan import scan_server
+from ..wire.scan import scan_client, scan_server
 from .pool import Backend, Pool
 from .tls import TLSStream
 
@@ -64,10 +64,10 @@ _MAX_PENDING = 1024 * 1024
 _HEADER = struct.Struct("!ci")
 _SYNC_POINTS = frozenset((b"Q", b"S", b"F"))
 _IDLE = ord("I")  # ReadyForQuery status: not in a transaction
-_LONE = frozenset((b"Q", b"S"))  # client messages _client_readable's fast path may take alone
 # Messages that need no backend when none is held: COPY data after a failed COPY (a server drops
 # it too) and Flush with nothing in flight.
 _NO_BACKEND_NEEDED = frozenset((b"d", b"c", b"f", b"H"))
+_NO_BACKEND_NEEDED_CODES = frozenset(b"dcfH")  # the same, as scan_client reports a type
 # Client messages that belong to an exchange already counted (COPY data, Flush): they neither
 # start nor leave unfinished work of their own.
 _NEUTRAL = frozenset((b"d", b"c", b"f", b"H"))
@@ -321,16 +321,24 @@ class ProxySession:
             self.close()
             return
         self.stats.received += n
-        if n >= 5 and not self._c_stash and not self._c_left and self._rejecting is None:
-            type_, length = _HEADER.unpack_from(_RBUF, 0)
-            if length + 1 == n and type_ in _LONE:
-                # The usual read: one whole Query or Sync, and no refusal being answered. What
-                # _decide does for it, without the scan loop; it needs a backend.
+        if not self._c_stash and not self._c_left and self._rejecting is None:
+            # The usual read: whole messages that _decide would all forward (a Query; a
+            # Parse/Bind/Describe/Execute/Sync), and no refusal being answered. What _decide does
+            # for each of them, in one step, without the message loop.
+            syncs, unsynced, first = scan_client(_RBUF, n, self.session_mode)
+            if first >= 0 and not (
+                first in _NO_BACKEND_NEEDED_CODES
+                and self.backend is None
+                and self._request is None
+                and not self._want_lease
+            ):
                 self._quitting = False
                 self.proxied = True
-                self._syncs += 1
-                self._unsynced = False
-                self.stats.queries += 1
+                if syncs:
+                    self._syncs += syncs
+                    self.stats.queries += syncs
+                if unsynced >= 0:
+                    self._unsynced = unsynced == 1
                 if self.backend is not None and not self._to_backend:
                     self._forward(_RBUF[:n])  # copies only what the socket does not take
                 else:

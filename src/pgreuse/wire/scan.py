@@ -1,14 +1,17 @@
-"""Walking the server's message stream by its headers: the proxy's one loop per message.
+"""Walking message streams by their headers: the proxy's loops over every message.
 
 The proxy forwards what the server sends unchanged and reads only message headers (type byte and
 length), to learn three things: how many ReadyForQuery messages arrived and the last one's
 transaction status, whether a ParameterStatus arrived (a ``SET`` changed session state), and where
 the next message begins when a read ends inside one.
 
-:func:`scan_server_py` is the reference. ``pgreuse._speedups.scan_server`` is the same function in
-C, used when it was built (``pip install`` compiles it where a C compiler is present) unless the
-environment sets ``PGREUSE_PURE_PYTHON=1``; :data:`IMPLEMENTATION` says which one runs. The two are
-compared on the same streams, cut at every byte, by ``tests/wire/test_scan.py``.
+:func:`scan_client_py` classifies what a client sent for the proxy's fast path (a read of whole,
+ordinary messages is forwarded in one step; anything else goes through the proxy's own loop).
+
+:func:`scan_server_py` and :func:`scan_client_py` are the references. ``pgreuse._speedups`` has the
+same two functions in C, used when it was built (``pip install`` compiles it where a C compiler is
+present) unless the environment sets ``PGREUSE_PURE_PYTHON=1``; :data:`IMPLEMENTATION` says which
+ones run. Each pair is compared on the same streams, cut at every byte, by ``tests/wire/test_scan.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
+
+from .frames import MAX_FRAME
 
 # Flags in scan_server's result.
 SAW_PARAMETER_STATUS = 1
@@ -60,14 +65,62 @@ def scan_server_py(data: bytes | bytearray | memoryview, pos: int, syncs: int) -
     return pos, syncs, tx, flags
 
 
+# Client messages that are sync points (each gets exactly one ReadyForQuery), and those that belong
+# to an exchange already counted (COPY data, Flush).
+_SYNC_POINTS = frozenset(b"QSF")
+_NEUTRAL = frozenset(b"dcfH")
+_P, _X = ord("P"), ord("X")
+
+
+def scan_client_py(data: bytes | bytearray | memoryview, n: int, session_mode: bool) -> tuple[int, int, int]:
+    """Classify the first ``n`` bytes of ``data``, read from a client at a message boundary, for the
+    proxy's fast path. Returns ``(syncs, unsynced, first)``:
+
+    * ``syncs``: the sync points (Query, Sync, FunctionCall) among them;
+    * ``unsynced``: 1 if a message other than a sync point, COPY data or Flush follows the last sync
+      point, 0 if a sync point ends them (apart from such neutral messages), -1 if all are neutral;
+    * ``first``: the first message's type byte;
+
+    or ``(0, 0, -1)`` when the bytes are not for the fast path, and the proxy's message loop must
+    take them one by one: they do not end at a message boundary, a length is out of range, or a
+    message needs its own handling (Terminate; in transaction mode, a Parse naming its statement).
+    """
+    pos = 0
+    syncs = 0
+    unsynced = -1
+    unpack = _HEADER.unpack_from
+    while pos < n:
+        if n - pos < 5:
+            return 0, 0, -1
+        type_, length = unpack(data, pos)
+        end = pos + 1 + length
+        if length < 4 or length > MAX_FRAME or end > n or type_ == _X:
+            return 0, 0, -1
+        if type_ in _SYNC_POINTS:
+            syncs += 1
+            unsynced = 0
+        elif type_ not in _NEUTRAL:
+            if type_ == _P and not session_mode and length > 4 and data[pos + 5]:
+                return 0, 0, -1
+            unsynced = 1
+        pos = end
+    if n < 5:
+        return 0, 0, -1
+    return syncs, unsynced, data[0]
+
+
 ScanServer = Callable[[bytes | bytearray | memoryview, int, int], tuple[int, int, int, int]]
+ScanClient = Callable[[bytes | bytearray | memoryview, int, bool], tuple[int, int, int]]
 scan_server: ScanServer = scan_server_py
+scan_client: ScanClient = scan_client_py
 IMPLEMENTATION = "python"
 if os.environ.get("PGREUSE_PURE_PYTHON", "") in ("", "0"):
     try:
+        from .._speedups import scan_client as _c_scan_client
         from .._speedups import scan_server as _c_scan_server
-    except ImportError:  # not built (no C compiler at install time): the reference serves
+    except ImportError:  # not built (no C compiler at install time): the references serve
         pass
     else:
         scan_server = _c_scan_server
+        scan_client = _c_scan_client
         IMPLEMENTATION = "c"
