@@ -440,7 +440,7 @@ class Pool:
         if self.proxy_only and not client.in_process:
             self._deny(w, control.DenyCode.BAD_REQUEST, self._proxy_only_refusal())
             return
-        if not self._alive() and self.last_connect_error and time.monotonic() < self._retry_at:
+        if self.last_connect_error and not self._alive() and time.monotonic() < self._retry_at:
             # PostgreSQL was unreachable a moment ago: fail now with the reason instead of making
             # the caller sit out the whole wait timeout.
             self._deny(
@@ -606,8 +606,8 @@ class Pool:
             logger.debug("pid %d gave back slot %d, which it no longer holds", client.pid, b.index)
             return
         if outcome is control.Outcome.CLEAN and not self.config.reset_every_lease:
-            # The hot path (once per proxied transaction): _end_lease inlined; the table is written
-            # once, by _make_idle (as IDLE, or as LENT to the next waiter).
+            # The hot path (once per proxied transaction): _end_lease inlined; an in-process
+            # holder's records reach the table in the next batch (TABLE_LAG).
             now = time.monotonic_ns()
             used = now - b.lease_started_ns
             b.use_ns += used
