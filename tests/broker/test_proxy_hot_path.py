@@ -393,3 +393,68 @@ def test_a_worker_lease_reaches_the_table_without_further_traffic(make_broker):
         what="the lease's 50 ms of use in the table",
     )
     assert snap.counters["leases"] == 1
+
+
+def test_an_empty_parse_queued_behind_a_refusal_is_answered_like_a_server(make_broker):
+    # A Parse with no body (length 4) followed by half a Sync header, queued while the only
+    # backend is held; the request then times out. The refusal replays what was queued: the
+    # empty Parse must replay as the whole message it is, and the cut Sync must survive.
+    b = make_broker("--max-size", "1", "--wait-timeout", "0.5")
+    holder = plain(b)
+    holder.execute("select 1")  # holds the only backend in an open transaction
+    raw = _Raw(b)
+    try:
+        sync = frames.frame(b"S", b"")
+        raw.sock.sendall(frames.frame(b"P", b"") + sync[:2])
+        time.sleep(1.0)  # past the wait timeout
+        raw.sock.sendall(sync[2:])
+        answer = raw.until_ready(1)
+        assert [t for t, _ in answer] == [b"E", b"Z"]
+        assert b"query_wait_timeout" in answer[0][1]
+        # The session goes on: the next query runs once the backend is free.
+        holder.commit()
+        raw.sock.sendall(frames.frame(b"Q", b"select 7\0"))
+        assert [t for t, _ in raw.until_ready(1)] == [b"T", b"D", b"C", b"Z"]
+    finally:
+        raw.close()
+        holder.close()
+    assert b.proc.poll() is None
+
+
+def test_an_empty_parse_refused_at_once_is_answered_like_a_server(pg, short_tmp):
+    # The same message alone in one read takes the fast path; with PostgreSQL unreachable the pool
+    # refuses at once, inside the read callback, and the refusal replays the empty Parse.
+    async def run() -> None:
+        d = str(short_tmp)
+        config = BrokerConfig(dsn=f"host={d} port=1", socket_dir=d, port=6998, max_size=1, min_size=0)
+        table = Table.create(table_path(d, 6998), max_size=1, min_size=0, wait_timeout=5.0,
+                             database="t", user="t")  # fmt: skip
+        pool = Pool(config, parse_target(f"host={d} port=1 user=t dbname=t"), table,
+                    asyncio.get_running_loop())  # fmt: skip
+        pool.last_connect_error = "connection refused"  # as after a failed connect: fail fast
+        pool._retry_at = time.monotonic() + 60
+        inner, outer = socket.socketpair()
+        inner.setblocking(False)
+        session = ProxySession(
+            inner, pool, parking_key=1, peer_pid=1, session_mode=False, stats=ProxyStats(),
+            user="t", database="t", application_name="", addr="unix",
+        )  # fmt: skip
+        session.start(b"")
+        outer.send(frames.frame(b"P", b""))
+        session._client_readable()
+        outer.send(frames.frame(b"S", b""))
+        session._client_readable()
+        outer.settimeout(5)
+        reader = frames.FrameReader()
+        reader.feed(outer.recv(65536))
+        types = []
+        while (msg := reader.next_message()) is not None:
+            types.append((msg.type, bytes(msg.body)))
+        assert [t for t, _ in types] == [b"E", b"Z"]
+        assert b"cannot reach PostgreSQL" in types[0][1]
+        session.close()
+        for sock in (inner, outer):
+            sock.close()
+        table.close()
+
+    asyncio.run(run())

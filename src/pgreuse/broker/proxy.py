@@ -373,11 +373,16 @@ class ProxySession:
                 keep_from = pos
         # One turn per message: this loop is the client half of the hot path.
         while pos < n:
-            # A Parse's first body byte says whether it names its statement (transaction mode).
-            if n - pos < 5 or (n - pos < 6 and data[pos] == 0x50 and not self.session_mode):
+            if n - pos < 5:
                 self._c_stash = data[pos:]
                 break
             type_, length = _HEADER.unpack_from(data, pos)
+            if n - pos < 6 and type_ == b"P" and length > 4 and not self.session_mode:
+                # A Parse's first body byte says whether it names its statement (transaction
+                # mode): wait for it. (A Parse with no body at all has no such byte: _denied
+                # replays whole messages and must not find one stashed.)
+                self._c_stash = data[pos:]
+                break
             if length < 4 or length > frames.MAX_FRAME:
                 raise frames.ProtocolError(f"client message type {type_!r} has invalid length {length}")
             if type_ == b"P" and not self.session_mode and length > 4 and data[pos + 5]:
