@@ -23,7 +23,7 @@ from pgreuse.broker.connector import parse_target
 from pgreuse.broker.pool import Pool
 from pgreuse.broker.proxy import ProxySession, ProxyStats
 from pgreuse.shm import Table, table_path
-from pgreuse.wire import frames
+from pgreuse.wire import control, frames
 from pgreuse.wire.states import CloseReason, SlotState
 
 
@@ -455,6 +455,50 @@ def test_an_empty_parse_refused_at_once_is_answered_like_a_server(pg, short_tmp)
         session.close()
         for sock in (inner, outer):
             sock.close()
+        table.close()
+
+    asyncio.run(run())
+
+
+def test_a_failing_refusal_does_not_strand_the_other_waiters(short_tmp):
+    # Several requests expire in one pass of the shared timer. If answering one of them fails (a
+    # bug in that client's code), the others must still be refused and the timer re-armed for the
+    # requests still queued.
+    class Client:
+        in_process = False
+
+        def __init__(self, pid: int, fail: bool = False) -> None:
+            self.pid, self.fds, self.fail = pid, {}, fail
+            self.got: list[control.Message] = []
+
+        def send(self, msg: control.Message, fd: int | None = None) -> None:
+            if self.fail:
+                raise RuntimeError("a client that cannot take its answer")
+            self.got.append(msg)
+
+    async def run() -> None:
+        d = str(short_tmp)
+        config = BrokerConfig(dsn=f"host={d} port=1", socket_dir=d, port=6997, max_size=1, min_size=0,
+                              wait_timeout=0.4)  # fmt: skip
+        table = Table.create(table_path(d, 6997), max_size=1, min_size=0, wait_timeout=0.4,
+                             database="t", user="t")  # fmt: skip
+        pool = Pool(config, parse_target(f"host={d} port=1 user=t dbname=t"), table,
+                    asyncio.get_running_loop())  # fmt: skip
+        pool.proxy_only = False
+        pool._states[SlotState.CLOSED] = 0  # no room to open a backend: requests only queue
+        bad, good = Client(1, fail=True), Client(2)
+        pool.request(bad, 1, 1)
+        pool.request(good, 2, 2)
+        await asyncio.sleep(0.2)
+        late = Client(3)
+        pool.request(late, 3, 3)  # queued later: (normally) still waiting when the first two expire
+        for _ in range(100):  # the good one in the first pass; the late one after the re-arm
+            if good.got and late.got:
+                break
+            await asyncio.sleep(0.05)
+        assert [type(m) for m in good.got] == [control.Deny]
+        assert [type(m) for m in late.got] == [control.Deny]
+        assert not pool.waiters
         table.close()
 
     asyncio.run(run())

@@ -558,13 +558,18 @@ class Pool:
                 else ""
             )
             timeout = (w.deadline_ns - w.enqueued_ns) / 1e9
-            self._deny(
-                w,
-                control.DenyCode.TIMEOUT,
-                f"no backend free within {timeout:g}s (--wait-timeout; all "
-                f"{self.config.max_size} of --max-size are in use){detail}",
-                counter="timeouts",
-            )
+            try:
+                self._deny(
+                    w,
+                    control.DenyCode.TIMEOUT,
+                    f"no backend free within {timeout:g}s (--wait-timeout; all "
+                    f"{self.config.max_size} of --max-size are in use){detail}",
+                    counter="timeouts",
+                )
+            except Exception:
+                # A bug in one client's handling of its refusal must not leave the other expired
+                # waiters unanswered, or the timer unarmed for those still queued.
+                logger.exception("internal error refusing a timed-out request of pid %d", w.client.pid)
         if self.waiters:
             self._arm_expiry(min(w.deadline_ns for w in self.waiters))
 
