@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
 import os
 import signal
 import socket
@@ -12,10 +11,10 @@ import time
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict
 
 from pgreuse.wire import frames
 from pgreuse.wire.states import SlotState
+from raw_client import RawClient
 
 PSQL = "/usr/bin/psql"
 
@@ -141,30 +140,12 @@ def test_session_mode_resets_a_backend_whose_client_left_before_the_answer(make_
     # on a shared socket): the answer's ReadyForQuery gives the backend back, and the session's
     # state must go with a reset, not to the next client.
     b = make_broker("--max-size", "1", "--pool-mode", "session")
-    params = conninfo_to_dict(b.conninfo)
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(os.path.join(b.socket_dir, f".s.PGSQL.{b.port}"))
-    reader = frames.FrameReader()
-
-    def until_ready() -> None:
-        while True:
-            msg = reader.next_message()
-            if msg is None:
-                data = s.recv(65536)
-                assert data, "the broker closed the connection"
-                reader.feed(data)
-            elif msg.type == b"Z":
-                return
-
-    user = str(params.get("user") or getpass.getuser())
-    s.sendall(frames.startup_message({"user": user, "database": str(params["dbname"])}))
-    until_ready()
-    s.sendall(frames.query("set search_path to leaked_schema"))
-    until_ready()
-    s.sendall(frames.query("select pg_sleep(0.2)") + frames.terminate())
+    raw = RawClient(b)
+    raw.sock.sendall(frames.query("set search_path to leaked_schema"))
+    raw.until_ready(1)
+    raw.sock.sendall(frames.query("select pg_sleep(0.2)") + frames.terminate())
     b.wait_for(lambda snap: snap.counters["resets"] >= 1, what="the backend reset after the client left")
-    s.close()
+    raw.close()
     with plain(b, autocommit=True) as c:
         (search_path,) = c.execute("show search_path").fetchone()  # type: ignore[misc]
     assert "leaked_schema" not in search_path

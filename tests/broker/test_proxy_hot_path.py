@@ -25,6 +25,7 @@ from pgreuse.broker.proxy import ProxySession, ProxyStats
 from pgreuse.shm import Table, table_path
 from pgreuse.wire import control, frames
 from pgreuse.wire.states import CloseReason, SlotState
+from raw_client import RawClient
 
 
 def plain(broker, **kwargs) -> psycopg.Connection:  # type: ignore[no-untyped-def, type-arg]
@@ -164,14 +165,31 @@ ANSWER = (
 QUERY = frames.frame(b"Q", b"select 42\0")
 
 
+def _in_process_pool(d: str, port: int, wait_timeout: float = 5.0) -> Pool:
+    """A one-slot Pool on the running loop, no backend open, over a fresh table (``pool.table``)."""
+    config = BrokerConfig(dsn=f"host={d} port=1", socket_dir=d, port=port, max_size=1, min_size=0,
+                          wait_timeout=wait_timeout)  # fmt: skip
+    table = Table.create(table_path(d, port), max_size=1, min_size=0, wait_timeout=wait_timeout,
+                         database="t", user="t")  # fmt: skip
+    return Pool(config, parse_target(f"host={d} port=1 user=t dbname=t"), table, asyncio.get_running_loop())
+
+
+def _in_process_session(pool: Pool) -> tuple[ProxySession, socket.socket]:
+    """A started transaction-mode ProxySession on ``pool``, and the client's end of its socket."""
+    inner, outer = socket.socketpair()
+    inner.setblocking(False)
+    session = ProxySession(
+        inner, pool, parking_key=1, peer_pid=1, session_mode=False, stats=ProxyStats(),
+        user="t", database="t", application_name="", addr="unix",
+    )  # fmt: skip
+    session.start(b"")
+    return session, outer
+
+
 def test_the_scanner_finds_the_end_of_a_transaction_however_the_answer_is_cut(short_tmp):
     async def run() -> None:
-        d = str(short_tmp)
-        table = Table.create(table_path(d, 6999), max_size=1, min_size=0, wait_timeout=5.0,
-                             database="t", user="t")  # fmt: skip
-        config = BrokerConfig(dsn=f"host={d} port=1", socket_dir=d, port=6999, max_size=1, min_size=0)
-        target = parse_target(f"host={d} port=1 user=t dbname=t")
-        pool = Pool(config, target, table, asyncio.get_running_loop())
+        pool = _in_process_pool(str(short_tmp), 6999)
+        table = pool.table
         server, backend_end = socket.socketpair()
         server.setblocking(False)
         b = pool.slots[0]
@@ -179,15 +197,10 @@ def test_the_scanner_finds_the_end_of_a_transaction_however_the_answer_is_cut(sh
         pool._transition(b, SlotState.CONNECTING, "test")
         pool._transition(b, SlotState.IDLE, "test")
         pool._make_idle(b)
-        inner, outer = socket.socketpair()
-        inner.setblocking(False)
+        session, outer = _in_process_session(pool)
+        inner = session.sock
         outer.settimeout(5)
         backend_end.settimeout(5)
-        session = ProxySession(
-            inner, pool, parking_key=1, peer_pid=1, session_mode=False, stats=ProxyStats(),
-            user="t", database="t", application_name="", addr="unix",
-        )  # fmt: skip
-        session.start(b"")
         for cut in range(1, len(ANSWER)):
             outer.sendall(QUERY)
             session._client_readable()
@@ -229,37 +242,8 @@ def test_reset_every_lease_through_the_proxy(make_broker):
     assert sum(snap.closed_by_reason.values()) == 0
 
 
-# -- raw protocol clients: what a pipelining client (libpq pipeline mode, several Query messages in
-# -- one write) does, which psycopg's blocking API cannot show ----------------------------------------
-
-
-class _Raw:
-    """A bare protocol-3 client on the broker's PostgreSQL socket (pgreuse's own sans-IO framing)."""
-
-    def __init__(self, broker) -> None:  # type: ignore[no-untyped-def]
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(15)
-        self.sock.connect(os.path.join(broker.socket_dir, f".s.PGSQL.{broker.port}"))
-        self.sock.sendall(frames.startup_message({"user": "postgres", "database": broker.dbname}))
-        self.reader = frames.FrameReader()
-        assert self.until_ready(1)[-1][0] == b"Z"
-
-    def until_ready(self, count: int) -> list[tuple[bytes, bytes]]:
-        """Every message up to the ``count``-th ReadyForQuery, as (type, body)."""
-        got: list[tuple[bytes, bytes]] = []
-        while count:
-            msg = self.reader.next_message()
-            if msg is None:
-                data = self.sock.recv(65536)
-                assert data, "the broker closed the connection"
-                self.reader.feed(data)
-                continue
-            got.append((msg.type, bytes(msg.body)))
-            count -= msg.type == b"Z"
-        return got
-
-    def close(self) -> None:
-        self.sock.close()
+# -- raw protocol clients (RawClient): what a pipelining client (libpq pipeline mode, several Query
+# -- messages in one write) does, which psycopg's blocking API cannot show -----------------------------
 
 
 def test_a_pipelining_client_that_times_out_does_not_delay_other_waiters(make_broker):
@@ -268,7 +252,7 @@ def test_a_pipelining_client_that_times_out_does_not_delay_other_waiters(make_br
     b = make_broker("--max-size", "1", "--wait-timeout", "2")
     holder = plain(b)
     holder.execute("select 1")  # holds the only backend in an open transaction
-    pipelining, other = _Raw(b), _Raw(b)
+    pipelining, other = RawClient(b), RawClient(b)
     try:
         pipelining.sock.sendall(frames.frame(b"Q", b"select 1\0") + frames.frame(b"Q", b"select 2\0"))
         time.sleep(0.5)
@@ -290,10 +274,10 @@ def test_hundreds_of_pipelined_queries_refused_at_once(make_broker):
     b = make_broker("--max-size", "1", "--max-waiting", "1", "--wait-timeout", "10")
     holder = plain(b)
     holder.execute("select 1")  # holds the only backend
-    queued = _Raw(b)
+    queued = RawClient(b)
     queued.sock.sendall(frames.frame(b"Q", b"select 1\0"))  # takes the one waiting place
     b.wait_for(lambda s: s.counters["pending"] == 1, what="one waiter")
-    flood = _Raw(b)
+    flood = RawClient(b)
     try:
         flood.sock.sendall(frames.frame(b"Q", b"select 2\0") * 1500)
         answers = flood.until_ready(1500)
@@ -313,7 +297,7 @@ def test_hundreds_of_pipelined_queries_refused_at_once(make_broker):
 
 def test_session_mode_takes_a_parse_header_cut_from_its_body(make_broker):
     b = make_broker("--pool-mode", "session")
-    raw = _Raw(b)
+    raw = RawClient(b)
     try:
         parse = frames.frame(b"P", b"stmt\0select 41 + 1\0\0\0")
         rest = (
@@ -402,7 +386,7 @@ def test_an_empty_parse_queued_behind_a_refusal_is_answered_like_a_server(make_b
     b = make_broker("--max-size", "1", "--wait-timeout", "0.5")
     holder = plain(b)
     holder.execute("select 1")  # holds the only backend in an open transaction
-    raw = _Raw(b)
+    raw = RawClient(b)
     try:
         sync = frames.frame(b"S", b"")
         raw.sock.sendall(frames.frame(b"P", b"") + sync[:2])
@@ -421,25 +405,14 @@ def test_an_empty_parse_queued_behind_a_refusal_is_answered_like_a_server(make_b
     assert b.proc.poll() is None
 
 
-def test_an_empty_parse_refused_at_once_is_answered_like_a_server(pg, short_tmp):
+def test_an_empty_parse_refused_at_once_is_answered_like_a_server(short_tmp):
     # The same message alone in one read takes the fast path; with PostgreSQL unreachable the pool
     # refuses at once, inside the read callback, and the refusal replays the empty Parse.
     async def run() -> None:
-        d = str(short_tmp)
-        config = BrokerConfig(dsn=f"host={d} port=1", socket_dir=d, port=6998, max_size=1, min_size=0)
-        table = Table.create(table_path(d, 6998), max_size=1, min_size=0, wait_timeout=5.0,
-                             database="t", user="t")  # fmt: skip
-        pool = Pool(config, parse_target(f"host={d} port=1 user=t dbname=t"), table,
-                    asyncio.get_running_loop())  # fmt: skip
+        pool = _in_process_pool(str(short_tmp), 6998)
         pool.last_connect_error = "connection refused"  # as after a failed connect: fail fast
         pool._retry_at = time.monotonic() + 60
-        inner, outer = socket.socketpair()
-        inner.setblocking(False)
-        session = ProxySession(
-            inner, pool, parking_key=1, peer_pid=1, session_mode=False, stats=ProxyStats(),
-            user="t", database="t", application_name="", addr="unix",
-        )  # fmt: skip
-        session.start(b"")
+        session, outer = _in_process_session(pool)
         outer.send(frames.frame(b"P", b""))
         session._client_readable()
         outer.send(frames.frame(b"S", b""))
@@ -453,9 +426,9 @@ def test_an_empty_parse_refused_at_once_is_answered_like_a_server(pg, short_tmp)
         assert [t for t, _ in types] == [b"E", b"Z"]
         assert b"cannot reach PostgreSQL" in types[0][1]
         session.close()
-        for sock in (inner, outer):
+        for sock in (session.sock, outer):
             sock.close()
-        table.close()
+        pool.table.close()
 
     asyncio.run(run())
 
@@ -477,13 +450,7 @@ def test_a_failing_refusal_does_not_strand_the_other_waiters(short_tmp):
             self.got.append(msg)
 
     async def run() -> None:
-        d = str(short_tmp)
-        config = BrokerConfig(dsn=f"host={d} port=1", socket_dir=d, port=6997, max_size=1, min_size=0,
-                              wait_timeout=0.4)  # fmt: skip
-        table = Table.create(table_path(d, 6997), max_size=1, min_size=0, wait_timeout=0.4,
-                             database="t", user="t")  # fmt: skip
-        pool = Pool(config, parse_target(f"host={d} port=1 user=t dbname=t"), table,
-                    asyncio.get_running_loop())  # fmt: skip
+        pool = _in_process_pool(str(short_tmp), 6997, wait_timeout=0.4)
         pool.proxy_only = False
         pool._states[SlotState.CLOSED] = 0  # no room to open a backend: requests only queue
         bad, good = Client(1, fail=True), Client(2)
@@ -499,6 +466,6 @@ def test_a_failing_refusal_does_not_strand_the_other_waiters(short_tmp):
         assert [type(m) for m in good.got] == [control.Deny]
         assert [type(m) for m in late.got] == [control.Deny]
         assert not pool.waiters
-        table.close()
+        pool.table.close()
 
     asyncio.run(run())
