@@ -62,15 +62,15 @@ _RBUF = memoryview(bytearray(_RECV))
 # Bytes a client may send while it waits for a backend before the broker stops reading from it.
 _MAX_PENDING = 1024 * 1024
 _HEADER = struct.Struct("!ci")
-_SYNC_POINTS = frozenset((b"Q", b"S", b"F"))
 _IDLE = ord("I")  # ReadyForQuery status: not in a transaction
+# scan.SYNC_POINTS and scan.NEUTRAL as _HEADER reads a type (one byte of bytes).
+_SYNC_POINTS = frozenset(bytes((t,)) for t in scan.SYNC_POINTS)
+_NEUTRAL = frozenset(bytes((t,)) for t in scan.NEUTRAL)
 # Messages that need no backend when none is held: COPY data after a failed COPY (a server drops
-# it too) and Flush with nothing in flight.
-_NO_BACKEND_NEEDED = frozenset((b"d", b"c", b"f", b"H"))
-_NO_BACKEND_NEEDED_CODES = frozenset(b"dcfH")  # the same, as scan_client reports a type
-# Client messages that belong to an exchange already counted (COPY data, Flush): they neither
-# start nor leave unfinished work of their own.
-_NEUTRAL = frozenset((b"d", b"c", b"f", b"H"))
+# it too) and Flush with nothing in flight. The neutral ones, as types (_NO_BACKEND_NEEDED_CODES:
+# as scan_client reports the first one).
+_NO_BACKEND_NEEDED = _NEUTRAL
+_NO_BACKEND_NEEDED_CODES = scan.NEUTRAL
 
 _DENY_SQLSTATE = {
     # PgBouncer answers a query_wait_timeout with 08P01; tools keyed to it keep working.

@@ -65,10 +65,12 @@ def scan_server_py(data: bytes | bytearray | memoryview, pos: int, syncs: int) -
     return pos, syncs, tx, flags
 
 
-# Client messages that are sync points (each gets exactly one ReadyForQuery), and those that belong
-# to an exchange already counted (COPY data, Flush).
-_SYNC_POINTS = frozenset(b"QSF")
-_NEUTRAL = frozenset(b"dcfH")
+# Client message types (as ints; the proxy's message loop uses them too): sync points (Query, Sync,
+# FunctionCall: each gets exactly one ReadyForQuery), and messages that belong to an exchange already
+# counted (COPY data, CopyDone, CopyFail, Flush): they neither start nor leave unfinished work of
+# their own.
+SYNC_POINTS = frozenset(b"QSF")
+NEUTRAL = frozenset(b"dcfH")
 _P, _X = ord("P"), ord("X")
 
 
@@ -96,10 +98,10 @@ def scan_client_py(data: bytes | bytearray | memoryview, n: int, session_mode: b
         end = pos + 1 + length
         if length < 4 or length > MAX_FRAME or end > n or type_ == _X:
             return 0, 0, -1
-        if type_ in _SYNC_POINTS:
+        if type_ in SYNC_POINTS:
             syncs += 1
             unsynced = 0
-        elif type_ not in _NEUTRAL:
+        elif type_ not in NEUTRAL:
             if type_ == _P and not session_mode and length > 4 and data[pos + 5]:
                 return 0, 0, -1
             unsynced = 1
