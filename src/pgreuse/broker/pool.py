@@ -223,11 +223,10 @@ class Pool:
     def _publish_soon(self, b: Backend) -> None:
         """Write ``b``'s record within TABLE_LAG (an in-process lease: see TABLE_LAG)."""
         self._lagging.add(b)
-        if self._flush_timer is None:
-            self._flush_timer = self.loop.call_later(TABLE_LAG, self.flush_table)
+        self._flush_soon()
 
-    def _counters_soon(self) -> None:
-        """Write the noted lease counters and the ``pending`` gauge within TABLE_LAG."""
+    def _flush_soon(self) -> None:
+        """Run :meth:`flush_table` within TABLE_LAG: lagging records, noted counters, ``pending``."""
         if self._flush_timer is None:
             self._flush_timer = self.loop.call_later(TABLE_LAG, self.flush_table)
 
@@ -468,7 +467,7 @@ class Pool:
         if self.idle or self._states[SlotState.CLOSED]:
             self._dispatch()  # paused with idle backends, or room to open one
         else:
-            self._counters_soon()  # the pending gauge
+            self._flush_soon()  # the pending gauge
 
     def _proxy_only_refusal(self) -> str:
         return (
@@ -637,7 +636,7 @@ class Pool:
             self._transition(b, SlotState.RESETTING, "clean", publish=False)
             problem = None if unread_checked and b.tls is None else self._unread(b)
             if problem is not None:
-                self._counters_soon()  # the use noted above
+                self._flush_soon()  # the use noted above
                 self._close(b, problem, graceful=False)
                 return
             self._transition(b, SlotState.IDLE, "clean release", publish=False)
@@ -680,7 +679,10 @@ class Pool:
             used = time.monotonic_ns() - b.lease_started_ns
             b.use_ns += used
             self.table.note_use(used)
-            self._counters_soon()
+            if b.holder is not None and not b.holder.in_process:
+                self.table.flush()  # a worker's lease shows at once, its end too
+            else:
+                self._flush_soon()
         b.holder = None
         b.parking = 0
         b.lease_started_ns = 0

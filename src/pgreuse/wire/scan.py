@@ -87,6 +87,8 @@ def scan_client_py(data: bytes | bytearray | memoryview, n: int, session_mode: b
     take them one by one: they do not end at a message boundary, a length is out of range, or a
     message needs its own handling (Terminate; in transaction mode, a Parse naming its statement).
     """
+    if n < 5:
+        return 0, 0, -1
     pos = 0
     syncs = 0
     unsynced = -1
@@ -106,8 +108,6 @@ def scan_client_py(data: bytes | bytearray | memoryview, n: int, session_mode: b
                 return 0, 0, -1
             unsynced = 1
         pos = end
-    if n < 5:
-        return 0, 0, -1
     return syncs, unsynced, data[0]
 
 
