@@ -25,9 +25,9 @@ PSYCOPG_MATRIX = [
 # The handoff rests on psycopg internals: the client tests and the fault tests (libpq seeing its
 # backend die, close while leased, fork) run on every psycopg of the matrix.
 PSYCOPG_SENSITIVE_TESTS = ["tests/client", "tests/wire", "tests/integration/test_faults.py"]
-# The proxy's server-stream scanner has a C version (pgreuse._speedups, built by pip where a compiler
-# is present) and a Python reference (pgreuse.wire.scan): the whole suite runs on C, and the
-# newest pure-Python psycopg leg also runs the proxy tests on the Python scanner.
+# The proxy's message scanners have C versions (pgreuse._speedups, built by pip where a compiler
+# is present) and Python references (pgreuse.wire.scan): the whole suite runs on C, and the
+# newest pure-Python psycopg leg also runs the proxy tests on the Python scanners.
 PURE_PYTHON_PROXY_TESTS = [
     "tests/broker/test_proxy.py",
     "tests/broker/test_proxy_hot_path.py",

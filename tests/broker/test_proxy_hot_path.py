@@ -354,7 +354,7 @@ def test_the_table_catches_up_with_every_proxied_lease(make_broker):
 
 
 def test_the_broker_runs_the_expected_scanner(make_broker):
-    # nox runs the proxy tests once on the C scanner and once on the Python one: prove the broker
+    # nox runs the proxy tests once on the C scanners and once on the Python ones: prove the broker
     # under test runs the one its matrix leg is about (the environment reaches its process).
     expected = os.environ.get("PGREUSE_EXPECT_SCAN")
     if expected is None:
