@@ -7,6 +7,8 @@
  * 1000-row result that is 1000 turns of a Python loop per transaction, and in C it is a few
  * nanoseconds each; a client's Parse/Bind/Describe/Execute/Sync is five.
  *
+ * The walks themselves are in _scan.h, which _proxycore.c (the proxy session in C) shares.
+ *
  * Build is optional (pyproject.toml): without a compiler pgreuse runs the Python scanner, and
  * PGREUSE_PURE_PYTHON=1 selects it even when this module is built.
  */
@@ -14,20 +16,17 @@
 #include <Python.h>
 #include <stdint.h>
 
-/* Flags in the result (keep in step with pgreuse.wire.scan). */
-#define SAW_PARAMETER_STATUS 1
-#define BAD_LENGTH 2
-#define UNSOLICITED_READY 4
+#include "_scan.h"
 
 static PyObject *
 scan_server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
     Py_ssize_t start;
-    long long pos; /* 64 bits even where Py_ssize_t is 32: pos + 1 + length must not overflow */
+    long long pos;
     long syncs;
-    long tx = -1;
-    long flags = 0;
+    long tx;
+    long flags;
 
     (void)self;
     if (nargs != 3) {
@@ -47,40 +46,10 @@ scan_server(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     pos = start;
     if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
         return NULL;
-    {
-        const unsigned char *buf = (const unsigned char *)view.buf;
-        /* From here on a header plus ReadyForQuery's status byte no longer fit. */
-        long long last = (long long)view.len - 6;
-
-        while (pos <= last) {
-            const unsigned char *p = buf + pos;
-            unsigned char type = p[0];
-            int32_t length = (int32_t)(((uint32_t)p[1] << 24) | ((uint32_t)p[2] << 16) |
-                                       ((uint32_t)p[3] << 8) | (uint32_t)p[4]);
-
-            if (type == 'Z') {
-                tx = p[5];
-                if (--syncs < 0) {
-                    flags |= UNSOLICITED_READY;
-                    break;
-                }
-            }
-            else if (type == 'S') {
-                flags |= SAW_PARAMETER_STATUS;
-            }
-            if (length < 4) {
-                flags |= BAD_LENGTH;
-                break;
-            }
-            pos += 1 + (long long)length;
-        }
-    }
+    flags = pgr_scan_server((const unsigned char *)view.buf, view.len, &pos, &syncs, &tx);
     PyBuffer_Release(&view);
     return Py_BuildValue("(Llll)", pos, syncs, tx, flags);
 }
-
-/* Keep in step with pgreuse.wire.frames.MAX_FRAME. */
-#define MAX_FRAME (64 * 1024 * 1024)
 
 static PyObject *
 scan_client(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -88,11 +57,7 @@ scan_client(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_buffer view;
     Py_ssize_t n;
     int session_mode;
-    long long pos = 0;
-    long syncs = 0;
-    long unsynced = -1;
-    long first = -1;
-    int slow = 0;
+    long syncs, unsynced, first;
 
     (void)self;
     if (nargs != 3) {
@@ -112,48 +77,8 @@ scan_client(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_ValueError, "scan_client(): %zd bytes asked of a buffer of %zd", n, view.len);
         return NULL;
     }
-    {
-        const unsigned char *buf = (const unsigned char *)view.buf;
-
-        if (n < 5)
-            slow = 1;
-        while (!slow && pos < n) {
-            const unsigned char *p = buf + pos;
-            unsigned char type;
-            int32_t length;
-            long long end;
-
-            if (n - pos < 5) {
-                slow = 1;
-                break;
-            }
-            type = p[0];
-            length = (int32_t)(((uint32_t)p[1] << 24) | ((uint32_t)p[2] << 16) |
-                               ((uint32_t)p[3] << 8) | (uint32_t)p[4]);
-            end = pos + 1 + (long long)length;
-            if (length < 4 || length > MAX_FRAME || end > n || type == 'X') {
-                slow = 1;
-                break;
-            }
-            if (type == 'Q' || type == 'S' || type == 'F') {
-                syncs++;
-                unsynced = 0;
-            }
-            else if (type != 'd' && type != 'c' && type != 'f' && type != 'H') {
-                if (type == 'P' && !session_mode && length > 4 && p[5] != 0) {
-                    slow = 1;
-                    break;
-                }
-                unsynced = 1;
-            }
-            pos = end;
-        }
-        if (!slow)
-            first = buf[0];
-    }
+    pgr_scan_client((const unsigned char *)view.buf, n, session_mode, &syncs, &unsynced, &first);
     PyBuffer_Release(&view);
-    if (slow)
-        return Py_BuildValue("(lll)", 0L, 0L, -1L);
     return Py_BuildValue("(lll)", syncs, unsynced, first);
 }
 

@@ -11,18 +11,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import socket
 import threading
 import time
 
 import psycopg
 import pytest
 
-from pgreuse.broker.config import BrokerConfig
-from pgreuse.broker.connector import parse_target
-from pgreuse.broker.pool import Pool
-from pgreuse.broker.proxy import ProxySession, ProxyStats
-from pgreuse.shm import Table, table_path
+from inproc import in_process_pool, in_process_session, open_fake_backend
 from pgreuse.wire import control, frames
 from pgreuse.wire.states import CloseReason, SlotState
 from raw_client import RawClient
@@ -165,39 +160,12 @@ ANSWER = (
 QUERY = frames.frame(b"Q", b"select 42\0")
 
 
-def _in_process_pool(d: str, port: int, wait_timeout: float = 5.0) -> Pool:
-    """A one-slot Pool on the running loop, no backend open, over a fresh table (``pool.table``)."""
-    config = BrokerConfig(dsn=f"host={d} port=1", socket_dir=d, port=port, max_size=1, min_size=0,
-                          wait_timeout=wait_timeout)  # fmt: skip
-    table = Table.create(table_path(d, port), max_size=1, min_size=0, wait_timeout=wait_timeout,
-                         database="t", user="t")  # fmt: skip
-    return Pool(config, parse_target(f"host={d} port=1 user=t dbname=t"), table, asyncio.get_running_loop())
-
-
-def _in_process_session(pool: Pool) -> tuple[ProxySession, socket.socket]:
-    """A started transaction-mode ProxySession on ``pool``, and the client's end of its socket."""
-    inner, outer = socket.socketpair()
-    inner.setblocking(False)
-    session = ProxySession(
-        inner, pool, parking_key=1, peer_pid=1, session_mode=False, stats=ProxyStats(),
-        user="t", database="t", application_name="", addr="unix",
-    )  # fmt: skip
-    session.start(b"")
-    return session, outer
-
-
 def test_the_scanner_finds_the_end_of_a_transaction_however_the_answer_is_cut(short_tmp):
     async def run() -> None:
-        pool = _in_process_pool(str(short_tmp), 6999)
+        pool = in_process_pool(str(short_tmp), 6999)
         table = pool.table
-        server, backend_end = socket.socketpair()
-        server.setblocking(False)
-        b = pool.slots[0]
-        b.generation, b.sock, b.pid = 1, server, 4242
-        pool._transition(b, SlotState.CONNECTING, "test")
-        pool._transition(b, SlotState.IDLE, "test")
-        pool._make_idle(b)
-        session, outer = _in_process_session(pool)
+        b, backend_end = open_fake_backend(pool)
+        session, outer = in_process_session(pool)
         inner = session.sock
         outer.settimeout(5)
         backend_end.settimeout(5)
@@ -353,9 +321,10 @@ def test_the_table_catches_up_with_every_proxied_lease(make_broker):
     assert (slot.leases, slot.holder_pid) == (expected, 0)
 
 
-def test_the_broker_runs_the_expected_scanner(make_broker):
-    # nox runs the proxy tests once on the C scanners and once on the Python ones: prove the broker
-    # under test runs the one its matrix leg is about (the environment reaches its process).
+def test_the_broker_runs_the_expected_scanner_and_session_core(make_broker):
+    # nox runs the proxy tests once on the C scanners and session core and once on the Python ones:
+    # prove the broker under test runs what its matrix leg is about (the environment reaches its
+    # process).
     expected = os.environ.get("PGREUSE_EXPECT_SCAN")
     if expected is None:
         pytest.skip("PGREUSE_EXPECT_SCAN not set (nox sets it per matrix leg)")
@@ -363,7 +332,7 @@ def test_the_broker_runs_the_expected_scanner(make_broker):
     deadline = time.monotonic() + 10
     while "proxy scanner:" not in b.log() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert f"proxy scanner: {expected}" in b.log()
+    assert f"proxy scanner: {expected}, session core: {expected}" in b.log()
 
 
 def test_a_worker_lease_reaches_the_table_without_further_traffic(make_broker):
@@ -409,10 +378,10 @@ def test_an_empty_parse_refused_at_once_is_answered_like_a_server(short_tmp):
     # The same message alone in one read takes the fast path; with PostgreSQL unreachable the pool
     # refuses at once, inside the read callback, and the refusal replays the empty Parse.
     async def run() -> None:
-        pool = _in_process_pool(str(short_tmp), 6998)
+        pool = in_process_pool(str(short_tmp), 6998)
         pool.last_connect_error = "connection refused"  # as after a failed connect: fail fast
         pool._retry_at = time.monotonic() + 60
-        session, outer = _in_process_session(pool)
+        session, outer = in_process_session(pool)
         outer.send(frames.frame(b"P", b""))
         session._client_readable()
         outer.send(frames.frame(b"S", b""))
@@ -450,7 +419,7 @@ def test_a_failing_refusal_does_not_strand_the_other_waiters(short_tmp):
             self.got.append(msg)
 
     async def run() -> None:
-        pool = _in_process_pool(str(short_tmp), 6997, wait_timeout=0.4)
+        pool = in_process_pool(str(short_tmp), 6997, wait_timeout=0.4)
         pool.proxy_only = False
         pool._states[SlotState.CLOSED] = 0  # no room to open a backend: requests only queue
         bad, good = Client(1, fail=True), Client(2)

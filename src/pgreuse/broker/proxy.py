@@ -83,8 +83,9 @@ _DENY_SQLSTATE = {
 
 
 @attrs.define
-class ProxyStats:
-    """Totals over every proxy session of a broker (``SHOW STATS``)."""
+class PyProxyStats:
+    """Totals over every proxy session of a broker (``SHOW STATS``); with the C core,
+    ``pgreuse._proxycore.ProxyCounters`` holds the same fields (see :data:`ProxyStats`)."""
 
     xacts: int = 0  # leases given back (transactions in transaction mode)
     queries: int = 0  # sync points forwarded
@@ -103,8 +104,11 @@ class _Forward:
     REJECT: Final = 2  # after a denied lease: answer like a server in error, until Sync
 
 
-class ProxySession:
-    """One client connection on the PG-protocol listener (see the module docstring)."""
+class PyProxySession:
+    """One client connection on the PG-protocol listener (see the module docstring).
+
+    This is the reference implementation; :data:`ProxySession` is the one the broker runs (see the
+    end of this module)."""
 
     _ids = itertools.count(1)
     in_process = True  # pool.InProcessHolder: takes over the idle backend's loop registration
@@ -117,7 +121,7 @@ class ProxySession:
         parking_key: int,
         peer_pid: int,
         session_mode: bool,
-        stats: ProxyStats,
+        stats: PyProxyStats,
         user: str,
         database: str,
         application_name: str,
@@ -314,8 +318,7 @@ class ProxySession:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            logger.debug("client key %d: %s", self.parking_key, exc)
-            self.close()
+            self._client_failed(exc)
             return
         if not n:
             self.close()
@@ -347,7 +350,14 @@ class ProxySession:
                         self._lease()  # (never inside _denied: this is a loop callback)
                 self._interest()
                 return
-        data = _RBUF[:n].tobytes()
+        self._client_slow(_RBUF[:n].tobytes())
+
+    def _client_failed(self, exc: OSError) -> None:
+        logger.debug("client key %d: %s", self.parking_key, exc)
+        self.close()
+
+    def _client_slow(self, data: bytes) -> None:
+        """A read the fast path does not take: the message loop handles it message by message."""
         try:
             self._from_client(data)
         except frames.ProtocolError as exc:
@@ -695,21 +705,25 @@ class ProxySession:
         if self.closed:
             return
         if self.backend is not None and self._idle() and (self._quitting or not self.session_mode):
-            # Session mode gets here only when the client has left (Terminate before the answer):
-            # its session state goes back with the backend, which is reset before the next client.
-            outcome = control.Outcome.DIRTY if self._dirty or self.session_mode else control.Outcome.CLEAN
-            if self._dirty and not self._quitting and self.pool.parameters:
-                # The client saw a SET change a reported parameter, and the backend is about to be
-                # reset: tell the client what every backend it gets from now on reports, so its
-                # driver's cache (libpq parses dates and encodings with it) is right again. libpq
-                # takes a ParameterStatus while idle and applies it before the next result.
-                self._reply(b"".join(
-                    frames.parameter_status(name, value)
-                    for name, value in self.pool.parameters.items()
-                    if name != "application_name"
-                ))  # fmt: skip
-            self._give_back(outcome, just_read=True)
+            self._release_at_idle()
         self._interest()
+
+    def _release_at_idle(self) -> None:
+        """The backend just reached ReadyForQuery ``I`` with everything answered: give it back."""
+        # Session mode gets here only when the client has left (Terminate before the answer):
+        # its session state goes back with the backend, which is reset before the next client.
+        outcome = control.Outcome.DIRTY if self._dirty or self.session_mode else control.Outcome.CLEAN
+        if self._dirty and not self._quitting and self.pool.parameters:
+            # The client saw a SET change a reported parameter, and the backend is about to be
+            # reset: tell the client what every backend it gets from now on reports, so its
+            # driver's cache (libpq parses dates and encodings with it) is right again. libpq
+            # takes a ParameterStatus while idle and applies it before the next result.
+            self._reply(b"".join(
+                frames.parameter_status(name, value)
+                for name, value in self.pool.parameters.items()
+                if name != "application_name"
+            ))  # fmt: skip
+        self._give_back(outcome, just_read=True)
 
     def _scan_backend(self, data: bytes | memoryview) -> None:
         if self._b_stash:
@@ -764,3 +778,26 @@ class ProxySession:
             return
         del self._to_client[:sent]
         self._interest()
+
+
+# The C core (pgreuse._proxycore, optional like the C scanners): a base type that holds the hot fields
+# as struct members and overrides the methods every transaction runs (the read callbacks, _interest,
+# _idle, _lease, granted) with C versions that handle the usual case and call the methods above for
+# the rest. PGREUSE_PURE_PYTHON=1 runs the reference alone. CORE says which one runs.
+ProxySession: type[PyProxySession] = PyProxySession
+ProxyStats: type[PyProxyStats] = PyProxyStats
+CORE = "python"
+if not scan.PURE_PYTHON:
+    try:
+        from .. import _proxycore
+    except ImportError:  # not built: the reference serves
+        pass
+    else:
+        _proxycore.setup(PyProxySession, control.Outcome.CLEAN, _MAX_PENDING)
+
+        class _CProxySession(_proxycore.SessionCore, PyProxySession):
+            __slots__ = ()
+
+        ProxySession = _CProxySession
+        ProxyStats = _proxycore.ProxyCounters  # type: ignore[assignment]  # same fields
+        CORE = "c"

@@ -31,11 +31,11 @@ from typing import Any
 from ..credentials import peer_credentials, trusted_uids
 from ..shm import Table, table_path
 from ..wire import control, frames, scan
-from . import admin
+from . import admin, proxy
 from .config import BrokerConfig, ConfigError, parse_listen_addr
 from .connector import BackendConnectError, BackendTarget, parse_target
 from .pool import CHECKED_PARAMETERS, Pool
-from .proxy import ProxySession, ProxyStats
+from .proxy import ProxySession, ProxyStats, PyProxySession
 
 logger = logging.getLogger("pgreuse.broker")
 
@@ -141,7 +141,7 @@ class Broker:
         self._tasks: set[asyncio.Task[None]] = set()
         self.table: Table | None = None
         self.pool: Pool | None = None
-        self.sessions: dict[int, ProxySession] = {}  # parking key -> session (parked or proxied)
+        self.sessions: dict[int, PyProxySession] = {}  # parking key -> session (parked or proxied)
         self.admin_sessions = 0
         self.proxy_stats = ProxyStats()
 
@@ -188,9 +188,9 @@ class Broker:
         self._spawn(self._janitor())
         logger.info(
             "pgreuse broker pid %d ready: clients connect with host=%s port=%d; backends: %s, "
-            "max-size %d; proxy scanner: %s",
+            "max-size %d; proxy scanner: %s, session core: %s",
             os.getpid(), cfg.socket_dir, cfg.port, self.target.describe(), cfg.max_size,
-            scan.IMPLEMENTATION,
+            scan.IMPLEMENTATION, proxy.CORE,
         )  # fmt: skip
         try:
             await self._stop.wait()
@@ -339,7 +339,7 @@ class Broker:
     async def _serve_pg(self, sock: socket.socket, tcp: bool = False) -> None:
         loop = asyncio.get_running_loop()
         parking: Parking | None = None
-        session: ProxySession | None = None
+        session: PyProxySession | None = None
         is_admin = False
         try:
             if tcp:

@@ -116,7 +116,10 @@ ScanClient = Callable[[bytes | bytearray | memoryview, int, bool], tuple[int, in
 scan_server: ScanServer = scan_server_py
 scan_client: ScanClient = scan_client_py
 IMPLEMENTATION = "python"
-if os.environ.get("PGREUSE_PURE_PYTHON", "") in ("", "0"):
+# PGREUSE_PURE_PYTHON=1: the Python references run even where the C modules are built (the proxy
+# session's C core follows the same switch, see pgreuse.broker.proxy).
+PURE_PYTHON = os.environ.get("PGREUSE_PURE_PYTHON", "") not in ("", "0")
+if not PURE_PYTHON:
     try:
         from .._speedups import scan_client as _c_scan_client
         from .._speedups import scan_server as _c_scan_server

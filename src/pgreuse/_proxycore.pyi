@@ -1,0 +1,27 @@
+# The C module built from _proxycore.c (optional): see pgreuse.broker.proxy.
+from typing import Any
+
+class ProxyCounters:
+    xacts: int
+    queries: int
+    received: int
+    sent: int
+    wait_ns: int
+    denied: int
+    broken: int
+    def __init__(
+        self,
+        xacts: int = 0,
+        queries: int = 0,
+        received: int = 0,
+        sent: int = 0,
+        wait_ns: int = 0,
+        denied: int = 0,
+        broken: int = 0,
+    ) -> None: ...
+
+# The fields and methods are PyProxySession's (the C ones override them by name).
+class SessionCore:
+    def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+
+def setup(reference: type, clean_outcome: object, max_pending: int, /) -> None: ...
