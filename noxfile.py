@@ -25,13 +25,15 @@ PSYCOPG_MATRIX = [
 # The handoff rests on psycopg internals: the client tests and the fault tests (libpq seeing its
 # backend die, close while leased, fork) run on every psycopg of the matrix.
 PSYCOPG_SENSITIVE_TESTS = ["tests/client", "tests/wire", "tests/integration/test_faults.py"]
-# The proxy's message scanners have C versions (pgreuse._speedups, built by pip where a compiler
-# is present) and Python references (pgreuse.wire.scan): the whole suite runs on C, and the
-# newest pure-Python psycopg leg also runs the proxy tests on the Python scanners.
+# The proxy's message scanners and its session core have C versions (pgreuse._speedups and
+# pgreuse._proxycore, built by pip where a compiler is present) and Python references
+# (pgreuse.wire.scan, pgreuse.broker.proxy.PyProxySession): the whole suite runs on C, and the
+# newest pure-Python psycopg leg also runs the proxy tests on the Python references.
 PURE_PYTHON_PROXY_TESTS = [
     "tests/broker/test_proxy.py",
     "tests/broker/test_proxy_hot_path.py",
     "tests/broker/test_pgbench.py",
+    "tests/broker/test_tls.py",
 ]
 _SHOW_PSYCOPG = (
     "import psycopg; "

@@ -524,6 +524,8 @@ Session_client_readable(Session *self, PyObject *unused)
     int r;
 
     (void)unused;
+    if (self->closed) /* (the reader is removed at close: never read a descriptor number reused) */
+        Py_RETURN_NONE;
     n = recv(self->fd, rbuf + STASH_ROOM, RECV, 0);
     if (n < 0) {
         int err = errno;

@@ -32,6 +32,10 @@ lent again. Unnamed statements (``-M extended``, psycopg) always work; session m
 
 All of this runs as callbacks on the broker's loop thread: readers and writers registered with
 ``add_reader``/``add_writer`` on non-blocking sockets, no task per message.
+
+:class:`PyProxySession` is the reference. Where ``pgreuse._proxycore`` is built, the broker runs
+:data:`ProxySession`, which takes the methods every transaction runs from that C module and the rest
+from the reference (see the end of this module).
 """
 
 from __future__ import annotations
