@@ -67,6 +67,11 @@ CHECKED_PARAMETERS = (
 )
 _RDHUP = getattr(select, "POLLRDHUP", 0x2000)
 _OUTCOME_REASON = {o: o.name.lower() for o in control.Outcome}
+# Enum members the lending path reads, as module constants: on Python 3.11 a member read off its
+# class (SlotState.LENT) goes through EnumType.__getattr__, ten times the cost of a global, and the
+# path runs once or twice per proxied transaction.
+_CLOSED, _IDLE, _LENT, _RESETTING = SlotState.CLOSED, SlotState.IDLE, SlotState.LENT, SlotState.RESETTING
+_CLEAN = control.Outcome.CLEAN
 # Longest a slot record, a lease counter or the ``pending`` gauge of the shared-memory table may lag
 # behind the pool for in-process (proxy) leases. They are written in batches: the proxy lends once
 # per transaction, and writing the mapping at every lease cost more than the rest of its bookkeeping.
@@ -464,7 +469,7 @@ class Pool:
         if len(self.waiters) > self._max_pending:
             self._max_pending = len(self.waiters)
             self.table.set("max_pending", self._max_pending)
-        if self.idle or self._states[SlotState.CLOSED]:
+        if self.idle or self._states[_CLOSED]:
             self._dispatch()  # paused with idle backends, or room to open one
         else:
             self._flush_soon()  # the pending gauge
@@ -503,7 +508,7 @@ class Pool:
         b.parking = parking
         b.lease_started_ns = now
         b.leases += 1
-        self._transition(b, SlotState.LENT, "granted", publish=False)
+        self._transition(b, _LENT, "granted", publish=False)
         if client.in_process:
             # The idle watch stays registered: the holder swaps b.on_readable (see Backend). It
             # sends the query it holds first: the bookkeeping below is off that query's path.
@@ -605,11 +610,11 @@ class Pool:
         self, b: Backend, client: Client, outcome: control.Outcome, *, unread_checked: bool = False
     ) -> None:
         """:meth:`release` for a holder that has the :class:`Backend` itself (the proxy)."""
-        if b.holder is not client or b.state is not SlotState.LENT:
+        if b.holder is not client or b.state is not _LENT:
             # The broker already took this backend back (it died while lent, or was revoked).
             logger.debug("pid %d gave back slot %d, which it no longer holds", client.pid, b.index)
             return
-        if outcome is control.Outcome.CLEAN and not self.config.reset_every_lease:
+        if outcome is _CLEAN and not self.config.reset_every_lease:
             # The hot path (once per proxied transaction): _end_lease inlined; an in-process
             # holder's records reach the table in the next batch (TABLE_LAG).
             now = time.monotonic_ns()
@@ -633,13 +638,13 @@ class Pool:
             b.holder = None
             b.parking = 0
             b.lease_started_ns = 0
-            self._transition(b, SlotState.RESETTING, "clean", publish=False)
+            self._transition(b, _RESETTING, "clean", publish=False)
             problem = None if unread_checked and b.tls is None else self._unread(b)
             if problem is not None:
                 self._flush_soon()  # the use noted above
                 self._close(b, problem, graceful=False)
                 return
-            self._transition(b, SlotState.IDLE, "clean release", publish=False)
+            self._transition(b, _IDLE, "clean release", publish=False)
             self._make_idle(b, lazy=client.in_process)
             return
         self._end_lease(b)
@@ -649,7 +654,7 @@ class Pool:
         if outcome is control.Outcome.BROKEN:
             self._close(b, CloseReason.CLIENT_REPORTED_BROKEN, graceful=False)
             return
-        self._transition(b, SlotState.RESETTING, _OUTCOME_REASON[outcome])
+        self._transition(b, _RESETTING, _OUTCOME_REASON[outcome])
         b.dirty = True
         self._spawn(self._reset(b))
 
@@ -671,7 +676,7 @@ class Pool:
         client.granted(b, w.request)  # type: ignore[attr-defined]
         self.table.note_lease(now - w.enqueued_ns, True)
         self._publish_soon(b)  # (arms the timer that also writes the counters and pending)
-        if self.waiters and self._states[SlotState.CLOSED]:
+        if self.waiters and self._states[_CLOSED]:
             self._dispatch()  # open more backends for those still waiting
 
     def _end_lease(self, b: Backend) -> None:
@@ -729,7 +734,7 @@ class Pool:
         if self.waiters and not self.paused:
             self._grant_waiter(b, self.waiters.popleft())
             self.table.set("pending", len(self.waiters))
-            if self.waiters and self._states[SlotState.CLOSED]:
+            if self.waiters and self._states[_CLOSED]:
                 self._dispatch()  # open more backends for those still waiting
             return
         if lazy:
