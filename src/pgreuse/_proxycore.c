@@ -432,11 +432,14 @@ Session_interest(Session *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+#include "_lending.h"
+
 static int
 lease(Session *self)
 {
     PyObject *request = PyLong_FromUnsignedLongLong(++last_request);
     PyObject *pool, *r;
+    int done;
 
     if (request == NULL)
         return -1;
@@ -444,17 +447,19 @@ lease(Session *self)
     Py_SETREF(self->request, Py_NewRef(request));
     self->request_ns = monotonic_ns();
     pool = Py_NewRef(self->pool);
-    {
-        /* May answer synchronously (an idle backend): granted() runs inside this call. */
+    /* An idle backend and nobody waiting: lent here (_lending.h); else Pool.request. Either may
+     * answer synchronously: granted() runs inside this call. */
+    done = lend_idle(self, pool, request);
+    if (done == 0) {
         PyObject *args[4] = {pool, (PyObject *)self, request, self->parking_key};
+
         r = PyObject_VectorcallMethod(s_request, args, 4, NULL);
+        Py_XDECREF(r);
+        done = r == NULL ? -1 : 1;
     }
     Py_DECREF(pool);
     Py_DECREF(request);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    return done < 0 ? -1 : 0;
 }
 
 static PyObject *
@@ -667,6 +672,7 @@ give_back_clean(Session *self)
 {
     PyObject *b = Py_NewRef(self->backend);
     PyObject *pool, *r;
+    int done;
 
     if (self->b_writing && call_set(py_set_backend, self, 0, 0) < 0) {
         Py_DECREF(b);
@@ -679,16 +685,18 @@ give_back_clean(Session *self)
     self->bfd = -1;
     self->stats->xacts++;
     pool = Py_NewRef(self->pool);
-    {
+    /* The next waiter in process, or nobody waiting: done here (_lending.h); else Pool.give_back. */
+    done = give_back_fast(self, pool, b);
+    if (done == 0) {
         PyObject *args[5] = {pool, b, (PyObject *)self, clean_outcome, Py_True};
+
         r = PyObject_VectorcallMethod(s_give_back, args, 4, kw_unread_checked);
+        Py_XDECREF(r);
+        done = r == NULL ? -1 : 1;
     }
     Py_DECREF(pool);
     Py_DECREF(b);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    return done < 0 ? -1 : 0;
 }
 
 static PyObject *
@@ -738,20 +746,16 @@ Session_backend_readable(Session *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-static PyObject *
-Session_granted(Session *self, PyObject *const *args, Py_ssize_t nargs)
+/* granted(b, request): 0, or -1 with an error. */
+static int
+granted_impl(Session *self, PyObject *b, PyObject *request)
 {
-    PyObject *b, *sock, *tls;
+    PyObject *sock, *tls;
     int same, fd;
 
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "granted() takes 2 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    b = args[0];
-    same = self->request == Py_None ? 0 : PyObject_RichCompareBool(args[1], self->request, Py_EQ);
+    same = self->request == Py_None ? 0 : PyObject_RichCompareBool(request, self->request, Py_EQ);
     if (same < 0)
-        return NULL;
+        return -1;
     if (!same || self->closed) {
         /* Cannot happen in process (abandon() runs before close() returns); never keep it. */
         PyObject *pool = Py_NewRef(self->pool);
@@ -759,18 +763,21 @@ Session_granted(Session *self, PyObject *const *args, Py_ssize_t nargs)
         PyObject *r = PyObject_VectorcallMethod(s_give_back, call, 4, NULL);
 
         Py_DECREF(pool);
-        return r;
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        return 0;
     }
     Py_SETREF(self->request, Py_NewRef(Py_None));
     self->stats->wait_ns += monotonic_ns() - self->request_ns;
     sock = PyObject_GetAttr(b, s_sock);
     if (sock == NULL)
-        return NULL;
+        return -1;
     fd = PyObject_AsFileDescriptor(sock);
     tls = fd < 0 ? NULL : PyObject_GetAttr(b, s_tls);
     if (tls == NULL) {
         Py_DECREF(sock);
-        return NULL;
+        return -1;
     }
     Py_SETREF(self->backend, Py_NewRef(b));
     self->bfd = fd;
@@ -780,11 +787,23 @@ Session_granted(Session *self, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(sock);
     /* The socket is still registered for reading (the pool's idle watch): take the callback. */
     if (PyObject_SetAttr(b, s_on_readable, self->on_backend) < 0)
-        return NULL;
+        return -1;
     if (PyByteArray_GET_SIZE(self->to_backend) && flush_to_backend(self) < 0)
-        return NULL;
+        return -1;
     if ((PyByteArray_GET_SIZE(self->to_backend) || !self->c_reading || self->btls != Py_None) &&
         interest(self) < 0)
+        return -1;
+    return 0;
+}
+
+static PyObject *
+Session_granted(Session *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "granted() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    if (granted_impl(self, args[0], args[1]) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -837,10 +856,14 @@ static PyObject *
 setup(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 3 || !PyType_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "setup(reference_class, clean_outcome, max_pending)");
+    if (nargs != 6 || !PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "setup(reference_class, clean_outcome, max_pending, "
+                                         "closed, idle, lent)");
         return NULL;
     }
+    Py_XSETREF(st_closed, Py_NewRef(args[3]));
+    Py_XSETREF(st_idle, Py_NewRef(args[4]));
+    Py_XSETREF(st_lent, Py_NewRef(args[5]));
     max_pending = PyLong_AsSsize_t(args[2]);
     if (max_pending == -1 && PyErr_Occurred())
         return NULL;
@@ -862,7 +885,8 @@ setup(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef module_methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL,
-     "setup(reference_class, clean_outcome, max_pending): hand over the Python reference."},
+     "setup(reference_class, clean_outcome, max_pending, closed, idle, lent): hand over the Python "
+     "reference, and SlotState's members."},
     {NULL},
 };
 
@@ -885,7 +909,7 @@ PyInit__proxycore(void)
         (s_wants_write = PyUnicode_InternFromString("wants_write")) == NULL ||
         (kw_reading_writing = Py_BuildValue("(ss)", "reading", "writing")) == NULL ||
         (kw_unread_checked = Py_BuildValue("(s)", "unread_checked")) == NULL ||
-        (empty_bytes = PyBytes_FromStringAndSize(NULL, 0)) == NULL)
+        (empty_bytes = PyBytes_FromStringAndSize(NULL, 0)) == NULL || lending_names() < 0)
         return NULL;
     if (PyType_Ready(&CountersType) < 0 || PyType_Ready(&SessionType) < 0)
         return NULL;

@@ -1,13 +1,15 @@
 """The proxy session's C core (pgreuse._proxycore) against its Python reference (PyProxySession).
 
-The C core overrides the methods every proxied transaction runs and must do exactly what they do.
+The C core overrides the methods every proxied transaction runs, and does the pool's part of the
+usual lease and release (_lending.h), and must do exactly what the Python methods do.
 Here both run the same random scripts, each on its own in-process pool with one fake backend: two
 clients take turns and queue behind each other (so backends are handed over), transactions span
 several exchanges, client messages and server answers are cut at random places, answers are
 larger than the receive buffer, a SET's ParameterStatus makes the backend dirty (and the pool
 resets it), a named Parse is refused, a Flush arrives with nothing in flight. After every step the
-bytes each side received and every field of both sessions must be identical, and the bytes must be
-what a direct connection would carry.
+bytes each side received, every field of both sessions and the pool's lending state (slot counts, the idle
+stack, the queue, the slot's lease fields, the counters noted for the table) must be identical, and
+the bytes must be what a direct connection would carry.
 
 (The broker-level proxy tests run against whichever implementation the environment selects: nox
 runs them on both.)
@@ -24,6 +26,7 @@ from typing import Any
 import pytest
 
 from inproc import in_process_pool, in_process_session, open_fake_backend
+from pgreuse.broker import pool as pool_module
 from pgreuse.broker import proxy
 from pgreuse.wire.frames import frame
 from pgreuse.wire.states import CloseReason, SlotState
@@ -121,8 +124,22 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
             stats = [getattr(s.stats, f) for f in STATS]
             states.append((s.backend is not None, s._request is None, fields, stats))
         holder = b.holder.parking_key if b.holder is not None else None  # type: ignore[attr-defined]
+        watch = "pool" if b.on_readable is b.idle_watch else "session" if b.on_readable else None
+        table = pool.table
+        lending = (
+            dict(pool._states), len(pool.idle), len(pool.waiters), b.leases, b.parking,
+            bool(b.lease_started_ns), b.use_ns > 0, watch, b.watched, b in pool._lagging,
+            pool._flush_timer is not None, table._n_leases, table._n_waits,
+            sum(table._n_hist),  # (not the buckets: which one is a matter of timing)
+        )  # fmt: skip
+        if step.endswith("sent"):
+            # Write the table here (in both worlds): the releases that follow must note the slot
+            # again for the next batch.
+            pool.flush_table()
+            slot = pool.table.snapshot().slots[0]
+            lending += (slot.state, slot.leases, slot.holder_pid)
         deliver()
-        trace.append((step, states, b.state, holder, _drain(server), list(received)))
+        trace.append((step, states, b.state, holder, lending, _drain(server), list(received)))
 
     async def settle() -> None:
         # A dirty backend is reset by a task: answer its DISCARD ALL like a server would.
@@ -204,8 +221,11 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_the_c_core_does_what_the_reference_does(short_tmp, seed):
+def test_the_c_core_does_what_the_reference_does(short_tmp, seed, monkeypatch):
     assert proxy.CORE == "c", "PGREUSE_EXPECT_SCAN=c but the C core does not run"
+    # The table's batch timer must not fire in one world and not the other (it resets the counters
+    # compared below): an hour's lag keeps it armed until the end.
+    monkeypatch.setattr(pool_module, "TABLE_LAG", 3600.0)
 
     async def run() -> tuple[list[Any], list[Any]]:
         c = await _world(str(short_tmp), 6990, seed, reference=False)

@@ -53,6 +53,7 @@ import attrs
 
 from ..wire import control, frames, scan
 from ..wire.scan import scan_client, scan_server
+from ..wire.states import TRANSITIONS, SlotState
 from .pool import Backend, Pool
 from .tls import TLSStream
 
@@ -787,7 +788,9 @@ class PyProxySession:
 # The C core (pgreuse._proxycore, optional like the C scanners): a base type that holds the hot fields
 # as struct members and overrides the methods every transaction runs (the read callbacks, _interest,
 # _idle, _lease, granted) with C versions that handle the usual case and call the methods above for
-# the rest. PGREUSE_PURE_PYTHON=1 runs the reference alone. CORE says which one runs.
+# the rest; its _lease and clean release also do the pool's part for the usual cases (an idle
+# backend and nobody waiting; a handover to the next proxy client). PGREUSE_PURE_PYTHON=1 runs the
+# reference alone. CORE says which one runs.
 ProxySession: type[PyProxySession] = PyProxySession
 ProxyStats: type[PyProxyStats] = PyProxyStats
 CORE = "python"
@@ -797,7 +800,12 @@ if not scan.PURE_PYTHON:
     except ImportError:  # not built: the reference serves
         pass
     else:
-        _proxycore.setup(PyProxySession, control.Outcome.CLEAN, _MAX_PENDING)
+        # The C core also lends and takes back backends in the usual cases (pool.Pool's request
+        # and give_back, see _lending.h), through the slot transitions checked here.
+        _idle, _lent = SlotState.IDLE, SlotState.LENT
+        assert _lent in TRANSITIONS[_idle] and SlotState.RESETTING in TRANSITIONS[_lent]
+        assert _idle in TRANSITIONS[SlotState.RESETTING]
+        _proxycore.setup(PyProxySession, control.Outcome.CLEAN, _MAX_PENDING, SlotState.CLOSED, _idle, _lent)
 
         class _CProxySession(_proxycore.SessionCore, PyProxySession):
             __slots__ = ()
