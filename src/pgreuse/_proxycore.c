@@ -14,7 +14,11 @@
  * (_release_at_idle), any change of readiness registration (_set_client, _set_backend, _interest),
  * and every error (_client_failed, _backend_failed, close). So the C code holds no logic of its own
  * beyond the fast path, and the proxy tests run the same scenarios against both (nox runs the
- * Python one with PGREUSE_PURE_PYTHON=1).
+ * Python one with PGREUSE_PURE_PYTHON=1). The C methods call the reference functions setup() was
+ * given, not self.<name>: overriding one of them in a subclass does not reach the C paths.
+ *
+ * System calls are made here directly: EINTR counts as "would block" (the loop calls again, or
+ * the rest is buffered for the writer), where Python's socket methods retry at once.
  *
  * Why C: the broker's CPU per transaction decides the proxy's throughput on a busy host. In Python
  * this work is about 550 bytecode operations and 8 socket-method calls per transaction; here it is
@@ -141,19 +145,12 @@ static PyMemberDef Session_members[] = {
     {"_c_left", T_PYSSIZET, offsetof(Session, c_left), 0, NULL},
     {"_b_left", T_PYSSIZET, offsetof(Session, b_left), 0, NULL},
     {"_request_ns", T_LONGLONG, offsetof(Session, request_ns), 0, NULL},
-    {"backend", T_OBJECT_EX, offsetof(Session, backend), 0, NULL},
-    {"_bsock", T_OBJECT_EX, offsetof(Session, bsock), 0, NULL},
-    {"_btls", T_OBJECT_EX, offsetof(Session, btls), 0, NULL},
-    {"_request", T_OBJECT_EX, offsetof(Session, request), 0, NULL},
-    {"_rejecting", T_OBJECT_EX, offsetof(Session, rejecting), 0, NULL},
-    {"pool", T_OBJECT_EX, offsetof(Session, pool), 0, NULL},
-    {"parking_key", T_OBJECT_EX, offsetof(Session, parking_key), 0, NULL},
-    {"_on_backend", T_OBJECT_EX, offsetof(Session, on_backend), 0, NULL},
     {NULL},
 };
 
-/* Fields the C code reads as a given type get setters that check it: the Python methods assign
- * them too, and a wrong type there must be an error, not a crash here. */
+/* The object fields are getsets, not members: the C code reads them without checks, so none may be
+ * deleted (a member could be), and those it reads as a given type must have it (the Python methods
+ * assign them too, and a wrong type there must be an error, not a crash here). */
 static int
 set_typed(PyObject **slot, PyObject *value, PyTypeObject *type, const char *name)
 {
@@ -161,7 +158,7 @@ set_typed(PyObject **slot, PyObject *value, PyTypeObject *type, const char *name
         PyErr_Format(PyExc_AttributeError, "cannot delete %s", name);
         return -1;
     }
-    if (!Py_IS_TYPE(value, type)) {
+    if (type != NULL && !Py_IS_TYPE(value, type)) {
         PyErr_Format(PyExc_TypeError, "%s must be %s, not %s", name, type->tp_name,
                      Py_TYPE(value)->tp_name);
         return -1;
@@ -175,6 +172,10 @@ set_typed(PyObject **slot, PyObject *value, PyTypeObject *type, const char *name
     static PyObject *get_##field(Session *self, void *closure)                                     \
     {                                                                                              \
         (void)closure;                                                                             \
+        if (self->field == NULL) { /* only after tp_clear */                                       \
+            PyErr_SetString(PyExc_AttributeError, #field);                                         \
+            return NULL;                                                                           \
+        }                                                                                          \
         Py_INCREF(self->field);                                                                    \
         return (PyObject *)self->field;                                                            \
     }                                                                                              \
@@ -189,8 +190,24 @@ TYPED_FIELD(to_client, &PyByteArray_Type)
 TYPED_FIELD(c_stash, &PyBytes_Type)
 TYPED_FIELD(b_stash, &PyBytes_Type)
 TYPED_FIELD(stats, &CountersType)
+TYPED_FIELD(backend, NULL)
+TYPED_FIELD(bsock, NULL)
+TYPED_FIELD(btls, NULL)
+TYPED_FIELD(request, NULL)
+TYPED_FIELD(rejecting, NULL)
+TYPED_FIELD(pool, NULL)
+TYPED_FIELD(parking_key, NULL)
+TYPED_FIELD(on_backend, NULL)
 
 static PyGetSetDef Session_getset[] = {
+    {"backend", (getter)get_backend, (setter)set_backend, NULL, NULL},
+    {"_bsock", (getter)get_bsock, (setter)set_bsock, NULL, NULL},
+    {"_btls", (getter)get_btls, (setter)set_btls, NULL, NULL},
+    {"_request", (getter)get_request, (setter)set_request, NULL, NULL},
+    {"_rejecting", (getter)get_rejecting, (setter)set_rejecting, NULL, NULL},
+    {"pool", (getter)get_pool, (setter)set_pool, NULL, NULL},
+    {"parking_key", (getter)get_parking_key, (setter)set_parking_key, NULL, NULL},
+    {"_on_backend", (getter)get_on_backend, (setter)set_on_backend, NULL, NULL},
     {"_to_backend", (getter)get_to_backend, (setter)set_to_backend, NULL, NULL},
     {"_to_client", (getter)get_to_client, (setter)set_to_client, NULL, NULL},
     {"_c_stash", (getter)get_c_stash, (setter)set_c_stash, NULL, NULL},
@@ -272,19 +289,12 @@ would_block(int err)
     return err == EAGAIN || err == EWOULDBLOCK || err == EINTR;
 }
 
-/* The OSError Python's socket methods would raise for errno ``err`` (a new reference). */
+/* The OSError Python's socket methods would raise for errno ``err`` (a new reference; OSError
+ * picks the subclass, e.g. ConnectionResetError). */
 static PyObject *
 os_error(int err)
 {
-    PyObject *type, *value, *tb;
-
-    errno = err;
-    PyErr_SetFromErrno(PyExc_OSError);
-    PyErr_Fetch(&type, &value, &tb);
-    PyErr_NormalizeException(&type, &value, &tb);
-    Py_XDECREF(type);
-    Py_XDECREF(tb);
-    return value;
+    return PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
 }
 
 /* Call the Python reference ``func`` as a method of ``self``; returns 0, or -1 with an error. */
@@ -864,9 +874,13 @@ setup(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(st_closed, Py_NewRef(args[3]));
     Py_XSETREF(st_idle, Py_NewRef(args[4]));
     Py_XSETREF(st_lent, Py_NewRef(args[5]));
-    max_pending = PyLong_AsSsize_t(args[2]);
-    if (max_pending == -1 && PyErr_Occurred())
-        return NULL;
+    {
+        Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
+
+        if (limit == -1 && PyErr_Occurred())
+            return NULL;
+        max_pending = limit;
+    }
     Py_XSETREF(clean_outcome, Py_NewRef(args[1]));
     if (take(args[0], "_client_slow", &py_client_slow) < 0 ||
         take(args[0], "_client_failed", &py_client_failed) < 0 ||
@@ -892,7 +906,7 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "pgreuse._proxycore", "The proxy session's hot path in C.", -1,
-    module_methods,
+    module_methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC

@@ -151,6 +151,31 @@ def test_session_mode_resets_a_backend_whose_client_left_before_the_answer(make_
     assert "leaked_schema" not in search_path
 
 
+def test_a_query_pipelined_with_terminate_still_runs(make_broker, pg):
+    # A client that writes its last statement and Terminate together: against PostgreSQL the
+    # statement runs. The broker must not drop it for the Terminate behind it, whether a backend is
+    # free at once (the client hangs up without reading the answer) or only after a wait (the
+    # client reads the answer: a client that leaves while still queued is dropped, as by PgBouncer).
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute("drop table if exists fire_and_forget; create table fire_and_forget (v int)")
+    b = make_broker("--max-size", "1")
+    for v in (1, 2):
+        holder = plain(b) if v == 2 else None  # the second time the client has to wait its turn
+        if holder is not None:
+            holder.execute("select 1")  # an open transaction holds the only backend
+        raw = RawClient(b)
+        raw.sock.sendall(frames.query(f"insert into fire_and_forget values ({v})") + frames.terminate())
+        if holder is not None:
+            time.sleep(0.2)  # the insert waits for the backend
+            holder.commit()
+            holder.close()
+            raw.until_ready(1)
+        raw.close()
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        rows = admin.execute("select v from fire_and_forget order by v").fetchall()
+    assert rows == [(1,), (2,)]
+
+
 def test_wait_timeout_answers_with_an_error_and_the_broker_stays_healthy(make_broker):
     b = make_broker("--max-size", "1", "--wait-timeout", "0.5")
     holder = plain(b)

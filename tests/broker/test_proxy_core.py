@@ -6,10 +6,12 @@ Here both run the same random scripts, each on its own in-process pool with one 
 clients take turns and queue behind each other (so backends are handed over), transactions span
 several exchanges, client messages and server answers are cut at random places, answers are
 larger than the receive buffer, a SET's ParameterStatus makes the backend dirty (and the pool
-resets it), a named Parse is refused, a Flush arrives with nothing in flight. After every step the
-bytes each side received, every field of both sessions and the pool's lending state (slot counts, the idle
-stack, the queue, the slot's lease fields, the counters noted for the table) must be identical, and
-the bytes must be what a direct connection would carry.
+resets it), a named Parse is refused, a Flush arrives with nothing in flight, a notice follows the
+last ReadyForQuery in a later read, socket buffers are small enough for sends to stop short, a
+client quits before its answer, session mode, and scripts end with the server gone or garbled.
+After every step the bytes each side received, every field of both sessions and the pool's lending
+state (slot counts, the idle stack, the queue, the slot's lease fields, the counters noted for the
+table) must be identical, and the bytes must be what a direct connection would carry.
 
 (The broker-level proxy tests run against whichever implementation the environment selects: nox
 runs them on both.)
@@ -18,8 +20,10 @@ runs them on both.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
+import select
 import socket
 from typing import Any
 
@@ -39,26 +43,40 @@ pytestmark = pytest.mark.skipif(
 FIELDS = (
     "_syncs", "_unsynced", "_tx", "_b_left", "_b_stash", "_c_left", "_c_stash", "_dirty",
     "_quitting", "_want_lease", "proxied", "closed", "_to_backend", "_to_client", "_c_reading",
-    "_c_writing", "_b_writing", "_rejecting",
+    "_c_writing", "_b_writing", "_rejecting", "_bfd",
 )  # fmt: skip
 STATS = ("xacts", "queries", "received", "sent", "denied", "broken")
+NOTICE = frame(b"N", b"SNOTICE\0C00000\0Mafter the transaction\0\0")
+SEEDS = 48
+SESSION_MODE_SEEDS = range(40, SEEDS)  # one client: in session mode the backend stays with it
 
 
 def _rows(rng: random.Random) -> bytes:
     big = rng.random() < 0.1  # larger than the 256 KiB receive buffer: a message spans reads
     size = 300_000 if big else rng.randrange(0, 40)
-    row = frame(b"D", b"\0\x01" + size.to_bytes(4, "big") + b"x" * size)
-    rows = row * rng.randrange(0, 4)
+    rows = b"".join(
+        frame(b"D", b"\0\x01" + size.to_bytes(4, "big") + rng.randbytes(size))
+        for _ in range(rng.randrange(4))
+    )
     return frame(b"T", b"\0\x01a\0" + b"\0" * 6 + b"\0\0\0\x19\xff\xff\xff\xff\xff\xff\0\0") + rows
 
 
 def _exchange(rng: random.Random, status: bytes, named: bool = True) -> tuple[bytes, bytes, bool]:
-    """(client bytes, server answer, needs a backend) for one round trip ending at ``status``."""
-    kinds = ("simple", "extended", "pipelined", "error", "set", "flush", "named")
-    kind = rng.choice(kinds if named else kinds[:-1])
+    """(client bytes, server answer, needs a backend) for one round trip ending at ``status``
+    (``named``: the exchange may be one that takes no backend)."""
+    kinds = ("simple", "big query", "extended", "pipelined", "error", "set", "flush", "terminate", "named")
+    # The last two take no backend; a transaction ends with a ReadyForQuery, which terminate has not.
+    kind = rng.choice(
+        [k for k in kinds if (named or k not in kinds[-2:]) and (status == b"T" or k != "terminate")]
+    )
     ready = frame(b"Z", status)
+    if kind == "terminate":  # alone (a forked child's on a shared socket): no answer, and more follows
+        return frame(b"X", b""), b"", True
     if kind == "simple":
         return frame(b"Q", b"select x\0"), _rows(rng) + frame(b"C", b"SELECT 1\0") + ready, True
+    if kind == "big query":  # more than a small socket buffer takes: forwarded in several sends
+        text = b"select '" + rng.randbytes(50_000).replace(b"\0", b"x") + b"'\0"
+        return frame(b"Q", text), frame(b"C", b"SELECT 1\0") + ready, True
     if kind == "extended":
         client = (frame(b"P", b"\0select $1\0\0\0") + frame(b"B", b"\0\0\0\0\0\0\0\0")
                   + frame(b"D", b"P\0") + frame(b"E", b"\0\0\0\0\0") + frame(b"S", b""))  # fmt: skip
@@ -80,16 +98,35 @@ def _exchange(rng: random.Random, status: bytes, named: bool = True) -> tuple[by
     return client, frame(b"1", b"") + ready, False
 
 
-def _transaction(rng: random.Random, alone: bool) -> list[tuple[bytes, bytes, bool]]:
+def _transaction(rng: random.Random, alone: bool, notice: bool) -> list[tuple[bytes, bytes, bool]]:
     """Exchanges up to ReadyForQuery ``I``. Not ``alone`` (another client queues behind it): the
     first one takes the backend (a refused one would leave it to the other client)."""
     n = rng.choice((1, 1, 1, 2, 3))
-    return [_exchange(rng, b"T" if i < n - 1 else b"I", named=alone or i > 0) for i in range(n)]
+    txs = [_exchange(rng, b"T" if i < n - 1 else b"I", named=alone or i > 0) for i in range(n)]
+    if rng.random() < 0.15:
+        # The next statement's Parse sent along with this one's Sync: at ReadyForQuery 'I' the
+        # backend is still needed (what the client sent after the Sync is on it), until its Sync.
+        client, answer, needs_backend = txs[-1]
+        ahead = frame(b"P", b"\0select 2\0\0\0")
+        rest = frame(b"B", b"\0\0\0\0\0\0\0\0") + frame(b"E", b"\0\0\0\0\0") + frame(b"S", b"")
+        txs[-1] = (client + ahead, answer, needs_backend)
+        txs.append(
+            (rest, frame(b"1", b"") + frame(b"2", b"") + frame(b"C", b"SELECT 1\0") + frame(b"Z", b"I"), True)
+        )
+    if notice and rng.random() < 0.15:
+        # A notice after the last ReadyForQuery, cut from it (never exactly at the boundary: the
+        # backend would go back before the notice, and the pool's idle watch close it; so not
+        # with small buffers either, where a send may stop there).
+        client, answer, needs_backend = txs[-1]
+        txs[-1] = (client, answer + NOTICE, needs_backend)
+    return txs
 
 
-def _cuts(rng: random.Random, data: bytes, most: int) -> list[bytes]:
-    points = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randrange(0, most + 1))))
-    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+def _cuts(rng: random.Random, data: bytes, most: int, avoid: int = -1) -> list[bytes]:
+    """``data`` in up to ``most`` + 1 pieces, never cut at ``avoid``."""
+    points = [p for p in range(1, len(data)) if p != avoid]
+    chosen = sorted(rng.sample(points, min(len(points), rng.randrange(0, most + 1))))
+    return [data[a:b] for a, b in zip([0, *chosen], [*chosen, len(data)], strict=True)]
 
 
 def _drain(sock: socket.socket) -> bytes:
@@ -104,25 +141,88 @@ def _drain(sock: socket.socket) -> bytes:
         got += chunk
 
 
+def _take_refusal(received: bytes) -> bytes:
+    """``received`` without the ErrorResponse and ReadyForQuery ``I`` it starts with."""
+    assert received[:1] == b"E", received[:40]
+    end = 1 + int.from_bytes(received[1:5], "big")
+    assert received[end:end + 6] == frame(b"Z", b"I"), received[:end + 6]  # fmt: skip
+    return received[end + 6 :]
+
+
 async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
     """Run script ``seed`` on a fresh pool; return the trace of what every step left behind."""
     rng = random.Random(seed)
+    session_mode = seed in SESSION_MODE_SEEDS
     pool = in_process_pool(tmp, port, wait_timeout=30.0)
     b, server = open_fake_backend(pool)
     server.setblocking(False)
-    sessions = [in_process_session(pool, key=k + 1, reference=reference) for k in range(2)]
-    for _, outer in sessions:
+    clients = 1 if session_mode else 2
+    sessions = [
+        in_process_session(pool, key=k + 1, reference=reference, session_mode=session_mode)
+        for k in range(clients)
+    ]
+    # Small socket buffers: sends stop short, and replies and queries wait for writability.
+    small, small_backend = rng.random() < 0.3, rng.random() < 0.3
+    for session, outer in sessions:
         outer.setblocking(False)
+        for sock in (session.sock, outer) if small else ():
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    if small_backend:
+        for sock in (b.sock, server):
+            assert sock is not None
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     trace: list[Any] = []
-    expected_client = [b"", b""]
-    received = [b"", b""]
+    expected: list[list[bytes | None]] = [[] for _ in sessions]  # None: a refusal
+    received = [b""] * clients
+    sent = [0] * clients
+    at_server = [b""]  # since the last snapshot
+    server_log = [b""]  # all of it
+    resets_answered = [0]
+
+    def readable(sock: socket.socket | None) -> bool:
+        return sock is not None and sock.fileno() >= 0 and bool(select.select([sock], [], [], 0)[0])
+
+    def deliver(readers: bool = True) -> None:
+        """Run what the loop would run until nothing is left to do: the peers read all they are
+        sent (``readers``; else they are slow and read nothing yet), and the session callbacks
+        registered for readable or writable sockets run."""
+        for _ in range(10_000):
+            if readers:
+                got = _drain(server)
+                at_server[0] += got
+                server_log[0] += got
+                for k, (_session, outer) in enumerate(sessions):
+                    received[k] += _drain(outer)
+            ran = False
+            for session, _ in sessions:
+                if session.closed:
+                    continue
+                if session._b_writing:
+                    session._backend_writable()
+                    ran = True
+                if session._c_writing and not session.closed:
+                    session._client_writable()
+                    ran = True
+                if session._c_reading and not session.closed and readable(session.sock):
+                    session._client_readable()
+                    ran = True
+            if b.watched and readable(b.sock):
+                b.dispatch_readable()
+                ran = True
+            if not ran or not readers:
+                return
+        raise AssertionError("the loop never came to rest")
 
     def snapshot(step: str) -> None:
+        deliver()
         states = []
         for s, _ in sessions:
             fields = [bytes(v) if isinstance(v, bytearray) else v for v in (getattr(s, f) for f in FIELDS)]
             stats = [getattr(s.stats, f) for f in STATS]
-            states.append((s.backend is not None, s._request is None, fields, stats))
+            states.append((s.backend is not None, s._request is None, bool(s._request_ns),
+                           s.stats.wait_ns > 0, fields, stats))  # fmt: skip
         holder = b.holder.parking_key if b.holder is not None else None  # type: ignore[attr-defined]
         watch = "pool" if b.on_readable is b.idle_watch else "session" if b.on_readable else None
         table = pool.table
@@ -138,17 +238,20 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
             pool.flush_table()
             slot = pool.table.snapshot().slots[0]
             lending += (slot.state, slot.leases, slot.holder_pid)
-        deliver()
-        trace.append((step, states, b.state, holder, lending, _drain(server), list(received)))
+        trace.append((step, states, b.state, holder, lending, at_server[0], list(received)))
+        at_server[0] = b""
 
     async def settle() -> None:
         # A dirty backend is reset by a task: answer its DISCARD ALL like a server would.
+        reset = frame(b"Q", b"DISCARD ALL\0")
         for _ in range(200):
             if b.state is not SlotState.RESETTING:
                 return
             got = _drain(server)
-            if got:
-                assert got.startswith(b"Q") and b"DISCARD ALL" in got
+            at_server[0] += got
+            server_log[0] += got
+            if server_log[0].count(reset) > resets_answered[0]:
+                resets_answered[0] += 1
                 server.send(frame(b"C", b"DISCARD ALL\0") + frame(b"Z", b"I"))
             await asyncio.sleep(0.001)
         raise AssertionError("the reset did not finish")
@@ -159,32 +262,48 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
         session, outer = sessions[i]
         idle = session.backend is None and session._request is None and not session._want_lease
         for part in _cuts(rng, data, 3):
-            outer.send(part)
-            session._client_readable()
-        return not needs_backend and idle
+            rest = part
+            while rest:
+                with contextlib.suppress(BlockingIOError):
+                    n = outer.send(rest)
+                    rest = rest[n:]
+                    sent[i] += n
+                if session._c_reading:  # (what the loop would call)
+                    session._client_readable()
+                deliver(readers=rng.random() < 0.5)
+        return not needs_backend and idle and not session_mode
 
-    def deliver() -> None:
-        # The clients read all they are sent; a session that buffered a reply (the client's socket
-        # was full) writes it when its socket is writable, as the loop would call it.
-        for k, (session, outer) in enumerate(sessions):
-            while True:
-                received[k] += _drain(outer)
-                if not session._to_client or session.closed:
-                    break
-                session._client_writable()
+    async def reaches_server(i: int) -> None:
+        """Run the loop until all client ``i`` sent has been read and forwarded: a server answers
+        only what it received (a reset on the way is answered too)."""
+        session = sessions[i][0]
+        for _ in range(1000):
+            if session.stats.received == sent[i] and not session._to_backend:
+                return
+            if session._c_reading:
+                session._client_readable()
+            deliver()
+            await settle()
+        raise AssertionError("the query never reached the server")
 
-    def server_answers(answer: bytes) -> None:
-        for part in _cuts(rng, answer, 4):
+    async def server_answers(i: int, answer: bytes) -> None:
+        await reaches_server(i)
+        boundary = len(answer) - len(NOTICE) if answer.endswith(NOTICE) else -1
+        for part in _cuts(rng, answer, 4, avoid=boundary):
             rest = part
             while rest:  # a part may be larger than the socket takes at once
-                rest = rest[server.send(rest) :]
-                b.dispatch_readable()
-                deliver()
+                with contextlib.suppress(BlockingIOError):
+                    rest = rest[server.send(rest) :]
+                if b.watched:  # (what the loop would call)
+                    b.dispatch_readable()
+                deliver(readers=rng.random() < 0.5)
+        deliver()
 
     for step in range(12):
-        first = rng.randrange(2)
-        order = [first, 1 - first] if rng.random() < 0.5 else [first]
-        txs = {i: _transaction(rng, alone=len(order) == 1) for i in order}
+        first = rng.randrange(clients)
+        order = [first, 1 - first] if clients == 2 and rng.random() < 0.5 else [first]
+        notice = not (small or small_backend)
+        txs = {i: _transaction(rng, alone=len(order) == 1, notice=notice) for i in order}
         # Every client sends its first exchange; the second queues behind the first's transaction.
         refused = {i: client_sends(i, txs[i][0][0], txs[i][0][2]) for i in order}
         snapshot(f"{step}: sent")
@@ -193,34 +312,62 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
                 if n:
                     refused[i] = client_sends(i, client, needs_backend)
                 if refused[i]:
-                    expected_client[i] += b"refused"
+                    expected[i].append(None)
                     snapshot(f"{step}: refused {i}")
                     continue
-                server_answers(answer)
-                expected_client[i] += answer
+                await server_answers(i, answer)
+                expected[i].append(answer)
                 snapshot(f"{step}: answered {i}.{n}")
             await settle()
+    ending = rng.choice(("close", "quit", "server gone", "server garbled"))
+    session, outer = sessions[0]
+    if ending == "quit":  # Terminate right behind a query: the backend goes back at its answer
+        client_sends(0, frame(b"Q", b"select 4\0") + frame(b"X", b""), True)
+        answer = frame(b"C", b"SELECT 1\0") + frame(b"Z", b"I")
+        await server_answers(0, answer)
+        expected[0].append(answer)
+        snapshot("quit answered")
+        outer.shutdown(socket.SHUT_WR)  # then its EOF
+        session._client_readable()
+        snapshot("quit")
+        await settle()
+    elif ending.startswith("server"):  # the backend fails while a query is in flight
+        client_sends(0, frame(b"Q", b"select 5\0"), True)
+        await reaches_server(0)
+        if ending == "server gone":
+            server.shutdown(socket.SHUT_WR)
+        else:
+            server.send(frame(b"C", b"SELECT 1\0") + b"Z\0\0\0\x02")  # a length below 4
+        b.dispatch_readable()
+        snapshot(ending)
     for session, _ in sessions:
         session.close()
     await settle()
     snapshot("closed")
+    pool.flush_table()  # (and its timer: the table closes below)
     if b.state is not SlotState.CLOSED:
         pool._close(b, CloseReason.SHUTDOWN, graceful=False)
-    pool.flush_table()  # (and its timer: the table closes below)
     server.close()
     for session, outer in sessions:
         session.sock.close()
         outer.close()
     pool.table.close()
-    # What each client received is the server's answers, in order (a refusal is the broker's own
-    # ErrorResponse and ReadyForQuery).
-    for i in range(2):
-        for part in expected_client[i].split(b"refused"):
-            assert part in received[i]
+    # What each client received is exactly the server's answers, in order, and the broker's
+    # ErrorResponse and ReadyForQuery for each refusal.
+    for i in range(clients):
+        rest = received[i]
+        for part in expected[i]:
+            if part is None:
+                rest = _take_refusal(rest)
+            else:
+                assert rest[: len(part)] == part, f"client {i}: {rest[:60]!r} instead of {part[:60]!r}"
+                rest = rest[len(part) :]
+        # After a server failure: what it sent, and the broker's FATAL (compared in the trace).
+        assert rest == b"" or (i == 0 and ending.startswith("server")), rest[:100]
     return trace
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(SEEDS))
 def test_the_c_core_does_what_the_reference_does(short_tmp, seed, monkeypatch):
     assert proxy.CORE == "c", "PGREUSE_EXPECT_SCAN=c but the C core does not run"
     # The table's batch timer must not fire in one world and not the other (it resets the counters

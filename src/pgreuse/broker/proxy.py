@@ -318,6 +318,8 @@ class PyProxySession:
     # -- client -> backend ------------------------------------------------------------------------
 
     def _client_readable(self) -> None:
+        if self.closed:  # (the reader is removed at close: never read a descriptor number reused)
+            return
         try:
             n = self.sock.recv_into(_RBUF)
         except (BlockingIOError, InterruptedError):
@@ -480,12 +482,10 @@ class PyProxySession:
         if type_ == b"X":
             # Terminate is never forwarded: the backend outlives this client. The client closes
             # its socket next; a parked pgreuse connection's forked child may also send this on a
-            # shared socket, so the session itself lives on until EOF.
+            # shared socket, so the session itself lives on until EOF. What the client sent before
+            # it still goes to a backend, as a server would still run it: a lease wanted or asked
+            # for stands (if the client hangs up while still queued, close() drops it).
             self._quitting = True
-            self._want_lease = False
-            if self._request is not None:
-                self.pool.abandon(self, self._request)
-                self._request = None
             return _Forward.DROP
         self._quitting = False
         if self._rejecting is not None:
