@@ -15,10 +15,13 @@ from pgreuse.shm import Table, table_path
 from pgreuse.wire.states import SlotState
 
 
-def in_process_pool(d: str, port: int, wait_timeout: float = 5.0, max_size: int = 1) -> Pool:
+def in_process_pool(
+    d: str, port: int, wait_timeout: float = 5.0, max_size: int = 1, reset_every_lease: bool = False
+) -> Pool:
     """A Pool on the running loop, no backend open, over a fresh table (``pool.table``)."""
     config = BrokerConfig(dsn=f"host={d} port=1", socket_dir=d, port=port, max_size=max_size,
-                          min_size=0, wait_timeout=wait_timeout)  # fmt: skip
+                          min_size=0, wait_timeout=wait_timeout,
+                          reset_every_lease=reset_every_lease)  # fmt: skip
     table = Table.create(table_path(d, port), max_size=max_size, min_size=0, wait_timeout=wait_timeout,
                          database="t", user="t")  # fmt: skip
     return Pool(config, parse_target(f"host={d} port=1 user=t dbname=t"), table, asyncio.get_running_loop())

@@ -12,6 +12,7 @@
  *
  * The transitions taken here (IDLE -> LENT; LENT -> RESETTING -> IDLE, neither published, as
  * Pool._transition(publish=False) does) are checked against states.TRANSITIONS by proxy.py at import.
+ * Pool._flush_soon's test (no timer armed yet) is inlined in publish_soon: change them together.
  */
 #ifndef PGREUSE_LENDING_H
 #define PGREUSE_LENDING_H
@@ -220,6 +221,15 @@ take_lease(PyObject *b, PyObject *client, PyObject *parking, long long now)
 
 static int granted_impl(Session *self, PyObject *b, PyObject *request);
 static PyTypeObject SessionType;
+static PyObject *c_granted_descr; /* SessionType's granted, set at module init */
+
+/* The C granted() is the one ``client``'s class has (not an override in Python). */
+static int
+c_granted(PyObject *client)
+{
+    return PyObject_TypeCheck(client, &SessionType) &&
+           _PyType_Lookup(Py_TYPE(client), a_granted) == c_granted_descr;
+}
 
 /* client.granted(b, request), in C when the client is a C session. */
 static int
@@ -227,7 +237,7 @@ grant_to(PyObject *client, PyObject *b, PyObject *request)
 {
     PyObject *r;
 
-    if (PyObject_TypeCheck(client, &SessionType))
+    if (c_granted(client))
         return granted_impl((Session *)client, b, request);
     {
         PyObject *args[3] = {client, b, request};
@@ -288,6 +298,11 @@ lend_idle(Session *self, PyObject *pool, PyObject *request)
         Py_DECREF(idle);
         return r;
     }
+    if (PyList_GET_SIZE(idle) != n || PyList_GET_ITEM(idle, n - 1) != b) { /* (changed meanwhile) */
+        Py_DECREF(b);
+        Py_DECREF(idle);
+        return 0;
+    }
     r = PyList_SetSlice(idle, n - 1, n, NULL); /* idle.pop() */
     Py_DECREF(idle);
     if (r == 0)
@@ -297,7 +312,7 @@ lend_idle(Session *self, PyObject *pool, PyObject *request)
     /* The holder gets its backend and sends its query first: the bookkeeping below is off that
      * query's path (as in Pool._grant). */
     if (r == 0)
-        r = granted_impl(self, b, request);
+        r = grant_to((PyObject *)self, b, request);
     if (r == 0)
         r = note(pool, a_note_lease, 0, Py_False);
     if (r == 0)
@@ -365,12 +380,11 @@ give_back_fast(Session *self, PyObject *pool, PyObject *b)
         note(pool, a_note_use, now - started, NULL) < 0)
         goto error;
     if (handover) { /* Pool._hand_over: the slot stays LENT, only its holder changes */
-        PyObject *first = PyObject_CallMethod(waiters, "popleft", NULL);
         PyObject *client = NULL, *parking = NULL, *request = NULL;
         long long enqueued = 0;
 
-        Py_XDECREF(first); /* the same object as w */
-        r = first == NULL ? -1 : 0;
+        Py_SETREF(w, PyObject_CallMethod(waiters, "popleft", NULL)); /* (the one checked above) */
+        r = w == NULL ? -1 : 0;
         if (r == 0 && ((client = PyObject_GetAttr(w, a_client)) == NULL ||
                        (parking = PyObject_GetAttr(w, a_parking)) == NULL ||
                        (request = PyObject_GetAttr(w, a_request)) == NULL ||

@@ -274,12 +274,18 @@ Session_dealloc(Session *self)
 
 /* -- helpers ----------------------------------------------------------------------------------- */
 
+/* The C core stamps times the pool's Python code subtracts from time.monotonic_ns(): it must read
+ * the same clock, which on Linux (the only system pgreuse runs on) is CLOCK_MONOTONIC. */
+#ifndef __linux__
+#error "pgreuse._proxycore is built for Linux only (its clock must be time.monotonic_ns()'s)"
+#endif
+
 static long long
 monotonic_ns(void)
 {
     struct timespec ts;
 
-    clock_gettime(CLOCK_MONOTONIC, &ts); /* what time.monotonic_ns() reads on Linux */
+    clock_gettime(CLOCK_MONOTONIC, &ts);
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
@@ -927,6 +933,12 @@ PyInit__proxycore(void)
         return NULL;
     if (PyType_Ready(&CountersType) < 0 || PyType_Ready(&SessionType) < 0)
         return NULL;
+    c_granted_descr = PyDict_GetItemWithError(SessionType.tp_dict, a_granted); /* borrowed */
+    if (c_granted_descr == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_SystemError, "SessionType has no granted");
+        return NULL;
+    }
     m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import select
@@ -64,7 +65,8 @@ def _rows(rng: random.Random) -> bytes:
 def _exchange(rng: random.Random, status: bytes, named: bool = True) -> tuple[bytes, bytes, bool]:
     """(client bytes, server answer, needs a backend) for one round trip ending at ``status``
     (``named``: the exchange may be one that takes no backend)."""
-    kinds = ("simple", "big query", "extended", "pipelined", "error", "set", "flush", "terminate", "named")
+    kinds = ("simple", "big query", "extended", "pipelined", "error", "set", "flush", "quit behind",
+             "terminate", "named")  # fmt: skip
     # The last two take no backend; a transaction ends with a ReadyForQuery, which terminate has not.
     kind = rng.choice(
         [k for k in kinds if (named or k not in kinds[-2:]) and (status == b"T" or k != "terminate")]
@@ -72,6 +74,8 @@ def _exchange(rng: random.Random, status: bytes, named: bool = True) -> tuple[by
     ready = frame(b"Z", status)
     if kind == "terminate":  # alone (a forked child's on a shared socket): no answer, and more follows
         return frame(b"X", b""), b"", True
+    if kind == "quit behind":  # Terminate in the query's write (the client stays: a forked child's)
+        return frame(b"Q", b"select 6\0") + frame(b"X", b""), frame(b"C", b"SELECT 1\0") + ready, True
     if kind == "simple":
         return frame(b"Q", b"select x\0"), _rows(rng) + frame(b"C", b"SELECT 1\0") + ready, True
     if kind == "big query":  # more than a small socket buffer takes: forwarded in several sends
@@ -141,6 +145,15 @@ def _drain(sock: socket.socket) -> bytes:
         got += chunk
 
 
+class _Collect(logging.Handler):
+    def __init__(self, into: list[str]) -> None:
+        super().__init__(logging.DEBUG)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
 def _take_refusal(received: bytes) -> bytes:
     """``received`` without the ErrorResponse and ReadyForQuery ``I`` it starts with."""
     assert received[:1] == b"E", received[:40]
@@ -153,7 +166,8 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
     """Run script ``seed`` on a fresh pool; return the trace of what every step left behind."""
     rng = random.Random(seed)
     session_mode = seed in SESSION_MODE_SEEDS
-    pool = in_process_pool(tmp, port, wait_timeout=30.0)
+    # Some seeds reset every backend after every lease (no lease or release is the usual one then).
+    pool = in_process_pool(tmp, port, wait_timeout=30.0, reset_every_lease=seed % 12 == 5)
     b, server = open_fake_backend(pool)
     server.setblocking(False)
     clients = 1 if session_mode else 2
@@ -175,6 +189,10 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     trace: list[Any] = []
     expected: list[list[bytes | None]] = [[] for _ in sessions]  # None: a refusal
+    # What the pool logs, debug included (the slot transitions it logs while pool._debug is on).
+    logged: list[str] = []
+    handler = _Collect(logged)
+    logging.getLogger("pgreuse.broker").addHandler(handler)
     received = [b""] * clients
     sent = [0] * clients
     at_server = [b""]  # since the last snapshot
@@ -238,8 +256,9 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
             pool.flush_table()
             slot = pool.table.snapshot().slots[0]
             lending += (slot.state, slot.leases, slot.holder_pid)
-        trace.append((step, states, b.state, holder, lending, at_server[0], list(received)))
+        trace.append((step, states, b.state, holder, lending, at_server[0], list(received), list(logged)))
         at_server[0] = b""
+        logged.clear()
 
     async def settle() -> None:
         # A dirty backend is reset by a task: answer its DISCARD ALL like a server would.
@@ -304,9 +323,22 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
         order = [first, 1 - first] if clients == 2 and rng.random() < 0.5 else [first]
         notice = not (small or small_backend)
         txs = {i: _transaction(rng, alone=len(order) == 1, notice=notice) for i in order}
+        if rng.random() < 0.15:  # transitions logged: the pool's own methods lend and take back
+            pool._debug = not pool._debug
+        # Admin PAUSE: before the requests (they queue until RESUME), or while the first client
+        # holds the backend (its release must not hand it to the second until RESUME).
+        pause = rng.choice((None,) * 8 + ("before", "during" if len(order) == 2 else None))
+        if pause == "before":
+            pool.pause()
         # Every client sends its first exchange; the second queues behind the first's transaction.
         refused = {i: client_sends(i, txs[i][0][0], txs[i][0][2]) for i in order}
         snapshot(f"{step}: sent")
+        if pause == "before":
+            pool.resume()
+            deliver()
+            snapshot(f"{step}: resumed")
+        elif pause == "during":
+            pool.pause()
         for i in order:
             for n, (client, answer, needs_backend) in enumerate(txs[i]):
                 if n:
@@ -318,6 +350,10 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
                 await server_answers(i, answer)
                 expected[i].append(answer)
                 snapshot(f"{step}: answered {i}.{n}")
+            if pause == "during" and i == order[0]:
+                pool.resume()
+                deliver()
+                snapshot(f"{step}: resumed")
             await settle()
     ending = rng.choice(("close", "quit", "server gone", "server garbled"))
     session, outer = sessions[0]
@@ -344,6 +380,7 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
         session.close()
     await settle()
     snapshot("closed")
+    logging.getLogger("pgreuse.broker").removeHandler(handler)
     pool.flush_table()  # (and its timer: the table closes below)
     if b.state is not SlotState.CLOSED:
         pool._close(b, CloseReason.SHUTDOWN, graceful=False)
@@ -368,11 +405,12 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
 
 
 @pytest.mark.parametrize("seed", range(SEEDS))
-def test_the_c_core_does_what_the_reference_does(short_tmp, seed, monkeypatch):
+def test_the_c_core_does_what_the_reference_does(short_tmp, seed, monkeypatch, caplog):
     assert proxy.CORE == "c", "PGREUSE_EXPECT_SCAN=c but the C core does not run"
     # The table's batch timer must not fire in one world and not the other (it resets the counters
     # compared below): an hour's lag keeps it armed until the end.
     monkeypatch.setattr(pool_module, "TABLE_LAG", 3600.0)
+    caplog.set_level(logging.DEBUG, logger="pgreuse.broker")
 
     async def run() -> tuple[list[Any], list[Any]]:
         c = await _world(str(short_tmp), 6990, seed, reference=False)

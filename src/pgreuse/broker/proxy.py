@@ -611,10 +611,12 @@ class PyProxySession:
             hint="retry later, or raise the broker's --max-size or --wait-timeout",
         )
         self._denying = True
+        quitting = self._quitting  # (the replay goes through _decide, which clears it)
         try:
             self._from_client(pending)
         finally:
             self._denying = False
+            self._quitting = self._quitting or quitting
         if self._c_stash:
             raise AssertionError("a complete buffer left an incomplete header")  # pragma: no cover
         self._c_stash = stash
@@ -803,8 +805,12 @@ if not scan.PURE_PYTHON:
         # The C core also lends and takes back backends in the usual cases (pool.Pool's request
         # and give_back, see _lending.h), through the slot transitions checked here.
         _idle, _lent = SlotState.IDLE, SlotState.LENT
-        assert _lent in TRANSITIONS[_idle] and SlotState.RESETTING in TRANSITIONS[_lent]
-        assert _idle in TRANSITIONS[SlotState.RESETTING]
+        if not (
+            _lent in TRANSITIONS[_idle]
+            and SlotState.RESETTING in TRANSITIONS[_lent]
+            and _idle in TRANSITIONS[SlotState.RESETTING]
+        ):  # pragma: no cover
+            raise ImportError("pgreuse._proxycore takes slot transitions states.TRANSITIONS forbids")
         _proxycore.setup(PyProxySession, control.Outcome.CLEAN, _MAX_PENDING, SlotState.CLOSED, _idle, _lent)
 
         class _CProxySession(_proxycore.SessionCore, PyProxySession):
