@@ -28,6 +28,7 @@ import select
 import socket
 from typing import Any
 
+import attrs
 import pytest
 
 from inproc import in_process_pool, in_process_session, open_fake_backend
@@ -421,3 +422,12 @@ def test_the_c_core_does_what_the_reference_does(short_tmp, seed, monkeypatch, c
     assert len(c) == len(py)
     for got, want in zip(c, py, strict=True):
         assert got == want, f"seed {seed}, step {want[0]}"
+
+
+def test_the_c_counters_have_the_reference_fields():
+    # SHOW STATS reads these by name, from whichever class the broker runs.
+    assert proxy.CORE == "c", "PGREUSE_EXPECT_SCAN=c but the C core does not run"
+    names = [f.name for f in attrs.fields(proxy.PyProxyStats)]
+    counters = proxy.ProxyStats(**dict.fromkeys(names, 7))
+    assert [getattr(counters, name) for name in names] == [7] * len(names)
+    assert sorted(n for n in dir(counters) if not n.startswith("_")) == sorted(names)
