@@ -62,20 +62,6 @@ lending_names(void)
     return 0;
 }
 
-/* getattr(obj, name) is truthy: 1, 0, or -1 with an error. */
-static int
-attr_true(PyObject *obj, PyObject *name)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-    int t;
-
-    if (v == NULL)
-        return -1;
-    t = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    return t;
-}
-
 /* getattr(obj, name) is value (identity): 1, 0, or -1. */
 static int
 attr_is(PyObject *obj, PyObject *name, PyObject *value)
@@ -160,7 +146,8 @@ static int
 note(PyObject *pool, PyObject *method, long long ns, PyObject *queued)
 {
     PyObject *table = PyObject_GetAttr(pool, a_table);
-    PyObject *value, *r;
+    PyObject *value;
+    int r;
 
     if (table == NULL)
         return -1;
@@ -171,14 +158,11 @@ note(PyObject *pool, PyObject *method, long long ns, PyObject *queued)
     }
     {
         PyObject *args[3] = {table, value, queued};
-        r = PyObject_VectorcallMethod(method, args, queued == NULL ? 2 : 3, NULL);
+        r = discard(PyObject_VectorcallMethod(method, args, queued == NULL ? 2 : 3, NULL));
     }
     Py_DECREF(value);
     Py_DECREF(table);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    return r;
 }
 
 /* Pool._publish_soon(b): the record reaches the table within TABLE_LAG. */
@@ -197,14 +181,8 @@ publish_soon(PyObject *pool, PyObject *b)
     armed = attr_is(pool, a_flush_timer, Py_None);
     if (armed < 0)
         return -1;
-    if (armed) { /* no timer yet: Pool._flush_soon arms it */
-        PyObject *res = PyObject_CallMethodNoArgs(pool, a_flush_soon);
-
-        if (res == NULL)
-            return -1;
-        Py_DECREF(res);
-    }
-    return 0;
+    /* no timer yet: Pool._flush_soon arms it */
+    return armed ? discard(PyObject_CallMethodNoArgs(pool, a_flush_soon)) : 0;
 }
 
 /* Lease bookkeeping for a new holder (Pool._grant / _hand_over). */
@@ -235,18 +213,11 @@ c_granted(PyObject *client)
 static int
 grant_to(PyObject *client, PyObject *b, PyObject *request)
 {
-    PyObject *r;
+    PyObject *args[3] = {client, b, request};
 
     if (c_granted(client))
         return granted_impl((Session *)client, b, request);
-    {
-        PyObject *args[3] = {client, b, request};
-        r = PyObject_VectorcallMethod(a_granted, args, 3, NULL);
-    }
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    return discard(PyObject_VectorcallMethod(a_granted, args, 3, NULL));
 }
 
 /* The checks shared by both paths: not paused (``check_paused``), not shutting down, transitions
@@ -373,7 +344,8 @@ give_back_fast(Session *self, PyObject *pool, PyObject *b)
             goto not_this_case;
         handover = 1;
     }
-    /* From here on the Python method would take the same steps. */
+    /* From here on the Python method takes the same steps (Pool._count_use arms the flush timer
+     * here; publish_soon below arms the same timer). */
     now = monotonic_ns();
     if (get_ll(b, a_lease_started_ns, &started) < 0 || get_ll(b, a_use_ns, &use_ns) < 0 ||
         set_ll(b, a_use_ns, use_ns + (now - started)) < 0 ||
@@ -418,13 +390,8 @@ give_back_fast(Session *self, PyObject *pool, PyObject *b)
             Py_DECREF(closed);
             if (any < 0)
                 goto error;
-            if (any) {
-                PyObject *res = PyObject_CallMethodNoArgs(pool, a_dispatch);
-
-                if (res == NULL)
-                    goto error;
-                Py_DECREF(res);
-            }
+            if (any && discard(PyObject_CallMethodNoArgs(pool, a_dispatch)) < 0)
+                goto error;
         }
     }
     else { /* back to the idle stack (Pool._make_idle(lazy=True) with nobody waiting) */

@@ -39,7 +39,7 @@
 /* Room before the read buffer for a server header cut at the end of the previous read (at most 5
  * bytes, see pgr_scan_server), so the scan sees one contiguous run without a copy of the read. */
 #define STASH_ROOM 8
-#define RECV (256 * 1024)
+#define RECV (256 * 1024) /* as proxy._RECV */
 
 static unsigned char rbuf[STASH_ROOM + RECV];
 static unsigned long long last_request;
@@ -303,22 +303,34 @@ os_error(int err)
     return PyObject_CallFunction(PyExc_OSError, "is", err, strerror(err));
 }
 
-/* Call the Python reference ``func`` as a method of ``self``; returns 0, or -1 with an error. */
+/* The result of a call made for its effect: 0, or -1 with the call's error. */
 static int
-call_py(PyObject *func, Session *self, PyObject *arg)
+discard(PyObject *result)
 {
-    PyObject *args[2] = {(PyObject *)self, arg};
-    PyObject *r;
+    if (result == NULL)
+        return -1;
+    Py_DECREF(result);
+    return 0;
+}
 
+/* Call the Python reference ``func`` (args[0] is the session). */
+static int
+call_ref(PyObject *func, PyObject *const *args, size_t nargs, PyObject *kwnames)
+{
     if (func == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "pgreuse._proxycore.setup() was not called");
         return -1;
     }
-    r = PyObject_Vectorcall(func, args, arg == NULL ? 1 : 2, NULL);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    return discard(PyObject_Vectorcall(func, args, nargs, kwnames));
+}
+
+/* func(self) or func(self, arg). */
+static int
+call_py(PyObject *func, Session *self, PyObject *arg)
+{
+    PyObject *args[2] = {(PyObject *)self, arg};
+
+    return call_ref(func, args, arg == NULL ? 1 : 2, NULL);
 }
 
 /* _set_client / _set_backend(reading=..., writing=...) */
@@ -327,17 +339,22 @@ call_set(PyObject *func, Session *self, int reading, int writing)
 {
     PyObject *args[3] = {(PyObject *)self, reading ? Py_True : Py_False,
                          writing ? Py_True : Py_False};
-    PyObject *r;
 
-    if (func == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "pgreuse._proxycore.setup() was not called");
+    return call_ref(func, args, 1, kw_reading_writing);
+}
+
+/* getattr(obj, name) is truthy: 1, 0, or -1 with an error. */
+static int
+attr_true(PyObject *obj, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(obj, name);
+    int t;
+
+    if (v == NULL)
         return -1;
-    }
-    r = PyObject_Vectorcall(func, args, 1, kw_reading_writing);
-    if (r == NULL)
-        return -1;
-    Py_DECREF(r);
-    return 0;
+    t = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    return t;
 }
 
 static int
@@ -386,13 +403,8 @@ idle(Session *self)
         PyBytes_GET_SIZE(self->b_stash) || PyByteArray_GET_SIZE(self->to_backend) || self->c_left)
         return 0;
     if (self->btls != Py_None) {
-        PyObject *w = PyObject_GetAttr(self->btls, s_wants_write);
-        int t;
+        int t = attr_true(self->btls, s_wants_write);
 
-        if (w == NULL)
-            return -1;
-        t = PyObject_IsTrue(w);
-        Py_DECREF(w);
         return t < 0 ? -1 : !t;
     }
     return 1;
@@ -424,10 +436,8 @@ interest(Session *self)
             return -1;
         if (self->backend != Py_None) {
             PyObject *b = Py_NewRef(self->backend);
-            PyObject *w = PyObject_GetAttr(b, s_watched);
-            int watched = w == NULL ? -1 : PyObject_IsTrue(w);
+            int watched = attr_true(b, s_watched);
 
-            Py_XDECREF(w);
             Py_DECREF(b);
             if (watched < 0)
                 return -1;
@@ -454,7 +464,7 @@ static int
 lease(Session *self)
 {
     PyObject *request = PyLong_FromUnsignedLongLong(++last_request);
-    PyObject *pool, *r;
+    PyObject *pool;
     int done;
 
     if (request == NULL)
@@ -469,9 +479,7 @@ lease(Session *self)
     if (done == 0) {
         PyObject *args[4] = {pool, (PyObject *)self, request, self->parking_key};
 
-        r = PyObject_VectorcallMethod(s_request, args, 4, NULL);
-        Py_XDECREF(r);
-        done = r == NULL ? -1 : 1;
+        done = discard(PyObject_VectorcallMethod(s_request, args, 4, NULL));
     }
     Py_DECREF(pool);
     Py_DECREF(request);
@@ -487,11 +495,28 @@ Session_lease(Session *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* Send ``data`` on ``fd`` and keep in ``rest`` what the socket does not take now (what
+ * _forward and _reply do): 0, -1 with a Python error, or the errno of a failed send. */
+static int
+send_rest(int fd, const unsigned char *data, Py_ssize_t n, PyObject *rest)
+{
+    ssize_t sent = send(fd, data, (size_t)n, MSG_NOSIGNAL);
+
+    if (sent < 0) {
+        int err = errno;
+
+        if (!would_block(err))
+            return err;
+        sent = 0;
+    }
+    return sent < n ? append(rest, data + sent, n - sent) : 0;
+}
+
 /* _forward for a chunk of the shared read buffer. */
 static int
 forward(Session *self, const unsigned char *data, Py_ssize_t n)
 {
-    ssize_t sent;
+    int err;
 
     if (self->backend == Py_None || PyByteArray_GET_SIZE(self->to_backend))
         return append(self->to_backend, data, n);
@@ -505,17 +530,8 @@ forward(Session *self, const unsigned char *data, Py_ssize_t n)
         Py_DECREF(chunk);
         return r;
     }
-    sent = send(self->bfd, data, (size_t)n, MSG_NOSIGNAL);
-    if (sent < 0) {
-        int err = errno;
-
-        if (!would_block(err))
-            return backend_failed_errno(self, "send failed", err);
-        sent = 0;
-    }
-    if (sent < n)
-        return append(self->to_backend, data + sent, n - sent);
-    return 0;
+    err = send_rest(self->bfd, data, n, self->to_backend);
+    return err > 0 ? backend_failed_errno(self, "send failed", err) : err;
 }
 
 static int
@@ -604,20 +620,13 @@ Session_client_readable(Session *self, PyObject *unused)
 static int
 reply(Session *self, const unsigned char *data, Py_ssize_t n)
 {
-    ssize_t sent;
+    int err;
 
     self->stats->sent += n;
     if (PyByteArray_GET_SIZE(self->to_client))
         return append(self->to_client, data, n);
-    sent = send(self->fd, data, (size_t)n, MSG_NOSIGNAL);
-    if (sent < 0) {
-        if (!would_block(errno))
-            return 0; /* the client is gone; its EOF arrives through the reader */
-        sent = 0;
-    }
-    if (sent < n)
-        return append(self->to_client, data + sent, n - sent);
-    return 0;
+    err = send_rest(self->fd, data, n, self->to_client);
+    return err > 0 ? 0 : err; /* a failed send: the client is gone, its EOF comes to the reader */
 }
 
 /* _scan_backend over the n bytes just read at rbuf + STASH_ROOM. */
@@ -687,7 +696,7 @@ static int
 give_back_clean(Session *self)
 {
     PyObject *b = Py_NewRef(self->backend);
-    PyObject *pool, *r;
+    PyObject *pool;
     int done;
 
     if (self->b_writing && call_set(py_set_backend, self, 0, 0) < 0) {
@@ -706,9 +715,7 @@ give_back_clean(Session *self)
     if (done == 0) {
         PyObject *args[5] = {pool, b, (PyObject *)self, clean_outcome, Py_True};
 
-        r = PyObject_VectorcallMethod(s_give_back, args, 4, kw_unread_checked);
-        Py_XDECREF(r);
-        done = r == NULL ? -1 : 1;
+        done = discard(PyObject_VectorcallMethod(s_give_back, args, 4, kw_unread_checked));
     }
     Py_DECREF(pool);
     Py_DECREF(b);
@@ -776,13 +783,10 @@ granted_impl(Session *self, PyObject *b, PyObject *request)
         /* Cannot happen in process (abandon() runs before close() returns); never keep it. */
         PyObject *pool = Py_NewRef(self->pool);
         PyObject *call[4] = {pool, b, (PyObject *)self, clean_outcome};
-        PyObject *r = PyObject_VectorcallMethod(s_give_back, call, 4, NULL);
+        int r = discard(PyObject_VectorcallMethod(s_give_back, call, 4, NULL));
 
         Py_DECREF(pool);
-        if (r == NULL)
-            return -1;
-        Py_DECREF(r);
-        return 0;
+        return r;
     }
     Py_SETREF(self->request, Py_NewRef(Py_None));
     self->stats->wait_ns += monotonic_ns() - self->request_ns;

@@ -618,11 +618,7 @@ class Pool:
             # The hot path (once per proxied transaction): _end_lease inlined; an in-process
             # holder's records reach the table in the next batch (TABLE_LAG).
             now = time.monotonic_ns()
-            used = now - b.lease_started_ns
-            b.use_ns += used
-            self.table.note_use(used)
-            if not client.in_process:
-                self.table.flush()  # a worker's lease shows at once, its end too
+            self._count_use(b, now - b.lease_started_ns, client.in_process)
             waiters = self.waiters
             if (
                 unread_checked
@@ -641,7 +637,6 @@ class Pool:
             self._transition(b, _RESETTING, "clean", publish=False)
             problem = None if unread_checked and b.tls is None else self._unread(b)
             if problem is not None:
-                self._flush_soon()  # the use noted above
                 self._close(b, problem, graceful=False)
                 return
             self._transition(b, _IDLE, "clean release", publish=False)
@@ -679,15 +674,20 @@ class Pool:
         if self.waiters and self._states[_CLOSED]:
             self._dispatch()  # open more backends for those still waiting
 
+    def _count_use(self, b: Backend, used: int, in_process: bool) -> None:
+        """Count ``used`` ns of ``b``'s lease ending: a worker's reaches the table at once (its
+        telemetry reads it), an in-process holder's within TABLE_LAG."""
+        b.use_ns += used
+        self.table.note_use(used)
+        if in_process:
+            self._flush_soon()
+        else:
+            self.table.flush()
+
     def _end_lease(self, b: Backend) -> None:
         if b.lease_started_ns:
-            used = time.monotonic_ns() - b.lease_started_ns
-            b.use_ns += used
-            self.table.note_use(used)
-            if b.holder is not None and not b.holder.in_process:
-                self.table.flush()  # a worker's lease shows at once, its end too
-            else:
-                self._flush_soon()
+            in_process = b.holder is None or b.holder.in_process
+            self._count_use(b, time.monotonic_ns() - b.lease_started_ns, in_process)
         b.holder = None
         b.parking = 0
         b.lease_started_ns = 0
