@@ -19,11 +19,8 @@
 
 /* Set by setup(): SlotState members, and interned attribute names. */
 static PyObject *st_closed, *st_idle, *st_lent;
-static PyObject *a_idle, *a_waiters, *a_paused, *a_closing, *a_debug, *a_states, *a_lagging,
-    *a_flush_timer, *a_flush_soon, *a_table, *a_note_lease, *a_note_use, *a_config,
-    *a_reset_every_lease, *a_holder, *a_parking, *a_lease_started_ns, *a_leases, *a_state,
-    *a_use_ns, *a_idle_watch, *a_client, *a_request, *a_enqueued_ns, *a_in_process, *a_dispatch,
-    *a_granted;
+static PyObject *a_flush_soon, *a_table, *a_note_lease, *a_client, *a_parking, *a_request,
+    *a_enqueued_ns, *a_in_process, *a_dispatch, *a_granted, *a_popleft, *zero;
 
 static int
 lending_names(void)
@@ -31,60 +28,19 @@ lending_names(void)
 #define NAME(var, text)                                                                            \
     if ((var = PyUnicode_InternFromString(text)) == NULL)                                          \
         return -1;
-    NAME(a_idle, "idle")
-    NAME(a_waiters, "waiters")
-    NAME(a_paused, "paused")
-    NAME(a_closing, "closing")
-    NAME(a_debug, "_debug")
-    NAME(a_states, "_states")
-    NAME(a_lagging, "_lagging")
-    NAME(a_flush_timer, "_flush_timer")
     NAME(a_flush_soon, "_flush_soon")
     NAME(a_table, "table")
     NAME(a_note_lease, "note_lease")
-    NAME(a_note_use, "note_use")
-    NAME(a_config, "config")
-    NAME(a_reset_every_lease, "reset_every_lease")
-    NAME(a_holder, "holder")
-    NAME(a_parking, "parking")
-    NAME(a_lease_started_ns, "lease_started_ns")
-    NAME(a_leases, "leases")
-    NAME(a_state, "state")
-    NAME(a_use_ns, "use_ns")
-    NAME(a_idle_watch, "idle_watch")
     NAME(a_client, "client")
+    NAME(a_parking, "parking")
     NAME(a_request, "request")
     NAME(a_enqueued_ns, "enqueued_ns")
     NAME(a_in_process, "in_process")
     NAME(a_dispatch, "_dispatch")
     NAME(a_granted, "granted")
+    NAME(a_popleft, "popleft")
 #undef NAME
-    return 0;
-}
-
-/* getattr(obj, name) is value (identity): 1, 0, or -1. */
-static int
-attr_is(PyObject *obj, PyObject *name, PyObject *value)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-
-    if (v == NULL)
-        return -1;
-    Py_DECREF(v);
-    return v == value;
-}
-
-static int
-set_ll(PyObject *obj, PyObject *name, long long value)
-{
-    PyObject *v = PyLong_FromLongLong(value);
-    int r;
-
-    if (v == NULL)
-        return -1;
-    r = PyObject_SetAttr(obj, name, v);
-    Py_DECREF(v);
-    return r;
+    return (zero = PyLong_FromLong(0)) == NULL ? -1 : 0;
 }
 
 static int
@@ -124,77 +80,34 @@ count_state(PyObject *states, PyObject *key, long delta)
 
 /* Pool._transition(b, new, publish=False) from ``old``, a transition known to be allowed. */
 static int
-move_state(PyObject *pool, PyObject *b, PyObject *old, PyObject *new)
+move_state(PoolObject *pool, BackendObject *b, PyObject *old, PyObject *new)
 {
-    PyObject *states = PyObject_GetAttr(pool, a_states);
-    int r;
-
-    if (states == NULL)
+    if (count_state(pool->states, old, -1) < 0 || count_state(pool->states, new, 1) < 0)
         return -1;
-    r = (PyDict_Check(states) && count_state(states, old, -1) == 0 &&
-         count_state(states, new, 1) == 0)
-            ? PyObject_SetAttr(b, a_state, new)
-            : -1;
-    if (r < 0 && !PyErr_Occurred())
-        PyErr_SetString(PyExc_TypeError, "Pool._states is not a dict");
-    Py_DECREF(states);
-    return r;
-}
-
-/* table.note_lease(waited_ns, queued) / table.note_use(used_ns) */
-static int
-note(PyObject *pool, PyObject *method, long long ns, PyObject *queued)
-{
-    PyObject *table = PyObject_GetAttr(pool, a_table);
-    PyObject *value;
-    int r;
-
-    if (table == NULL)
-        return -1;
-    value = PyLong_FromLongLong(ns);
-    if (value == NULL) {
-        Py_DECREF(table);
-        return -1;
-    }
-    {
-        PyObject *args[3] = {table, value, queued};
-        r = discard(PyObject_VectorcallMethod(method, args, queued == NULL ? 2 : 3, NULL));
-    }
-    Py_DECREF(value);
-    Py_DECREF(table);
-    return r;
+    Py_SETREF(b->state, Py_NewRef(new));
+    return 0;
 }
 
 /* Pool._publish_soon(b): the record reaches the table within TABLE_LAG. */
 static int
-publish_soon(PyObject *pool, PyObject *b)
+publish_soon(PoolObject *pool, BackendObject *b)
 {
-    PyObject *lagging = PyObject_GetAttr(pool, a_lagging);
-    int r, armed;
-
-    if (lagging == NULL)
-        return -1;
-    r = PySet_Add(lagging, b);
-    Py_DECREF(lagging);
-    if (r < 0)
-        return -1;
-    armed = attr_is(pool, a_flush_timer, Py_None);
-    if (armed < 0)
+    if (PySet_Add(pool->lagging, (PyObject *)b) < 0)
         return -1;
     /* no timer yet: Pool._flush_soon arms it */
-    return armed ? discard(PyObject_CallMethodNoArgs(pool, a_flush_soon)) : 0;
+    return pool->flush_timer == Py_None
+               ? discard(PyObject_CallMethodNoArgs((PyObject *)pool, a_flush_soon))
+               : 0;
 }
 
 /* Lease bookkeeping for a new holder (Pool._grant / _hand_over). */
-static int
-take_lease(PyObject *b, PyObject *client, PyObject *parking, long long now)
+static void
+take_lease(BackendObject *b, PyObject *client, PyObject *parking, long long now)
 {
-    long long leases;
-
-    if (PyObject_SetAttr(b, a_holder, client) < 0 || PyObject_SetAttr(b, a_parking, parking) < 0 ||
-        set_ll(b, a_lease_started_ns, now) < 0 || get_ll(b, a_leases, &leases) < 0)
-        return -1;
-    return set_ll(b, a_leases, leases + 1);
+    Py_SETREF(b->holder, Py_NewRef(client));
+    Py_SETREF(b->parking, Py_NewRef(parking));
+    b->lease_started_ns = now;
+    b->leases++;
 }
 
 static int granted_impl(Session *self, PyObject *b, PyObject *request);
@@ -220,214 +133,173 @@ grant_to(PyObject *client, PyObject *b, PyObject *request)
     return discard(PyObject_VectorcallMethod(a_granted, args, 3, NULL));
 }
 
-/* The checks shared by both paths: not paused (``check_paused``), not shutting down, transitions
- * not logged. 1 if they hold, 0 if not, -1 on error. */
+/* Not paused (``check_paused``), not shutting down, transitions not logged: the checks shared by
+ * both paths. */
 static int
-pool_quiet(PyObject *pool, int check_paused)
+pool_quiet(PoolObject *pool, int check_paused)
 {
-    int t;
-
-    if ((t = attr_true(pool, a_closing)) != 0)
-        return t < 0 ? -1 : 0;
-    if ((t = attr_true(pool, a_debug)) != 0)
-        return t < 0 ? -1 : 0;
-    if (check_paused && (t = attr_true(pool, a_paused)) != 0)
-        return t < 0 ? -1 : 0;
-    return 1;
+    return !pool->closing && !pool->debug && !(check_paused && pool->paused);
 }
 
 /* Pool.request(self, request, parking) when an idle backend is free and nobody waits: 1 if done,
  * 0 if not this case (nothing changed), -1 on error. */
 static int
-lend_idle(Session *self, PyObject *pool, PyObject *request)
+lend_idle(Session *self, PyObject *pool_obj, PyObject *request)
 {
-    PyObject *idle, *waiters, *b;
+    PoolObject *pool = AS_POOL(pool_obj);
+    BackendObject *b;
     Py_ssize_t n;
     int r;
 
-    if ((r = pool_quiet(pool, 1)) <= 0)
-        return r;
-    waiters = PyObject_GetAttr(pool, a_waiters);
-    if (waiters == NULL)
-        return -1;
-    n = PyObject_Length(waiters);
-    Py_DECREF(waiters);
+    if (pool == NULL || !pool_quiet(pool, 1))
+        return 0;
+    n = PyObject_Length(pool->waiters);
     if (n != 0)
         return n < 0 ? -1 : 0;
-    idle = PyObject_GetAttr(pool, a_idle);
-    if (idle == NULL)
-        return -1;
-    if (!PyList_CheckExact(idle) || PyList_GET_SIZE(idle) == 0) {
-        Py_DECREF(idle);
+    n = PyList_GET_SIZE(pool->idle);
+    if (n == 0)
         return 0;
-    }
-    n = PyList_GET_SIZE(idle);
-    b = Py_NewRef(PyList_GET_ITEM(idle, n - 1));
-    r = attr_is(b, a_state, st_idle); /* the idle stack holds idle backends only */
-    if (r <= 0) {
-        Py_DECREF(b);
-        Py_DECREF(idle);
-        return r;
-    }
-    if (PyList_GET_SIZE(idle) != n || PyList_GET_ITEM(idle, n - 1) != b) { /* (changed meanwhile) */
-        Py_DECREF(b);
-        Py_DECREF(idle);
+    b = AS_BACKEND(PyList_GET_ITEM(pool->idle, n - 1));
+    if (b == NULL || b->state != st_idle) /* the idle stack holds idle backends only */
         return 0;
-    }
-    r = PyList_SetSlice(idle, n - 1, n, NULL); /* idle.pop() */
-    Py_DECREF(idle);
-    if (r == 0)
-        r = take_lease(b, (PyObject *)self, self->parking_key, monotonic_ns());
-    if (r == 0)
+    Py_INCREF(b);
+    r = PyList_SetSlice(pool->idle, n - 1, n, NULL); /* idle.pop() */
+    if (r == 0) {
+        take_lease(b, (PyObject *)self, self->parking_key, monotonic_ns());
         r = move_state(pool, b, st_idle, st_lent);
+    }
     /* The holder gets its backend and sends its query first: the bookkeeping below is off that
      * query's path (as in Pool._grant). */
     if (r == 0)
-        r = grant_to((PyObject *)self, b, request);
-    if (r == 0)
-        r = note(pool, a_note_lease, 0, Py_False);
-    if (r == 0)
+        r = grant_to((PyObject *)self, (PyObject *)b, request);
+    if (r == 0) {
+        pool->noted_leases++;
         r = publish_soon(pool, b);
+    }
     Py_DECREF(b);
     return r < 0 ? -1 : 1;
+}
+
+/* The first waiter of a non-empty queue is in process (a proxy session), and may be handed a
+ * backend here: 1, 0 (a worker gets its fd through Pool._grant), or -1. */
+static int
+first_in_process(PyObject *waiters)
+{
+    PyObject *w = PySequence_GetItem(waiters, 0), *client;
+    int r;
+
+    if (w == NULL)
+        return -1;
+    client = PyObject_GetAttr(w, a_client);
+    Py_DECREF(w);
+    if (client == NULL)
+        return -1;
+    r = attr_true(client, a_in_process);
+    Py_DECREF(client);
+    return r;
+}
+
+/* Pool._hand_over(b, waiters.popleft(), now): the slot stays LENT, only its holder changes. */
+static int
+hand_over(PoolObject *pool, BackendObject *b, long long now)
+{
+    PyObject *w, *client = NULL, *parking = NULL, *request = NULL, *table;
+    long long enqueued = 0;
+    Py_ssize_t n;
+    int r;
+
+    w = PyObject_CallMethodNoArgs(pool->waiters, a_popleft); /* (the one checked) */
+    if (w == NULL)
+        return -1;
+    r = ((client = PyObject_GetAttr(w, a_client)) == NULL ||
+         (parking = PyObject_GetAttr(w, a_parking)) == NULL ||
+         (request = PyObject_GetAttr(w, a_request)) == NULL ||
+         get_ll(w, a_enqueued_ns, &enqueued) < 0)
+            ? -1
+            : 0;
+    Py_DECREF(w);
+    if (r == 0) {
+        take_lease(b, client, parking, now);
+        r = grant_to(client, (PyObject *)b, request);
+    }
+    Py_XDECREF(client);
+    Py_XDECREF(parking);
+    Py_XDECREF(request);
+    if (r < 0)
+        return -1;
+    /* table.note_lease(now - enqueued): a queued lease counts its wait. */
+    table = PyObject_GetAttr((PyObject *)pool, a_table);
+    if (table == NULL)
+        return -1;
+    {
+        PyObject *waited = PyLong_FromLongLong(now - enqueued);
+        PyObject *args[2] = {table, waited};
+
+        r = waited == NULL ? -1 : discard(PyObject_VectorcallMethod(a_note_lease, args, 2, NULL));
+        Py_XDECREF(waited);
+    }
+    Py_DECREF(table);
+    if (r < 0 || publish_soon(pool, b) < 0)
+        return -1;
+    n = PyObject_Length(pool->waiters);
+    if (n > 0) { /* open more backends for those still waiting, if a slot is closed */
+        PyObject *closed = PyDict_GetItemWithError(pool->states, st_closed); /* borrowed */
+        int any = closed == NULL ? -1 : PyObject_IsTrue(closed);
+
+        if (any < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetObject(PyExc_KeyError, st_closed);
+            return -1;
+        }
+        if (any && discard(PyObject_CallMethodNoArgs((PyObject *)pool, a_dispatch)) < 0)
+            return -1;
+    }
+    return n < 0 ? -1 : 0;
 }
 
 /* Pool.give_back(b, self, CLEAN, unread_checked=True) when the next holder is an in-process waiter
  * (the handover) or nobody waits (back to the idle stack): 1 if done, 0 if not this case (nothing
  * changed), -1 on error. */
 static int
-give_back_fast(Session *self, PyObject *pool, PyObject *b)
+give_back_fast(Session *self, PyObject *pool_obj, PyObject *b_obj)
 {
-    PyObject *waiters = NULL, *w = NULL, *config, *tls;
+    PoolObject *pool = AS_POOL(pool_obj);
+    BackendObject *b = AS_BACKEND(b_obj);
+    long long now, used;
     Py_ssize_t n;
-    long long now, started, use_ns;
-    int r, handover = 0;
+    int handover = 0;
 
-    if ((r = attr_is(b, a_holder, (PyObject *)self)) <= 0 || (r = attr_is(b, a_state, st_lent)) <= 0)
-        return r;
-    if ((r = pool_quiet(pool, 0)) <= 0)
-        return r;
-    config = PyObject_GetAttr(pool, a_config);
-    if (config == NULL)
-        return -1;
-    r = attr_true(config, a_reset_every_lease);
-    Py_DECREF(config);
-    if (r != 0)
-        return r < 0 ? -1 : 0;
-    tls = PyObject_GetAttr(b, s_tls);
-    if (tls == NULL)
-        return -1;
-    Py_DECREF(tls);
-    if (tls != Py_None || (r = attr_true(b, s_watched)) <= 0)
-        return tls != Py_None ? 0 : r;
-    waiters = PyObject_GetAttr(pool, a_waiters);
-    if (waiters == NULL)
-        return -1;
-    n = PyObject_Length(waiters);
+    if (pool == NULL || b == NULL || b->holder != (PyObject *)self || b->state != st_lent ||
+        !pool_quiet(pool, 0) || pool->reset_every_lease || b->tls != Py_None || !b->watched)
+        return 0;
+    n = PyObject_Length(pool->waiters);
     if (n < 0)
-        goto error;
+        return -1;
     if (n > 0) {
-        /* The first waiter must be in process (a worker gets its fd through Pool._grant). */
-        PyObject *client;
+        int r = pool->paused ? 0 : first_in_process(pool->waiters);
 
-        if ((r = attr_true(pool, a_paused)) != 0)
-            goto not_this_case;
-        w = PySequence_GetItem(waiters, 0);
-        if (w == NULL)
-            goto error;
-        client = PyObject_GetAttr(w, a_client);
-        if (client == NULL)
-            goto error;
-        r = attr_true(client, a_in_process);
-        Py_DECREF(client);
         if (r <= 0)
-            goto not_this_case;
+            return r;
         handover = 1;
     }
     /* From here on the Python method takes the same steps (Pool._count_use arms the flush timer
      * here; publish_soon below arms the same timer). */
     now = monotonic_ns();
-    if (get_ll(b, a_lease_started_ns, &started) < 0 || get_ll(b, a_use_ns, &use_ns) < 0 ||
-        set_ll(b, a_use_ns, use_ns + (now - started)) < 0 ||
-        note(pool, a_note_use, now - started, NULL) < 0)
-        goto error;
-    if (handover) { /* Pool._hand_over: the slot stays LENT, only its holder changes */
-        PyObject *client = NULL, *parking = NULL, *request = NULL;
-        long long enqueued = 0;
-
-        Py_SETREF(w, PyObject_CallMethod(waiters, "popleft", NULL)); /* (the one checked above) */
-        r = w == NULL ? -1 : 0;
-        if (r == 0 && ((client = PyObject_GetAttr(w, a_client)) == NULL ||
-                       (parking = PyObject_GetAttr(w, a_parking)) == NULL ||
-                       (request = PyObject_GetAttr(w, a_request)) == NULL ||
-                       get_ll(w, a_enqueued_ns, &enqueued) < 0))
-            r = -1;
-        if (r == 0)
-            r = take_lease(b, client, parking, now);
-        if (r == 0)
-            r = grant_to(client, b, request);
-        if (r == 0)
-            r = note(pool, a_note_lease, now - enqueued, Py_True);
-        if (r == 0)
-            r = publish_soon(pool, b);
-        Py_XDECREF(client);
-        Py_XDECREF(parking);
-        Py_XDECREF(request);
-        if (r < 0)
-            goto error;
-        n = PyObject_Length(waiters);
-        if (n < 0)
-            goto error;
-        if (n > 0) { /* open more backends for those still waiting, if a slot is closed */
-            PyObject *states = PyObject_GetAttr(pool, a_states);
-            PyObject *closed = states == NULL ? NULL : PyObject_GetItem(states, st_closed);
-            int any;
-
-            Py_XDECREF(states);
-            if (closed == NULL)
-                goto error;
-            any = PyObject_IsTrue(closed);
-            Py_DECREF(closed);
-            if (any < 0)
-                goto error;
-            if (any && discard(PyObject_CallMethodNoArgs(pool, a_dispatch)) < 0)
-                goto error;
-        }
-    }
-    else { /* back to the idle stack (Pool._make_idle(lazy=True) with nobody waiting) */
-        PyObject *idle, *watch;
-
-        if (PyObject_SetAttr(b, a_holder, Py_None) < 0 || set_ll(b, a_parking, 0) < 0 ||
-            set_ll(b, a_lease_started_ns, 0) < 0 || move_state(pool, b, st_lent, st_idle) < 0)
-            goto error;
-        watch = PyObject_GetAttr(b, a_idle_watch);
-        if (watch == NULL)
-            goto error;
-        r = PyObject_SetAttr(b, s_on_readable, watch); /* the pool's idle watch reads it again */
-        Py_DECREF(watch);
-        if (r < 0 || publish_soon(pool, b) < 0)
-            goto error;
-        idle = PyObject_GetAttr(pool, a_idle);
-        if (idle == NULL)
-            goto error;
-        r = PyList_Check(idle) ? PyList_Append(idle, b) : -1;
-        if (r < 0 && !PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "Pool.idle is not a list");
-        Py_DECREF(idle);
-        if (r < 0)
-            goto error;
-    }
-    Py_XDECREF(w);
-    Py_DECREF(waiters);
+    used = now - b->lease_started_ns;
+    b->use_ns += used;
+    pool->noted_use_ns += used;
+    if (handover)
+        return hand_over(pool, b, now) < 0 ? -1 : 1;
+    /* back to the idle stack (Pool._make_idle(lazy=True) with nobody waiting) */
+    Py_SETREF(b->holder, Py_NewRef(Py_None));
+    Py_SETREF(b->parking, Py_NewRef(zero));
+    b->lease_started_ns = 0;
+    if (move_state(pool, b, st_lent, st_idle) < 0)
+        return -1;
+    Py_SETREF(b->on_readable, Py_NewRef(b->idle_watch)); /* the pool's idle watch reads it again */
+    if (publish_soon(pool, b) < 0 || PyList_Append(pool->idle, (PyObject *)b) < 0)
+        return -1;
     return 1;
-not_this_case:
-    Py_XDECREF(w);
-    Py_DECREF(waiters);
-    return r < 0 ? -1 : 0;
-error:
-    Py_XDECREF(w);
-    Py_DECREF(waiters);
-    return -1;
 }
 
 #endif

@@ -150,16 +150,39 @@ static PyMemberDef Session_members[] = {
 
 /* The object fields are getsets, not members: the C code reads them without checks, so none may be
  * deleted (a member could be), and those it reads as a given type must have it (the Python methods
- * assign them too, and a wrong type there must be an error, not a crash here). */
-static int
-set_typed(PyObject **slot, PyObject *value, PyTypeObject *type, const char *name)
+ * assign them too, and a wrong type there must be an error, not a crash here). One getter and one
+ * setter serve every such field of the three types: the closure says where, and which type. */
+typedef struct {
+    Py_ssize_t offset;
+    PyTypeObject *type; /* NULL: any object */
+    const char *name;
+} FieldSpec;
+
+static PyObject *
+field_get(PyObject *self, void *closure)
 {
+    FieldSpec *f = closure;
+    PyObject *v = *(PyObject **)((char *)self + f->offset);
+
+    if (v == NULL) { /* only after tp_clear */
+        PyErr_SetString(PyExc_AttributeError, f->name);
+        return NULL;
+    }
+    return Py_NewRef(v);
+}
+
+static int
+field_set(PyObject *self, PyObject *value, void *closure)
+{
+    FieldSpec *f = closure;
+    PyObject **slot = (PyObject **)((char *)self + f->offset);
+
     if (value == NULL) {
-        PyErr_Format(PyExc_AttributeError, "cannot delete %s", name);
+        PyErr_Format(PyExc_AttributeError, "cannot delete %s", f->name);
         return -1;
     }
-    if (type != NULL && !Py_IS_TYPE(value, type)) {
-        PyErr_Format(PyExc_TypeError, "%s must be %s, not %s", name, type->tp_name,
+    if (f->type != NULL && !Py_IS_TYPE(value, f->type)) {
+        PyErr_Format(PyExc_TypeError, "%s must be %s, not %s", f->name, f->type->tp_name,
                      Py_TYPE(value)->tp_name);
         return -1;
     }
@@ -168,53 +191,42 @@ set_typed(PyObject **slot, PyObject *value, PyTypeObject *type, const char *name
     return 0;
 }
 
-#define TYPED_FIELD(field, type)                                                                   \
-    static PyObject *get_##field(Session *self, void *closure)                                     \
-    {                                                                                              \
-        (void)closure;                                                                             \
-        if (self->field == NULL) { /* only after tp_clear */                                       \
-            PyErr_SetString(PyExc_AttributeError, #field);                                         \
-            return NULL;                                                                           \
-        }                                                                                          \
-        Py_INCREF(self->field);                                                                    \
-        return (PyObject *)self->field;                                                            \
-    }                                                                                              \
-    static int set_##field(Session *self, PyObject *value, void *closure)                          \
-    {                                                                                              \
-        (void)closure;                                                                             \
-        return set_typed((PyObject **)&self->field, value, type, #field);                          \
-    }
+#define FIELD_GETSET(name, spec) {name, field_get, field_set, NULL, &(spec)}
 
-TYPED_FIELD(to_backend, &PyByteArray_Type)
-TYPED_FIELD(to_client, &PyByteArray_Type)
-TYPED_FIELD(c_stash, &PyBytes_Type)
-TYPED_FIELD(b_stash, &PyBytes_Type)
-TYPED_FIELD(stats, &CountersType)
-TYPED_FIELD(backend, NULL)
-TYPED_FIELD(bsock, NULL)
-TYPED_FIELD(btls, NULL)
-TYPED_FIELD(request, NULL)
-TYPED_FIELD(rejecting, NULL)
-TYPED_FIELD(pool, NULL)
-TYPED_FIELD(parking_key, NULL)
-TYPED_FIELD(on_backend, NULL)
+static FieldSpec session_specs[] = {
+    {offsetof(Session, backend), NULL, "backend"},
+    {offsetof(Session, bsock), NULL, "_bsock"},
+    {offsetof(Session, btls), NULL, "_btls"},
+    {offsetof(Session, request), NULL, "_request"},
+    {offsetof(Session, rejecting), NULL, "_rejecting"},
+    {offsetof(Session, pool), NULL, "pool"},
+    {offsetof(Session, parking_key), NULL, "parking_key"},
+    {offsetof(Session, on_backend), NULL, "_on_backend"},
+    {offsetof(Session, to_backend), &PyByteArray_Type, "_to_backend"},
+    {offsetof(Session, to_client), &PyByteArray_Type, "_to_client"},
+    {offsetof(Session, c_stash), &PyBytes_Type, "_c_stash"},
+    {offsetof(Session, b_stash), &PyBytes_Type, "_b_stash"},
+    {offsetof(Session, stats), &CountersType, "stats"},
+};
 
 static PyGetSetDef Session_getset[] = {
-    {"backend", (getter)get_backend, (setter)set_backend, NULL, NULL},
-    {"_bsock", (getter)get_bsock, (setter)set_bsock, NULL, NULL},
-    {"_btls", (getter)get_btls, (setter)set_btls, NULL, NULL},
-    {"_request", (getter)get_request, (setter)set_request, NULL, NULL},
-    {"_rejecting", (getter)get_rejecting, (setter)set_rejecting, NULL, NULL},
-    {"pool", (getter)get_pool, (setter)set_pool, NULL, NULL},
-    {"parking_key", (getter)get_parking_key, (setter)set_parking_key, NULL, NULL},
-    {"_on_backend", (getter)get_on_backend, (setter)set_on_backend, NULL, NULL},
-    {"_to_backend", (getter)get_to_backend, (setter)set_to_backend, NULL, NULL},
-    {"_to_client", (getter)get_to_client, (setter)set_to_client, NULL, NULL},
-    {"_c_stash", (getter)get_c_stash, (setter)set_c_stash, NULL, NULL},
-    {"_b_stash", (getter)get_b_stash, (setter)set_b_stash, NULL, NULL},
-    {"stats", (getter)get_stats, (setter)set_stats, NULL, NULL},
+    FIELD_GETSET("backend", session_specs[0]),
+    FIELD_GETSET("_bsock", session_specs[1]),
+    FIELD_GETSET("_btls", session_specs[2]),
+    FIELD_GETSET("_request", session_specs[3]),
+    FIELD_GETSET("_rejecting", session_specs[4]),
+    FIELD_GETSET("pool", session_specs[5]),
+    FIELD_GETSET("parking_key", session_specs[6]),
+    FIELD_GETSET("_on_backend", session_specs[7]),
+    FIELD_GETSET("_to_backend", session_specs[8]),
+    FIELD_GETSET("_to_client", session_specs[9]),
+    FIELD_GETSET("_c_stash", session_specs[10]),
+    FIELD_GETSET("_b_stash", session_specs[11]),
+    FIELD_GETSET("stats", session_specs[12]),
     {NULL},
 };
+
+#include "_poolcore.h"
 
 static PyObject *
 Session_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
@@ -435,10 +447,9 @@ interest(Session *self)
         if ((!self->c_reading || self->c_writing) && call_set(py_set_client, self, 1, 0) < 0)
             return -1;
         if (self->backend != Py_None) {
-            PyObject *b = Py_NewRef(self->backend);
-            int watched = attr_true(b, s_watched);
+            BackendObject *core = AS_BACKEND(self->backend);
+            int watched = core != NULL ? core->watched : attr_true(self->backend, s_watched);
 
-            Py_DECREF(b);
             if (watched < 0)
                 return -1;
             if ((!watched || self->b_writing) && call_set(py_set_backend, self, 1, 0) < 0)
@@ -774,6 +785,7 @@ static int
 granted_impl(Session *self, PyObject *b, PyObject *request)
 {
     PyObject *sock, *tls;
+    BackendObject *core;
     int same, fd;
 
     same = self->request == Py_None ? 0 : PyObject_RichCompareBool(request, self->request, Py_EQ);
@@ -790,11 +802,12 @@ granted_impl(Session *self, PyObject *b, PyObject *request)
     }
     Py_SETREF(self->request, Py_NewRef(Py_None));
     self->stats->wait_ns += monotonic_ns() - self->request_ns;
-    sock = PyObject_GetAttr(b, s_sock);
+    core = AS_BACKEND(b);
+    sock = core != NULL ? Py_NewRef(core->sock) : PyObject_GetAttr(b, s_sock);
     if (sock == NULL)
         return -1;
     fd = PyObject_AsFileDescriptor(sock);
-    tls = fd < 0 ? NULL : PyObject_GetAttr(b, s_tls);
+    tls = fd < 0 ? NULL : core != NULL ? Py_NewRef(core->tls) : PyObject_GetAttr(b, s_tls);
     if (tls == NULL) {
         Py_DECREF(sock);
         return -1;
@@ -806,7 +819,9 @@ granted_impl(Session *self, PyObject *b, PyObject *request)
     if (tls != Py_None)
         Py_DECREF(sock);
     /* The socket is still registered for reading (the pool's idle watch): take the callback. */
-    if (PyObject_SetAttr(b, s_on_readable, self->on_backend) < 0)
+    if (core != NULL)
+        Py_SETREF(core->on_readable, Py_NewRef(self->on_backend));
+    else if (PyObject_SetAttr(b, s_on_readable, self->on_backend) < 0)
         return -1;
     if (PyByteArray_GET_SIZE(self->to_backend) && flush_to_backend(self) < 0)
         return -1;
@@ -935,7 +950,8 @@ PyInit__proxycore(void)
         (kw_unread_checked = Py_BuildValue("(s)", "unread_checked")) == NULL ||
         (empty_bytes = PyBytes_FromStringAndSize(NULL, 0)) == NULL || lending_names() < 0)
         return NULL;
-    if (PyType_Ready(&CountersType) < 0 || PyType_Ready(&SessionType) < 0)
+    if (PyType_Ready(&CountersType) < 0 || PyType_Ready(&SessionType) < 0 ||
+        PyType_Ready(&BackendType) < 0 || PyType_Ready(&PoolType) < 0)
         return NULL;
     c_granted_descr = PyDict_GetItemWithError(SessionType.tp_dict, a_granted); /* borrowed */
     if (c_granted_descr == NULL) {
@@ -947,7 +963,9 @@ PyInit__proxycore(void)
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "ProxyCounters", (PyObject *)&CountersType) < 0 ||
-        PyModule_AddObjectRef(m, "SessionCore", (PyObject *)&SessionType) < 0) {
+        PyModule_AddObjectRef(m, "SessionCore", (PyObject *)&SessionType) < 0 ||
+        PyModule_AddObjectRef(m, "BackendCore", (PyObject *)&BackendType) < 0 ||
+        PyModule_AddObjectRef(m, "PoolCore", (PyObject *)&PoolType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -132,7 +132,7 @@ class Table:
         # Readers compare it with the path's current inode: a restarted broker renames a new table
         # over the old one, and the old mapping would go on showing a dead broker's last state.
         self.inode = inode
-        # Lease counters noted and not yet written (note_lease, note_use, flush).
+        # Lease counters noted and not yet written (note_lease, note_unqueued, flush).
         self._n_leases = self._n_waits = self._n_wait_ns = self._n_use_ns = 0
         self._n_hist = [0] * (len(WAIT_BUCKETS) + 1)
 
@@ -223,26 +223,26 @@ class Table:
         value = _COUNTER.unpack_from(self._mm, off)[0] + n
         _COUNTER.pack_into(self._mm, off, value if value > 0 else 0)
 
-    def note_lease(self, waited_ns: int, queued: bool) -> None:
-        """Count one lease granted after ``waited_ns`` (``queued``: it waited in the FIFO).
+    def note_lease(self, waited_ns: int) -> None:
+        """Count one lease granted after waiting ``waited_ns`` in the FIFO.
 
-        Noted in the process and written by :meth:`flush` (so are :meth:`note_use`'s): the proxy
-        lends once per transaction, and four struct writes into the mapping per lease cost more
-        than the rest of its bookkeeping. The broker flushes within ``pool.TABLE_LAG``."""
+        Noted in the process and written by :meth:`flush` (so are :meth:`note_unqueued`'s): the
+        proxy lends once per transaction, and four struct writes into the mapping per lease cost
+        more than the rest of its bookkeeping. The broker flushes within ``pool.TABLE_LAG``."""
         self._n_leases += 1
-        if queued:
-            self._n_waits += 1
-            self._n_wait_ns += waited_ns
-            self._n_hist[bisect.bisect_left(_WAIT_BOUNDS_NS, waited_ns)] += 1
-        else:
-            self._n_hist[0] += 1  # not queued: the first bucket, without a search
+        self._n_waits += 1
+        self._n_wait_ns += waited_ns
+        self._n_hist[bisect.bisect_left(_WAIT_BOUNDS_NS, waited_ns)] += 1
 
-    def note_use(self, used_ns: int) -> None:
-        """Count ``used_ns`` of lent time (a lease ended); written by :meth:`flush`."""
+    def note_unqueued(self, leases: int, used_ns: int) -> None:
+        """Count ``leases`` leases granted without waiting (the first bucket of the wait histogram)
+        and ``used_ns`` of lent time (leases ended); written by :meth:`flush`."""
+        self._n_leases += leases
+        self._n_hist[0] += leases
         self._n_use_ns += used_ns
 
     def flush(self) -> None:
-        """Add what :meth:`note_lease` and :meth:`note_use` counted to the table."""
+        """Add what :meth:`note_lease` and :meth:`note_unqueued` counted to the table."""
         if not self._n_leases and not self._n_use_ns:
             return
         mm = self._mm

@@ -250,6 +250,7 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
             bool(b.lease_started_ns), b.use_ns > 0, watch, b.watched, b in pool._lagging,
             pool._flush_timer is not None, table._n_leases, table._n_waits,
             sum(table._n_hist),  # (not the buckets: which one is a matter of timing)
+            pool._noted_leases, pool._noted_use_ns > 0,
         )  # fmt: skip
         if step.endswith("sent"):
             # Write the table here (in both worlds): the releases that follow must note the slot

@@ -184,6 +184,7 @@ def test_the_scanner_finds_the_end_of_a_transaction_however_the_answer_is_cut(sh
             assert session.backend is None, f"cut at {cut}: not given back at ReadyForQuery"
             assert b.state is SlotState.IDLE
         session.close()
+        pool.flush_table()  # (what the broker's flush timer does within TABLE_LAG)
         assert table.snapshot().counters["leases"] == len(ANSWER) - 1
         pool._close(b, CloseReason.SHUTDOWN, graceful=False)
         for sock in (inner, outer, backend_end):

@@ -223,7 +223,8 @@ class Console:
 
     def show_stats(self) -> Result:
         b = self.broker
-        assert b.table is not None
+        assert b.table is not None and b.pool is not None
+        b.pool.flush_table()  # what the pool has noted and not yet written (TABLE_LAG) counts too
         snap = b.table.snapshot()
         c = snap.counters
         ps = b.proxy_stats

@@ -27,6 +27,7 @@ All of this runs on the broker's one asyncio loop thread; nothing here blocks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -35,12 +36,12 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
 from ..shm import Table
-from ..wire import control
+from ..wire import control, scan
 from ..wire.frames import terminate
 from ..wire.states import TRANSITIONS, CloseReason, SlotState, check_transition
 from .config import BrokerConfig
@@ -55,6 +56,23 @@ from .connector import (
 from .tls import TLSStream
 
 logger = logging.getLogger("pgreuse.broker")
+
+# With the C core (pgreuse._proxycore), Backend and Pool keep the fields the proxy's lending path
+# reads on every transaction in C base types, where that path reaches them without the attribute
+# machinery (see _poolcore.h); the Python code below reads and writes them as usual. Without it
+# (not built, or PGREUSE_PURE_PYTHON=1) they are plain Python classes.
+if TYPE_CHECKING:
+    _BackendBase = object
+    _PoolBase = object
+    C_FIELDS = False
+else:
+    _core = None
+    if not scan.PURE_PYTHON:
+        with contextlib.suppress(ImportError):  # not built: the Python classes serve
+            from .. import _proxycore as _core
+    C_FIELDS = _core is not None
+    _BackendBase = _core.BackendCore if C_FIELDS else object
+    _PoolBase = _core.PoolCore if C_FIELDS else object
 
 # Parameters that change how values are encoded or parsed by the client (DESIGN.md §3 rule 7): every
 # backend of a pool must report the same values, because parked clients cached them at startup.
@@ -104,8 +122,9 @@ class InProcessHolder(Client, Protocol):
     def revoked(self, backend: Backend) -> None: ...
 
 
-@attrs.define(eq=False)
-class Backend:
+# Not slotted: a slot of the class would hide its C base's field of the same name.
+@attrs.define(eq=False, slots=False)
+class Backend(_BackendBase):
     index: int
     state: SlotState = SlotState.CLOSED
     generation: int = 0
@@ -128,9 +147,12 @@ class Backend:
     idle_watch: Callable[[], None] | None = None  # the pool's handler while idle
     tls: TLSStream | None = None  # set: encrypted, read and write through it (never handed off)
 
-    def dispatch_readable(self) -> None:
-        if self.on_readable is not None:
-            self.on_readable()
+    if not C_FIELDS:  # (the C base type has it)
+
+        def dispatch_readable(self) -> None:
+            """The loop's read callback for ``sock``: whoever holds the backend now."""
+            if self.on_readable is not None:
+                self.on_readable()
 
     @property
     def stream(self) -> socket.socket | TLSStream:
@@ -148,7 +170,7 @@ class Waiter:
     deadline_ns: int = 0  # set when queued: denied after this (monotonic ns)
 
 
-class Pool:
+class Pool(_PoolBase):
     def __init__(
         self,
         config: BrokerConfig,
@@ -170,6 +192,11 @@ class Pool:
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at = 0  # the deadline it is armed for (monotonic ns)
         self._debug = logger.isEnabledFor(logging.DEBUG)  # refreshed by tick()
+        self._reset_every_lease = config.reset_every_lease  # (read at every release)
+        # Unqueued leases and lent time counted and not yet added to the table: plain integers,
+        # added to it by _write_counters (batched like the rest, see TABLE_LAG).
+        self._noted_leases = 0
+        self._noted_use_ns = 0
         # Table writes batched for TABLE_LAG (see flush_table).
         self._lagging: set[Backend] = set()
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -244,7 +271,20 @@ class Pool:
             self._publish(b)
         self._lagging.clear()
         self.table.set("pending", len(self.waiters))
+        self._write_counters()
+
+    def _write_counters(self) -> None:
+        """Write the lease counters noted since the last time to the table."""
+        if self._noted_leases or self._noted_use_ns:
+            self.table.note_unqueued(self._noted_leases, self._noted_use_ns)
+            self._noted_leases = self._noted_use_ns = 0
         self.table.flush()
+
+    def _note_lease(self, waited_ns: int, queued: bool) -> None:
+        if queued:
+            self.table.note_lease(waited_ns)
+        else:
+            self._noted_leases += 1
 
     def _alive(self) -> int:
         return len(self.slots) - self._states[SlotState.CLOSED]
@@ -513,12 +553,12 @@ class Pool:
             # The idle watch stays registered: the holder swaps b.on_readable (see Backend). It
             # sends the query it holds first: the bookkeeping below is off that query's path.
             client.granted(b, request)  # type: ignore[attr-defined]
-            self.table.note_lease(now - asked_ns, queued)
+            self._note_lease(now - asked_ns, queued)
             self._publish_soon(b)
             return
-        self.table.note_lease(now - asked_ns, queued)
+        self._note_lease(now - asked_ns, queued)
         self._publish(b)
-        self.table.flush()  # a worker's lease shows at once (its telemetry reads the table)
+        self._write_counters()  # a worker's lease shows at once (its telemetry reads the table)
         self._unwatch(b)  # the worker reads the socket now
         send_fd = client.fds.get(b.index) != b.generation
         assert b.sock is not None
@@ -614,7 +654,7 @@ class Pool:
             # The broker already took this backend back (it died while lent, or was revoked).
             logger.debug("pid %d gave back slot %d, which it no longer holds", client.pid, b.index)
             return
-        if outcome is _CLEAN and not self.config.reset_every_lease:
+        if outcome is _CLEAN and not self._reset_every_lease:
             # The hot path (once per proxied transaction): _end_lease inlined; an in-process
             # holder's records reach the table in the next batch (TABLE_LAG).
             now = time.monotonic_ns()
@@ -669,7 +709,7 @@ class Pool:
         b.lease_started_ns = now
         b.leases += 1
         client.granted(b, w.request)  # type: ignore[attr-defined]
-        self.table.note_lease(now - w.enqueued_ns, True)
+        self.table.note_lease(now - w.enqueued_ns)
         self._publish_soon(b)  # (arms the timer that also writes the counters and pending)
         if self.waiters and self._states[_CLOSED]:
             self._dispatch()  # open more backends for those still waiting
@@ -678,11 +718,11 @@ class Pool:
         """Count ``used`` ns of ``b``'s lease ending: a worker's reaches the table at once (its
         telemetry reads it), an in-process holder's within TABLE_LAG."""
         b.use_ns += used
-        self.table.note_use(used)
+        self._noted_use_ns += used
         if in_process:
             self._flush_soon()
         else:
-            self.table.flush()
+            self._write_counters()
 
     def _end_lease(self, b: Backend) -> None:
         if b.lease_started_ns:
