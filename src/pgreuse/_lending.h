@@ -141,27 +141,43 @@ pool_quiet(PoolObject *pool, int check_paused)
     return !pool->closing && !pool->debug && !(check_paused && pool->paused);
 }
 
+/* The backend lend_idle would lend now (borrowed), or NULL (*error: -1 if that is an error). */
+static BackendObject *
+lendable(PyObject *pool_obj, int *error)
+{
+    PoolObject *pool = AS_POOL(pool_obj);
+    BackendObject *b;
+    Py_ssize_t n;
+
+    *error = 0;
+    if (pool == NULL || !pool_quiet(pool, 1))
+        return NULL;
+    n = PyObject_Length(pool->waiters);
+    if (n != 0) {
+        *error = n < 0 ? -1 : 0;
+        return NULL;
+    }
+    n = PyList_GET_SIZE(pool->idle);
+    if (n == 0)
+        return NULL;
+    b = AS_BACKEND(PyList_GET_ITEM(pool->idle, n - 1));
+    /* the idle stack holds idle backends only */
+    return b != NULL && b->state == st_idle ? b : NULL;
+}
+
 /* Pool.request(self, request, parking) when an idle backend is free and nobody waits: 1 if done,
  * 0 if not this case (nothing changed), -1 on error. */
 static int
 lend_idle(Session *self, PyObject *pool_obj, PyObject *request)
 {
-    PoolObject *pool = AS_POOL(pool_obj);
+    PoolObject *pool = (PoolObject *)pool_obj; /* (lendable checked its type) */
     BackendObject *b;
     Py_ssize_t n;
     int r;
 
-    if (pool == NULL || !pool_quiet(pool, 1))
-        return 0;
-    n = PyObject_Length(pool->waiters);
-    if (n != 0)
-        return n < 0 ? -1 : 0;
+    if ((b = lendable(pool_obj, &r)) == NULL)
+        return r ? -1 : 0;
     n = PyList_GET_SIZE(pool->idle);
-    if (n == 0)
-        return 0;
-    b = AS_BACKEND(PyList_GET_ITEM(pool->idle, n - 1));
-    if (b == NULL || b->state != st_idle) /* the idle stack holds idle backends only */
-        return 0;
     Py_INCREF(b);
     r = PyList_SetSlice(pool->idle, n - 1, n, NULL); /* idle.pop() */
     if (r == 0) {

@@ -134,7 +134,24 @@ static PyTypeObject BackendType = {
     .tp_methods = Backend_methods,
 };
 
-#define AS_BACKEND(o) (PyObject_TypeCheck((o), &BackendType) ? (BackendObject *)(o) : NULL)
+/* ``obj``'s type is ``base`` or a subtype of it. The last subtype found is kept (pool.py's class,
+ * in practice the only one), so the usual check is one comparison rather than a walk of the MRO. */
+static int
+is_core(PyObject *obj, PyTypeObject *base, PyObject **seen)
+{
+    PyTypeObject *type = Py_TYPE(obj);
+
+    if ((PyObject *)type == *seen)
+        return 1;
+    if (!PyType_IsSubtype(type, base))
+        return 0;
+    Py_XSETREF(*seen, Py_NewRef((PyObject *)type)); /* (a reference: its address stays its own) */
+    return 1;
+}
+
+static PyObject *backend_class, *pool_class; /* the subtypes last seen by is_core */
+
+#define AS_BACKEND(o) (is_core((o), &BackendType, &backend_class) ? (BackendObject *)(o) : NULL)
 
 /* -- PoolCore ---------------------------------------------------------------------------------- */
 
@@ -238,6 +255,6 @@ static PyTypeObject PoolType = {
     .tp_getset = Pool_getset,
 };
 
-#define AS_POOL(o) (PyObject_TypeCheck((o), &PoolType) ? (PoolObject *)(o) : NULL)
+#define AS_POOL(o) (is_core((o), &PoolType, &pool_class) ? (PoolObject *)(o) : NULL)
 
 #endif

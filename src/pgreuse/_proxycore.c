@@ -604,8 +604,21 @@ Session_client_readable(Session *self, PyObject *unused)
         }
         if (unsynced >= 0)
             self->unsynced = unsynced == 1;
+        r = 0;
         if (self->backend != Py_None && PyByteArray_GET_SIZE(self->to_backend) == 0) {
             r = forward(self, data, n);
+        }
+        else if (self->backend == Py_None && self->request == Py_None &&
+                 PyByteArray_GET_SIZE(self->to_backend) == 0 && lendable(self->pool, &r) != NULL) {
+            /* A backend is lent at once (lend_idle): lease first, and the query goes from the
+             * read buffer to it without a copy into _to_backend (the same bytes and the same
+             * state as the append, lease and flush below). */
+            r = lease(self);
+            if (r == 0)
+                r = forward(self, data, n);
+        }
+        else if (r < 0) {
+            return NULL;
         }
         else {
             r = append(self->to_backend, data, n);
