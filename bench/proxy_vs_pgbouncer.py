@@ -245,18 +245,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             a.tps / b.tps for a, b in zip(by_name["pgreuse"], by_name["pgbouncer"], strict=True)
         )
         print(f"| {script} | {clients} | {' | '.join(cells)} | {ratio:.2f}x |")
-    print("\nPer transaction: the pooler's CPU (user + system), the latency it adds to PostgreSQL direct\n")
-    print("| workload | clients | PgBouncer CPU | pgreuse CPU | PgBouncer adds | pgreuse adds |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "\nPer transaction: the pooler's CPU (user + system); the latency it adds to PostgreSQL direct,"
+        "\nand pgreuse's latency minus PgBouncer's (medians of the differences within each round:"
+        "\nthe machine's speed drifts between rounds more than these differences)\n"
+    )
+    print(
+        "| workload | clients | PgBouncer CPU | pgreuse CPU | PgBouncer adds | pgreuse adds "
+        "| pgreuse - PgBouncer |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+
+    def added_us(by_name: dict[str, list[Run]], name: str, base: str) -> str:
+        pairs = zip(by_name[name], by_name[base], strict=True)
+        return f"{statistics.median(a.latency_ms - b.latency_ms for a, b in pairs) * 1000:+.0f} us"
+
     for (script, clients), by_name in runs.items():
-        direct = statistics.median(r.latency_ms for r in by_name["postgres"])
         cells = [
             f"{statistics.median(r.user_us for r in by_name[n]):.1f} + "
             f"{statistics.median(r.system_us for r in by_name[n]):.1f} us"
             for n in ("pgbouncer", "pgreuse")
         ] + [
-            f"{(statistics.median(r.latency_ms for r in by_name[n]) - direct) * 1000:.0f} us"
-            for n in ("pgbouncer", "pgreuse")
+            added_us(by_name, "pgbouncer", "postgres"),
+            added_us(by_name, "pgreuse", "postgres"),
+            added_us(by_name, "pgreuse", "pgbouncer"),
         ]
         print(f"| {script} | {clients} | {' | '.join(cells)} |")
     return 0

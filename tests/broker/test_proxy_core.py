@@ -432,3 +432,28 @@ def test_the_c_counters_have_the_reference_fields():
     counters = proxy.ProxyStats(**dict.fromkeys(names, 7))
     assert [getattr(counters, name) for name in names] == [7] * len(names)
     assert sorted(n for n in dir(counters) if not n.startswith("_")) == sorted(names)
+
+
+def test_the_c_pool_fields_refuse_what_the_c_code_could_not_read(short_tmp):
+    # The lending path reads these fields without checks: a deletion or a wrong type must be an
+    # error where it is made, naming the field, not a crash later on the hot path.
+    assert pool_module.C_FIELDS, "the C session core runs, but the pool's fields are Python ones"
+
+    async def make() -> pool_module.Pool:
+        return in_process_pool(str(short_tmp), 6992)
+
+    pool = asyncio.run(make())
+    b = pool.slots[0]
+    for obj, name in ((pool, "idle"), (pool, "_states"), (pool, "_lagging"), (b, "holder"), (b, "state")):
+        with pytest.raises(AttributeError, match=f"cannot delete {name}"):
+            delattr(obj, name)
+    for obj, name, value in ((pool, "idle", ()), (pool, "_states", []), (pool, "_lagging", frozenset())):
+        with pytest.raises(TypeError, match=f"{name} must be"):
+            setattr(obj, name, value)
+    with pytest.raises(TypeError):
+        b.watched = 1  # type: ignore[assignment]
+    # What the Python code assigns is kept as assigned.
+    b.leases += 2
+    b.parking = 12345
+    pool.waiters = pool.waiters.__class__([1])
+    assert (b.leases, b.parking, list(pool.waiters)) == (2, 12345, [1])

@@ -336,6 +336,16 @@ def test_the_broker_runs_the_expected_scanner_and_session_core(make_broker):
     assert f"proxy scanner: {expected}, session core: {expected}" in b.log()
 
 
+def test_the_pool_fields_are_c_exactly_when_the_session_core_is():
+    # The C lending path reads the pool's and backends' fields as C struct members: with Python
+    # ones it would silently never run (and with the Python session core, nothing reads them in C).
+    from pgreuse.broker import pool, proxy
+
+    assert pool.C_FIELDS == (proxy.CORE == "c")
+    if "PGREUSE_EXPECT_SCAN" in os.environ:
+        assert pool.C_FIELDS == (os.environ["PGREUSE_EXPECT_SCAN"] == "c")
+
+
 def test_a_worker_lease_reaches_the_table_without_further_traffic(make_broker):
     # Handoff leases are not batched like the proxy's: the end of the last lease before the pool
     # goes quiet must reach the table too, with nothing after it to carry it there.
