@@ -2,25 +2,28 @@
  * The pool's lending fast path for proxy sessions, included by _proxycore.c.
  *
  * The reference is pgreuse.broker.pool.Pool: request() with an idle backend and no queue (its
- * _grant for an in-process holder), and give_back() of a clean backend whose holder read it up to
- * ReadyForQuery 'I' (its _hand_over to an in-process waiter, or its return to the idle stack). These
- * run once per proxied transaction each, and in Python they were the largest part of the broker's
- * remaining CPU per transaction. Here they are the same steps on the same objects, through their
- * attributes, for exactly those cases: every other case (a queue to join, a worker to serve, a
- * pause, a shutdown, debug logging of transitions, a reset to run) returns 0 before changing
- * anything, and the caller goes to the Python method.
+ * _grant for an in-process holder) or when the request queues (a Waiter, its deadline, the expiry
+ * timer, the gauges), and give_back() of a clean backend whose holder read it up to ReadyForQuery
+ * 'I' (its _hand_over to an in-process waiter, or its return to the idle stack). These run once
+ * per proxied transaction each, and in Python they were the largest part of the broker's remaining
+ * CPU per transaction. Here they are the same steps on the same objects, whose fields are struct
+ * members (_poolcore.h), for exactly those cases: every other case (a refusal, a worker to serve,
+ * a pause, a shutdown, debug logging of transitions, a reset to run) returns 0 before changing
+ * anything, and the caller goes to the Python method. What the Python methods do that is not on
+ * these paths (arming a timer, opening a backend, a new maximum of the queue) is a call to them.
  *
  * The transitions taken here (IDLE -> LENT; LENT -> RESETTING -> IDLE, neither published, as
  * Pool._transition(publish=False) does) are checked against states.TRANSITIONS by proxy.py at import.
- * Pool._flush_soon's test (no timer armed yet) is inlined in publish_soon: change them together.
+ * Pool._flush_soon's test (no timer armed yet) is inlined in publish_pending, and _arm_expiry's
+ * (armed for an earlier deadline) in queue_request: change them together.
  */
 #ifndef PGREUSE_LENDING_H
 #define PGREUSE_LENDING_H
 
 /* Set by setup(): SlotState members, and interned attribute names. */
 static PyObject *st_closed, *st_idle, *st_lent;
-static PyObject *a_flush_soon, *a_table, *a_note_lease, *a_client, *a_parking, *a_request,
-    *a_enqueued_ns, *a_in_process, *a_dispatch, *a_granted, *a_popleft, *zero;
+static PyObject *a_flush_soon, *a_in_process, *a_dispatch, *a_granted, *a_popleft, *a_append,
+    *a_arm_expiry, *a_note_max_pending, *zero;
 
 static int
 lending_names(void)
@@ -29,30 +32,15 @@ lending_names(void)
     if ((var = PyUnicode_InternFromString(text)) == NULL)                                          \
         return -1;
     NAME(a_flush_soon, "_flush_soon")
-    NAME(a_table, "table")
-    NAME(a_note_lease, "note_lease")
-    NAME(a_client, "client")
-    NAME(a_parking, "parking")
-    NAME(a_request, "request")
-    NAME(a_enqueued_ns, "enqueued_ns")
     NAME(a_in_process, "in_process")
+    NAME(a_append, "append")
+    NAME(a_arm_expiry, "_arm_expiry")
+    NAME(a_note_max_pending, "_note_max_pending")
     NAME(a_dispatch, "_dispatch")
     NAME(a_granted, "granted")
     NAME(a_popleft, "popleft")
 #undef NAME
     return (zero = PyLong_FromLong(0)) == NULL ? -1 : 0;
-}
-
-static int
-get_ll(PyObject *obj, PyObject *name, long long *out)
-{
-    PyObject *v = PyObject_GetAttr(obj, name);
-
-    if (v == NULL)
-        return -1;
-    *out = PyLong_AsLongLong(v);
-    Py_DECREF(v);
-    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
 /* states[key] += delta (Pool._states: slots per state). */
@@ -88,16 +76,23 @@ move_state(PoolObject *pool, BackendObject *b, PyObject *old, PyObject *new)
     return 0;
 }
 
+/* Pool._flush_soon(): the table is brought up to date within TABLE_LAG. */
+static int
+publish_pending(PoolObject *pool)
+{
+    /* no timer yet: Pool._flush_soon arms it */
+    return pool->flush_timer == Py_None
+               ? discard(PyObject_CallMethodNoArgs((PyObject *)pool, a_flush_soon))
+               : 0;
+}
+
 /* Pool._publish_soon(b): the record reaches the table within TABLE_LAG. */
 static int
 publish_soon(PoolObject *pool, BackendObject *b)
 {
     if (PySet_Add(pool->lagging, (PyObject *)b) < 0)
         return -1;
-    /* no timer yet: Pool._flush_soon arms it */
-    return pool->flush_timer == Py_None
-               ? discard(PyObject_CallMethodNoArgs((PyObject *)pool, a_flush_soon))
-               : 0;
+    return publish_pending(pool);
 }
 
 /* Lease bookkeeping for a new holder (Pool._grant / _hand_over). */
@@ -108,6 +103,42 @@ take_lease(BackendObject *b, PyObject *client, PyObject *parking, long long now)
     Py_SETREF(b->parking, Py_NewRef(parking));
     b->lease_started_ns = now;
     b->leases++;
+}
+
+/* Pool._note_lease(waited, queued=True): a lease granted after ``waited`` ns in the FIFO. */
+static int
+note_queued(PoolObject *pool, long long waited)
+{
+    PyObject *bounds = pool->wait_bounds, *hist = pool->noted_hist, *n;
+    Py_ssize_t lo = 0, hi = PyTuple_GET_SIZE(bounds);
+
+    while (lo < hi) { /* bisect_left(WAIT_BOUNDS_NS, waited) */
+        Py_ssize_t mid = (lo + hi) / 2;
+        long long bound = PyLong_AsLongLong(PyTuple_GET_ITEM(bounds, mid));
+
+        if (bound == -1 && PyErr_Occurred())
+            return -1;
+        if (bound < waited)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo >= PyList_GET_SIZE(hist)) {
+        PyErr_Format(PyExc_IndexError, "Pool._noted_hist has no bucket %zd", lo);
+        return -1;
+    }
+    {
+        long long count = PyLong_AsLongLong(PyList_GET_ITEM(hist, lo));
+
+        if ((count == -1 && PyErr_Occurred()) || (n = PyLong_FromLongLong(count + 1)) == NULL)
+            return -1;
+    }
+    if (PyList_SetItem(hist, lo, n) < 0) /* (steals n, drops the old count) */
+        return -1;
+    pool->noted_leases++;
+    pool->noted_waits++;
+    pool->noted_wait_ns += waited;
+    return 0;
 }
 
 static int granted_impl(Session *self, PyObject *b, PyObject *request);
@@ -196,22 +227,84 @@ lend_idle(Session *self, PyObject *pool_obj, PyObject *request)
     return r < 0 ? -1 : 1;
 }
 
+/* Pool.request(self, request, parking) when it queues the request (a backend is not free, or
+ * others wait, or the pool is paused): 1 if done, 0 if not this case (nothing changed: a refusal
+ * to answer, debug logging), -1 on error. */
+static int
+queue_request(Session *self, PyObject *pool_obj, PyObject *request)
+{
+    PoolObject *pool = AS_POOL(pool_obj);
+    PyTypeObject *type;
+    WaiterObject *w;
+    Py_ssize_t n, idle;
+    int r;
+
+    if (pool == NULL || pool->closing || pool->debug || pool->last_connect_error != Py_None ||
+        !PyType_Check(pool->waiter_type))
+        return 0;
+    type = (PyTypeObject *)pool->waiter_type;
+    if (!PyType_IsSubtype(type, &WaiterType))
+        return 0;
+    n = PyObject_Length(pool->waiters);
+    if (n < 0)
+        return -1;
+    idle = PyList_GET_SIZE(pool->idle);
+    if ((idle && n == 0 && !pool->paused) || (pool->max_waiting && n >= pool->max_waiting))
+        return 0; /* lent at once (with debug logging), or refused */
+    /* Waiter(self, request, parking, now), with its deadline (its fields are all C ones) */
+    w = (WaiterObject *)type->tp_new(type, empty_tuple, NULL);
+    if (w == NULL)
+        return -1;
+    Py_SETREF(w->client, Py_NewRef((PyObject *)self));
+    Py_SETREF(w->request, Py_NewRef(request));
+    Py_SETREF(w->parking, Py_NewRef(self->parking_key));
+    w->enqueued_ns = monotonic_ns();
+    w->deadline_ns = w->enqueued_ns + pool->wait_timeout_ns;
+    r = discard(PyObject_CallMethodOneArg(pool->waiters, a_append, (PyObject *)w));
+    if (r == 0 && (pool->expiry == Py_None || w->deadline_ns < pool->expiry_at)) {
+        /* Pool._arm_expiry: the timer is not armed for an earlier deadline */
+        PyObject *deadline = PyLong_FromLongLong(w->deadline_ns);
+
+        r = deadline == NULL ? -1
+                             : discard(PyObject_CallMethodOneArg(pool_obj, a_arm_expiry, deadline));
+        Py_XDECREF(deadline);
+    }
+    Py_DECREF(w);
+    if (r < 0)
+        return -1;
+    if (n + 1 > pool->max_pending &&
+        discard(PyObject_CallMethodNoArgs(pool_obj, a_note_max_pending)) < 0)
+        return -1;
+    if (idle == 0) {
+        PyObject *closed = PyDict_GetItemWithError(pool->states, st_closed); /* borrowed */
+
+        r = closed == NULL ? -1 : PyObject_IsTrue(closed);
+        if (r < 0) {
+            if (!PyErr_Occurred())
+                PyErr_SetObject(PyExc_KeyError, st_closed);
+            return -1;
+        }
+    }
+    if (idle || r) /* paused with idle backends, or room to open one */
+        return discard(PyObject_CallMethodNoArgs(pool_obj, a_dispatch)) < 0 ? -1 : 1;
+    /* the pending gauge (Pool._flush_soon) */
+    return publish_pending(pool) < 0 ? -1 : 1;
+}
+
 /* The first waiter of a non-empty queue is in process (a proxy session), and may be handed a
  * backend here: 1, 0 (a worker gets its fd through Pool._grant), or -1. */
 static int
 first_in_process(PyObject *waiters)
 {
-    PyObject *w = PySequence_GetItem(waiters, 0), *client;
+    PyObject *first = PySequence_GetItem(waiters, 0);
+    WaiterObject *w;
     int r;
 
-    if (w == NULL)
+    if (first == NULL)
         return -1;
-    client = PyObject_GetAttr(w, a_client);
-    Py_DECREF(w);
-    if (client == NULL)
-        return -1;
-    r = attr_true(client, a_in_process);
-    Py_DECREF(client);
+    w = AS_WAITER(first);
+    r = w == NULL ? 0 : attr_true(w->client, a_in_process);
+    Py_DECREF(first);
     return r;
 }
 
@@ -219,42 +312,23 @@ first_in_process(PyObject *waiters)
 static int
 hand_over(PoolObject *pool, BackendObject *b, long long now)
 {
-    PyObject *w, *client = NULL, *parking = NULL, *request = NULL, *table;
-    long long enqueued = 0;
+    PyObject *popped = PyObject_CallMethodNoArgs(pool->waiters, a_popleft); /* (the one checked) */
+    WaiterObject *w;
     Py_ssize_t n;
     int r;
 
-    w = PyObject_CallMethodNoArgs(pool->waiters, a_popleft); /* (the one checked) */
-    if (w == NULL)
+    if (popped == NULL)
         return -1;
-    r = ((client = PyObject_GetAttr(w, a_client)) == NULL ||
-         (parking = PyObject_GetAttr(w, a_parking)) == NULL ||
-         (request = PyObject_GetAttr(w, a_request)) == NULL ||
-         get_ll(w, a_enqueued_ns, &enqueued) < 0)
-            ? -1
-            : 0;
-    Py_DECREF(w);
-    if (r == 0) {
-        take_lease(b, client, parking, now);
-        r = grant_to(client, (PyObject *)b, request);
+    if ((w = AS_WAITER(popped)) == NULL) { /* (first_in_process checked the first one's type) */
+        Py_DECREF(popped);
+        PyErr_SetString(PyExc_SystemError, "Pool.waiters changed during a handover");
+        return -1;
     }
-    Py_XDECREF(client);
-    Py_XDECREF(parking);
-    Py_XDECREF(request);
-    if (r < 0)
-        return -1;
-    /* table.note_lease(now - enqueued): a queued lease counts its wait. */
-    table = PyObject_GetAttr((PyObject *)pool, a_table);
-    if (table == NULL)
-        return -1;
-    {
-        PyObject *waited = PyLong_FromLongLong(now - enqueued);
-        PyObject *args[2] = {table, waited};
-
-        r = waited == NULL ? -1 : discard(PyObject_VectorcallMethod(a_note_lease, args, 2, NULL));
-        Py_XDECREF(waited);
-    }
-    Py_DECREF(table);
+    take_lease(b, w->client, w->parking, now);
+    r = grant_to(w->client, (PyObject *)b, w->request);
+    if (r == 0)
+        r = note_queued(pool, now - w->enqueued_ns);
+    Py_DECREF(popped);
     if (r < 0 || publish_soon(pool, b) < 0)
         return -1;
     n = PyObject_Length(pool->waiters);

@@ -1,9 +1,9 @@
 /*
- * BackendCore and PoolCore: the fields of pgreuse.broker.pool.Backend and Pool that the lending
- * fast path (_lending.h) and the C session read and write on every proxied transaction, as struct
- * members. Included by _proxycore.c.
+ * BackendCore, WaiterCore and PoolCore: the fields of pgreuse.broker.pool.Backend, Waiter and Pool
+ * that the lending fast path (_lending.h) and the C session read and write on every proxied
+ * transaction, as struct members. Included by _proxycore.c.
  *
- * pool.py builds Backend and Pool on these bases when the C core runs, so the Python code reads and
+ * pool.py builds Backend, Waiter and Pool on these bases when the C core runs, so the Python code reads and
  * writes the same fields through their descriptors and the C code reaches them without the
  * attribute machinery (a lookup in the type, then in the instance, per read: before this, that
  * machinery was about a tenth of the broker's CPU per transaction). The classes are plain Python
@@ -12,6 +12,40 @@
  */
 #ifndef PGREUSE_POOLCORE_H
 #define PGREUSE_POOLCORE_H
+
+/* The functions every type here has alike, for a struct whose object fields FIELDS lists:
+ * Name_alloc (fields None), Name_traverse, Name_clear, Name_dealloc. */
+#define FIELD_INIT_NONE(f) self->f = Py_NewRef(Py_None);
+#define FIELD_VISIT(f) Py_VISIT(self->f);
+#define FIELD_CLEAR(f) Py_CLEAR(self->f);
+#define CORE_TYPE_FUNCS(Name, Struct, FIELDS)                                                      \
+    static Struct *Name##_alloc(PyTypeObject *type)                                                \
+    {                                                                                              \
+        Struct *self = (Struct *)type->tp_alloc(type, 0);                                          \
+                                                                                                   \
+        if (self == NULL)                                                                          \
+            return NULL;                                                                           \
+        FIELDS(FIELD_INIT_NONE)                                                                    \
+        return self;                                                                               \
+    }                                                                                              \
+    static int Name##_traverse(Struct *self, visitproc visit, void *arg)                           \
+    {                                                                                              \
+        FIELDS(FIELD_VISIT)                                                                        \
+        return 0;                                                                                  \
+    }                                                                                              \
+    static int Name##_clear(Struct *self)                                                          \
+    {                                                                                              \
+        FIELDS(FIELD_CLEAR)                                                                        \
+        return 0;                                                                                  \
+    }                                                                                              \
+    static void Name##_dealloc(Struct *self)                                                       \
+    {                                                                                              \
+        PyTypeObject *type = Py_TYPE(self);                                                        \
+                                                                                                   \
+        PyObject_GC_UnTrack(self);                                                                 \
+        Name##_clear(self);                                                                        \
+        type->tp_free((PyObject *)self);                                                           \
+    }
 
 /* -- BackendCore ------------------------------------------------------------------------------- */
 
@@ -53,47 +87,14 @@ static PyMemberDef Backend_members[] = {
     {NULL},
 };
 
+CORE_TYPE_FUNCS(Backend, BackendObject, BACKEND_FIELDS)
+
 static PyObject *
 Backend_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    BackendObject *self = (BackendObject *)type->tp_alloc(type, 0);
-
     (void)args;
     (void)kwds;
-    if (self == NULL)
-        return NULL;
-#define INIT_NONE(f) self->f = Py_NewRef(Py_None);
-    BACKEND_FIELDS(INIT_NONE)
-#undef INIT_NONE
-    return (PyObject *)self;
-}
-
-static int
-Backend_traverse(BackendObject *self, visitproc visit, void *arg)
-{
-#define VISIT(f) Py_VISIT(self->f);
-    BACKEND_FIELDS(VISIT)
-#undef VISIT
-    return 0;
-}
-
-static int
-Backend_clear(BackendObject *self)
-{
-#define CLEAR(f) Py_CLEAR(self->f);
-    BACKEND_FIELDS(CLEAR)
-#undef CLEAR
-    return 0;
-}
-
-static void
-Backend_dealloc(BackendObject *self)
-{
-    PyTypeObject *type = Py_TYPE(self);
-
-    PyObject_GC_UnTrack(self);
-    Backend_clear(self);
-    type->tp_free((PyObject *)self);
+    return (PyObject *)Backend_alloc(type);
 }
 
 /* The loop's read callback for the backend's socket: whoever holds it now (see pool.Backend). */
@@ -153,17 +154,78 @@ static PyObject *backend_class, *pool_class; /* the subtypes last seen by is_cor
 
 #define AS_BACKEND(o) (is_core((o), &BackendType, &backend_class) ? (BackendObject *)(o) : NULL)
 
+/* -- WaiterCore -------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    long long enqueued_ns, deadline_ns;
+    PyObject *client, *request, *parking;
+} WaiterObject;
+
+#define WAITER_FIELDS(X) X(client) X(request) X(parking)
+
+static FieldSpec waiter_specs[] = {
+    {offsetof(WaiterObject, client), NULL, "client"},
+    {offsetof(WaiterObject, request), NULL, "request"},
+    {offsetof(WaiterObject, parking), NULL, "parking"},
+};
+
+static PyGetSetDef Waiter_getset[] = {
+    FIELD_GETSET("client", waiter_specs[0]),
+    FIELD_GETSET("request", waiter_specs[1]),
+    FIELD_GETSET("parking", waiter_specs[2]),
+    {NULL},
+};
+
+static PyMemberDef Waiter_members[] = {
+    {"enqueued_ns", T_LONGLONG, offsetof(WaiterObject, enqueued_ns), 0, NULL},
+    {"deadline_ns", T_LONGLONG, offsetof(WaiterObject, deadline_ns), 0, NULL},
+    {NULL},
+};
+
+CORE_TYPE_FUNCS(Waiter, WaiterObject, WAITER_FIELDS)
+
+static PyObject *
+Waiter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    (void)args;
+    (void)kwds;
+    return (PyObject *)Waiter_alloc(type);
+}
+
+static PyTypeObject WaiterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgreuse._proxycore.WaiterCore",
+    .tp_basicsize = sizeof(WaiterObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The fields of pgreuse.broker.pool.Waiter.",
+    .tp_new = Waiter_new,
+    .tp_dealloc = (destructor)Waiter_dealloc,
+    .tp_free = PyObject_GC_Del,
+    .tp_traverse = (traverseproc)Waiter_traverse,
+    .tp_clear = (inquiry)Waiter_clear,
+    .tp_members = Waiter_members,
+    .tp_getset = Waiter_getset,
+};
+
+static PyObject *waiter_class;
+
+#define AS_WAITER(o) (is_core((o), &WaiterType, &waiter_class) ? (WaiterObject *)(o) : NULL)
+
 /* -- PoolCore ---------------------------------------------------------------------------------- */
 
 typedef struct {
     PyObject_HEAD
     char closing, debug, paused, reset_every_lease;
-    /* Unqueued leases and lent time counted and not yet added to the table (Pool.flush_table). */
-    long long noted_leases, noted_use_ns;
-    PyObject *idle, *waiters, *states, *lagging, *flush_timer;
+    long long max_waiting, wait_timeout_ns, max_pending, expiry_at;
+    /* Lease counts noted and not yet added to the table (Pool._write_counters). */
+    long long noted_leases, noted_waits, noted_wait_ns, noted_use_ns;
+    PyObject *idle, *waiters, *states, *lagging, *flush_timer, *expiry, *last_connect_error,
+        *noted_hist, *wait_bounds, *waiter_type;
 } PoolObject;
 
-#define POOL_FIELDS(X) X(idle) X(waiters) X(states) X(lagging) X(flush_timer)
+#define POOL_FIELDS(X)                                                                             \
+    X(idle) X(waiters) X(states) X(lagging) X(flush_timer) X(expiry) X(last_connect_error)         \
+        X(noted_hist) X(wait_bounds) X(waiter_type)
 
 static FieldSpec pool_specs[] = {
     {offsetof(PoolObject, idle), &PyList_Type, "idle"},
@@ -171,6 +233,11 @@ static FieldSpec pool_specs[] = {
     {offsetof(PoolObject, states), &PyDict_Type, "_states"},
     {offsetof(PoolObject, lagging), &PySet_Type, "_lagging"},
     {offsetof(PoolObject, flush_timer), NULL, "_flush_timer"},
+    {offsetof(PoolObject, expiry), NULL, "_expiry"},
+    {offsetof(PoolObject, last_connect_error), NULL, "last_connect_error"},
+    {offsetof(PoolObject, noted_hist), &PyList_Type, "_noted_hist"},
+    {offsetof(PoolObject, wait_bounds), &PyTuple_Type, "_wait_bounds"},
+    {offsetof(PoolObject, waiter_type), NULL, "_waiter_type"},
 };
 
 static PyGetSetDef Pool_getset[] = {
@@ -179,6 +246,11 @@ static PyGetSetDef Pool_getset[] = {
     FIELD_GETSET("_states", pool_specs[2]),
     FIELD_GETSET("_lagging", pool_specs[3]),
     FIELD_GETSET("_flush_timer", pool_specs[4]),
+    FIELD_GETSET("_expiry", pool_specs[5]),
+    FIELD_GETSET("last_connect_error", pool_specs[6]),
+    FIELD_GETSET("_noted_hist", pool_specs[7]),
+    FIELD_GETSET("_wait_bounds", pool_specs[8]),
+    FIELD_GETSET("_waiter_type", pool_specs[9]),
     {NULL},
 };
 
@@ -187,58 +259,40 @@ static PyMemberDef Pool_members[] = {
     {"_debug", T_BOOL, offsetof(PoolObject, debug), 0, NULL},
     {"paused", T_BOOL, offsetof(PoolObject, paused), 0, NULL},
     {"_reset_every_lease", T_BOOL, offsetof(PoolObject, reset_every_lease), 0, NULL},
+    {"_max_waiting", T_LONGLONG, offsetof(PoolObject, max_waiting), 0, NULL},
+    {"_wait_timeout_ns", T_LONGLONG, offsetof(PoolObject, wait_timeout_ns), 0, NULL},
+    {"_max_pending", T_LONGLONG, offsetof(PoolObject, max_pending), 0, NULL},
+    {"_expiry_at", T_LONGLONG, offsetof(PoolObject, expiry_at), 0, NULL},
     {"_noted_leases", T_LONGLONG, offsetof(PoolObject, noted_leases), 0, NULL},
+    {"_noted_waits", T_LONGLONG, offsetof(PoolObject, noted_waits), 0, NULL},
+    {"_noted_wait_ns", T_LONGLONG, offsetof(PoolObject, noted_wait_ns), 0, NULL},
     {"_noted_use_ns", T_LONGLONG, offsetof(PoolObject, noted_use_ns), 0, NULL},
     {NULL},
 };
 
+CORE_TYPE_FUNCS(Pool, PoolObject, POOL_FIELDS)
+
 static PyObject *
 Pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    PoolObject *self = (PoolObject *)type->tp_alloc(type, 0);
+    PoolObject *self = Pool_alloc(type);
 
     (void)args;
     (void)kwds;
     if (self == NULL)
         return NULL;
-    self->flush_timer = Py_NewRef(Py_None);
-    self->waiters = Py_NewRef(Py_None);
-    self->idle = PyList_New(0);
-    self->states = PyDict_New();
-    self->lagging = PySet_New(NULL);
-    if (self->idle == NULL || self->states == NULL || self->lagging == NULL) {
+    /* (Pool.__init__ sets them all; these keep the types the C code relies on until then) */
+    Py_SETREF(self->idle, PyList_New(0));
+    Py_SETREF(self->states, PyDict_New());
+    Py_SETREF(self->lagging, PySet_New(NULL));
+    Py_SETREF(self->noted_hist, PyList_New(0));
+    Py_SETREF(self->wait_bounds, PyTuple_New(0));
+    if (self->idle == NULL || self->states == NULL || self->lagging == NULL ||
+        self->noted_hist == NULL || self->wait_bounds == NULL) {
         Py_DECREF(self);
         return NULL;
     }
     return (PyObject *)self;
-}
-
-static int
-Pool_traverse(PoolObject *self, visitproc visit, void *arg)
-{
-#define VISIT(f) Py_VISIT(self->f);
-    POOL_FIELDS(VISIT)
-#undef VISIT
-    return 0;
-}
-
-static int
-Pool_clear(PoolObject *self)
-{
-#define CLEAR(f) Py_CLEAR(self->f);
-    POOL_FIELDS(CLEAR)
-#undef CLEAR
-    return 0;
-}
-
-static void
-Pool_dealloc(PoolObject *self)
-{
-    PyTypeObject *type = Py_TYPE(self);
-
-    PyObject_GC_UnTrack(self);
-    Pool_clear(self);
-    type->tp_free((PyObject *)self);
 }
 
 static PyTypeObject PoolType = {

@@ -52,7 +52,7 @@ static PyObject *py_client_slow, *py_client_failed, *py_close, *py_backend_reada
     *py_flush_to_backend;
 /* Interned names and keyword tuples. */
 static PyObject *s_request, *s_give_back, *s_watched, *s_sock, *s_tls, *s_on_readable,
-    *s_wants_write, *kw_reading_writing, *kw_unread_checked, *empty_bytes;
+    *s_wants_write, *kw_reading_writing, *kw_unread_checked, *empty_bytes, *empty_tuple;
 
 /* -- ProxyCounters: the totals of pgreuse.broker.proxy.PyProxyStats, as plain integers ---------- */
 
@@ -487,6 +487,8 @@ lease(Session *self)
     /* An idle backend and nobody waiting: lent here (_lending.h); else Pool.request. Either may
      * answer synchronously: granted() runs inside this call. */
     done = lend_idle(self, pool, request);
+    if (done == 0)
+        done = queue_request(self, pool, request);
     if (done == 0) {
         PyObject *args[4] = {pool, (PyObject *)self, request, self->parking_key};
 
@@ -961,10 +963,12 @@ PyInit__proxycore(void)
         (s_wants_write = PyUnicode_InternFromString("wants_write")) == NULL ||
         (kw_reading_writing = Py_BuildValue("(ss)", "reading", "writing")) == NULL ||
         (kw_unread_checked = Py_BuildValue("(s)", "unread_checked")) == NULL ||
-        (empty_bytes = PyBytes_FromStringAndSize(NULL, 0)) == NULL || lending_names() < 0)
+        (empty_bytes = PyBytes_FromStringAndSize(NULL, 0)) == NULL ||
+        (empty_tuple = PyTuple_New(0)) == NULL || lending_names() < 0)
         return NULL;
     if (PyType_Ready(&CountersType) < 0 || PyType_Ready(&SessionType) < 0 ||
-        PyType_Ready(&BackendType) < 0 || PyType_Ready(&PoolType) < 0)
+        PyType_Ready(&BackendType) < 0 || PyType_Ready(&WaiterType) < 0 ||
+        PyType_Ready(&PoolType) < 0)
         return NULL;
     c_granted_descr = PyDict_GetItemWithError(SessionType.tp_dict, a_granted); /* borrowed */
     if (c_granted_descr == NULL) {
@@ -978,6 +982,7 @@ PyInit__proxycore(void)
     if (PyModule_AddObjectRef(m, "ProxyCounters", (PyObject *)&CountersType) < 0 ||
         PyModule_AddObjectRef(m, "SessionCore", (PyObject *)&SessionType) < 0 ||
         PyModule_AddObjectRef(m, "BackendCore", (PyObject *)&BackendType) < 0 ||
+        PyModule_AddObjectRef(m, "WaiterCore", (PyObject *)&WaiterType) < 0 ||
         PyModule_AddObjectRef(m, "PoolCore", (PyObject *)&PoolType) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -70,7 +70,8 @@ assert COUNTERS[:3] == ("leases", "waits", "wait_ns")
 assert COUNTERS[3] == "use_ns"  # ... and use_ns follows them: flush() writes all four
 _LEASE_COUNTERS = struct.Struct("<QQQQ")
 _SLOT_SIZE = _SLOT.size
-_WAIT_BOUNDS_NS = tuple(round(b * 1e9) for b in WAIT_BUCKETS)
+# The bounds in ns: wait_ns counts in bucket bisect_left(WAIT_BOUNDS_NS, wait_ns).
+WAIT_BOUNDS_NS = tuple(round(b * 1e9) for b in WAIT_BUCKETS)
 _HIST_OFF = _REASONS_OFF + _N_REASONS * 8
 _SLOTS_OFF = _HIST_OFF + (len(WAIT_BUCKETS) + 1) * 8
 
@@ -132,9 +133,6 @@ class Table:
         # Readers compare it with the path's current inode: a restarted broker renames a new table
         # over the old one, and the old mapping would go on showing a dead broker's last state.
         self.inode = inode
-        # Lease counters noted and not yet written (note_lease, note_unqueued, flush).
-        self._n_leases = self._n_waits = self._n_wait_ns = self._n_use_ns = 0
-        self._n_hist = [0] * (len(WAIT_BUCKETS) + 1)
 
     @classmethod
     def create(
@@ -223,39 +221,23 @@ class Table:
         value = _COUNTER.unpack_from(self._mm, off)[0] + n
         _COUNTER.pack_into(self._mm, off, value if value > 0 else 0)
 
-    def note_lease(self, waited_ns: int) -> None:
-        """Count one lease granted after waiting ``waited_ns`` in the FIFO.
+    def add_lease_counts(self, leases: int, waits: int, wait_ns: int, use_ns: int, hist: list[int]) -> None:
+        """Add lease counts the broker noted since the last call: ``leases`` granted, ``waits`` of
+        them after queueing (``wait_ns`` in total, ``hist``: per bucket of WAIT_BOUNDS_NS; the
+        others count in the first bucket), ``use_ns`` of lent time.
 
-        Noted in the process and written by :meth:`flush` (so are :meth:`note_unqueued`'s): the
+        The pool notes these in the process and writes them in batches (``pool.TABLE_LAG``): the
         proxy lends once per transaction, and four struct writes into the mapping per lease cost
-        more than the rest of its bookkeeping. The broker flushes within ``pool.TABLE_LAG``."""
-        self._n_leases += 1
-        self._n_waits += 1
-        self._n_wait_ns += waited_ns
-        self._n_hist[bisect.bisect_left(_WAIT_BOUNDS_NS, waited_ns)] += 1
-
-    def note_unqueued(self, leases: int, used_ns: int) -> None:
-        """Count ``leases`` leases granted without waiting (the first bucket of the wait histogram)
-        and ``used_ns`` of lent time (leases ended); written by :meth:`flush`."""
-        self._n_leases += leases
-        self._n_hist[0] += leases
-        self._n_use_ns += used_ns
-
-    def flush(self) -> None:
-        """Add what :meth:`note_lease` and :meth:`note_unqueued` counted to the table."""
-        if not self._n_leases and not self._n_use_ns:
-            return
+        more than the rest of its bookkeeping."""
         mm = self._mm
-        leases, waits, wait_ns, use_ns = _LEASE_COUNTERS.unpack_from(mm, _LEASES_OFF)
-        _LEASE_COUNTERS.pack_into(mm, _LEASES_OFF, leases + self._n_leases, waits + self._n_waits,
-                                  wait_ns + self._n_wait_ns, use_ns + self._n_use_ns)  # fmt: skip
-        hist = self._n_hist
-        for i, n in enumerate(hist):
+        old = _LEASE_COUNTERS.unpack_from(mm, _LEASES_OFF)
+        _LEASE_COUNTERS.pack_into(mm, _LEASES_OFF, old[0] + leases, old[1] + waits, old[2] + wait_ns,
+                                  old[3] + use_ns)  # fmt: skip
+        for i, queued in enumerate(hist):
+            n = queued + (leases - waits if i == 0 else 0)
             if n:
                 off = _HIST_OFF + i * 8
                 _COUNTER.pack_into(mm, off, _COUNTER.unpack_from(mm, off)[0] + n)
-                hist[i] = 0
-        self._n_leases = self._n_waits = self._n_wait_ns = self._n_use_ns = 0
 
     def set(self, counter: str, value: int) -> None:
         _COUNTER.pack_into(self._mm, _COUNTER_OFFSETS[counter], max(0, value))
@@ -272,8 +254,6 @@ class Table:
     # -- readers ---------------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        if self.writable:
-            self.flush()  # the broker's own reads (SHOW STATS) include what it has noted
         mm = self._mm
         (_m, _v, pid, gen, max_size, min_size, started, wait_timeout, db, user) = _HEADER.unpack_from(mm, 0)
         counters = {

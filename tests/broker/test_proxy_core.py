@@ -244,13 +244,13 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
                            s.stats.wait_ns > 0, fields, stats))  # fmt: skip
         holder = b.holder.parking_key if b.holder is not None else None  # type: ignore[attr-defined]
         watch = "pool" if b.on_readable is b.idle_watch else "session" if b.on_readable else None
-        table = pool.table
+        queue = [(w.client.parking_key, w.parking, w.deadline_ns - w.enqueued_ns) for w in pool.waiters]
         lending = (
-            dict(pool._states), len(pool.idle), len(pool.waiters), b.leases, b.parking,
+            dict(pool._states), len(pool.idle), queue, b.leases, b.parking,
             bool(b.lease_started_ns), b.use_ns > 0, watch, b.watched, b in pool._lagging,
-            pool._flush_timer is not None, table._n_leases, table._n_waits,
-            sum(table._n_hist),  # (not the buckets: which one is a matter of timing)
-            pool._noted_leases, pool._noted_use_ns > 0,
+            pool._flush_timer is not None, pool._noted_leases, pool._noted_waits,
+            sum(pool._noted_hist),  # (not the buckets: which one is a matter of timing)
+            pool._noted_use_ns > 0, pool._noted_wait_ns > 0, pool._max_pending, pool._expiry is not None,
         )  # fmt: skip
         if step.endswith("sent"):
             # Write the table here (in both worlds): the releases that follow must note the slot
@@ -444,10 +444,17 @@ def test_the_c_pool_fields_refuse_what_the_c_code_could_not_read(short_tmp):
 
     pool = asyncio.run(make())
     b = pool.slots[0]
-    for obj, name in ((pool, "idle"), (pool, "_states"), (pool, "_lagging"), (b, "holder"), (b, "state")):
+    w = pool_module.Waiter(None, 1, 2, 3)  # type: ignore[arg-type]
+    for obj, name in (
+        (pool, "idle"), (pool, "_states"), (pool, "_lagging"), (pool, "_noted_hist"), (b, "holder"),
+        (b, "state"), (w, "client"), (w, "request"),
+    ):  # fmt: skip
         with pytest.raises(AttributeError, match=f"cannot delete {name}"):
             delattr(obj, name)
-    for obj, name, value in ((pool, "idle", ()), (pool, "_states", []), (pool, "_lagging", frozenset())):
+    for obj, name, value in (
+        (pool, "idle", ()), (pool, "_states", []), (pool, "_lagging", frozenset()), (pool, "_noted_hist", ()),
+        (pool, "_wait_bounds", []),
+    ):  # fmt: skip
         with pytest.raises(TypeError, match=f"{name} must be"):
             setattr(obj, name, value)
     with pytest.raises(TypeError):
@@ -457,3 +464,4 @@ def test_the_c_pool_fields_refuse_what_the_c_code_could_not_read(short_tmp):
     b.parking = 12345
     pool.waiters = pool.waiters.__class__([1])
     assert (b.leases, b.parking, list(pool.waiters)) == (2, 12345, [1])
+    assert (w.client, w.request, w.parking, w.enqueued_ns, w.deadline_ns) == (None, 1, 2, 3, 0)

@@ -18,6 +18,8 @@ import psycopg
 import pytest
 
 from inproc import in_process_pool, in_process_session, open_fake_backend
+from pgreuse.broker import pool as pool_module
+from pgreuse.broker import proxy
 from pgreuse.wire import control, frames
 from pgreuse.wire.states import CloseReason, SlotState
 from raw_client import RawClient
@@ -339,11 +341,10 @@ def test_the_broker_runs_the_expected_scanner_and_session_core(make_broker):
 def test_the_pool_fields_are_c_exactly_when_the_session_core_is():
     # The C lending path reads the pool's and backends' fields as C struct members: with Python
     # ones it would silently never run (and with the Python session core, nothing reads them in C).
-    from pgreuse.broker import pool, proxy
-
-    assert pool.C_FIELDS == (proxy.CORE == "c")
+    c_core = proxy.CORE == "c"
+    assert c_core is pool_module.C_FIELDS
     if "PGREUSE_EXPECT_SCAN" in os.environ:
-        assert pool.C_FIELDS == (os.environ["PGREUSE_EXPECT_SCAN"] == "c")
+        assert c_core is (os.environ["PGREUSE_EXPECT_SCAN"] == "c")
 
 
 def test_a_worker_lease_reaches_the_table_without_further_traffic(make_broker):
@@ -446,6 +447,34 @@ def test_a_failing_refusal_does_not_strand_the_other_waiters(short_tmp):
         assert [type(m) for m in good.got] == [control.Deny]
         assert [type(m) for m in late.got] == [control.Deny]
         assert not pool.waiters
+        pool.table.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["running", "reference"])
+def test_a_queued_proxy_request_opens_another_backend_if_a_slot_is_free(short_tmp, reference):
+    # One backend open and lent, one slot closed: the second client's query queues, and the pool
+    # must start opening the free slot for it at once (not leave it waiting for the first client).
+    async def run() -> None:
+        pool = in_process_pool(str(short_tmp), 6996, max_size=2)
+        b, backend_end = open_fake_backend(pool)
+        first, first_end = in_process_session(pool, key=1, reference=reference)
+        second, second_end = in_process_session(pool, key=2, reference=reference)
+        first_end.sendall(QUERY)
+        first._client_readable()
+        assert first.backend is b
+        assert pool._states[SlotState.CLOSED] == 1
+        second_end.sendall(QUERY)
+        second._client_readable()
+        assert [w.client for w in pool.waiters] == [second]
+        assert pool._states[SlotState.CONNECTING] == 1, "the free slot was not opened for the waiter"
+        for s in (first, second):
+            s.close()  # (the first one's backend goes with it: its transaction was cut short)
+        for sock in (first.sock, second.sock, first_end, second_end, backend_end, b.sock):
+            if sock is not None:
+                sock.close()
+        await asyncio.gather(*pool._tasks)  # the connect attempt (no server here: it fails)
         pool.table.close()
 
     asyncio.run(run())

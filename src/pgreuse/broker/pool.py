@@ -27,6 +27,7 @@ All of this runs on the broker's one asyncio loop thread; nothing here blocks.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 import logging
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
-from ..shm import Table
+from ..shm import WAIT_BOUNDS_NS, Table
 from ..wire import control, scan
 from ..wire.frames import terminate
 from ..wire.states import TRANSITIONS, CloseReason, SlotState, check_transition
@@ -63,6 +64,7 @@ logger = logging.getLogger("pgreuse.broker")
 # (not built, or PGREUSE_PURE_PYTHON=1) they are plain Python classes.
 if TYPE_CHECKING:
     _BackendBase = object
+    _WaiterBase = object
     _PoolBase = object
     C_FIELDS = False
 else:
@@ -72,6 +74,7 @@ else:
             from .. import _proxycore as _core
     C_FIELDS = _core is not None
     _BackendBase = _core.BackendCore if C_FIELDS else object
+    _WaiterBase = _core.WaiterCore if C_FIELDS else object
     _PoolBase = _core.PoolCore if C_FIELDS else object
 
 # Parameters that change how values are encoded or parsed by the client (DESIGN.md §3 rule 7): every
@@ -161,8 +164,8 @@ class Backend(_BackendBase):
         return self.tls if self.tls is not None else self.sock
 
 
-@attrs.define(eq=False)
-class Waiter:
+@attrs.define(eq=False, slots=False)  # (not slotted: see Backend)
+class Waiter(_WaiterBase):
     client: Client
     request: int
     parking: int
@@ -192,11 +195,18 @@ class Pool(_PoolBase):
         self._expiry: asyncio.TimerHandle | None = None
         self._expiry_at = 0  # the deadline it is armed for (monotonic ns)
         self._debug = logger.isEnabledFor(logging.DEBUG)  # refreshed by tick()
-        self._reset_every_lease = config.reset_every_lease  # (read at every release)
-        # Unqueued leases and lent time counted and not yet added to the table: plain integers,
-        # added to it by _write_counters (batched like the rest, see TABLE_LAG).
-        self._noted_leases = 0
-        self._noted_use_ns = 0
+        # Settings read on every lease, as plain fields (config is frozen).
+        self._reset_every_lease = config.reset_every_lease
+        self._max_waiting = config.max_waiting
+        self._wait_timeout_ns = int(config.wait_timeout * 1e9)
+        self._waiter_type = Waiter  # (what the C lending path creates)
+        # Lease counts noted and not yet added to the table, by _write_counters (batched like the
+        # slot records, see TABLE_LAG): leases, those that queued, their wait in total and per
+        # bucket of WAIT_BOUNDS_NS (the unqueued ones count in the first bucket when written),
+        # and lent time.
+        self._noted_leases = self._noted_waits = self._noted_wait_ns = self._noted_use_ns = 0
+        self._noted_hist = [0] * (len(WAIT_BOUNDS_NS) + 1)
+        self._wait_bounds = WAIT_BOUNDS_NS
         # Table writes batched for TABLE_LAG (see flush_table).
         self._lagging: set[Backend] = set()
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -210,7 +220,6 @@ class Pool(_PoolBase):
         # True: backends use TLS, only the proxy can lend them; None: not known until the first
         # backend is open (sslmode prefer/allow over TCP).
         self.proxy_only: bool | None = True if target.tls_required else None if target.tls_possible else False
-        self._max_pending = 0
         self._retry_at = 0.0  # monotonic: no new connect attempt before this after failures
         self._backoff = 0.0
         self._max_pending = 0
@@ -274,17 +283,21 @@ class Pool(_PoolBase):
         self._write_counters()
 
     def _write_counters(self) -> None:
-        """Write the lease counters noted since the last time to the table."""
+        """Add the lease counts noted since the last time to the table."""
         if self._noted_leases or self._noted_use_ns:
-            self.table.note_unqueued(self._noted_leases, self._noted_use_ns)
-            self._noted_leases = self._noted_use_ns = 0
-        self.table.flush()
+            hist = self._noted_hist
+            self.table.add_lease_counts(self._noted_leases, self._noted_waits, self._noted_wait_ns,
+                                        self._noted_use_ns, hist)  # fmt: skip
+            self._noted_leases = self._noted_waits = self._noted_wait_ns = self._noted_use_ns = 0
+            hist[:] = [0] * len(hist)
 
     def _note_lease(self, waited_ns: int, queued: bool) -> None:
+        """Count a lease (``queued``: granted after ``waited_ns`` in the FIFO)."""
+        self._noted_leases += 1
         if queued:
-            self.table.note_lease(waited_ns)
-        else:
-            self._noted_leases += 1
+            self._noted_waits += 1
+            self._noted_wait_ns += waited_ns
+            self._noted_hist[bisect.bisect_left(WAIT_BOUNDS_NS, waited_ns)] += 1
 
     def _alive(self) -> int:
         return len(self.slots) - self._states[SlotState.CLOSED]
@@ -494,7 +507,7 @@ class Pool(_PoolBase):
                 counter="unavailable",
             )
             return
-        if self.config.max_waiting and len(self.waiters) >= self.config.max_waiting:
+        if self._max_waiting and len(self.waiters) >= self._max_waiting:
             self._deny(
                 w,
                 control.DenyCode.TOO_MANY,
@@ -503,16 +516,20 @@ class Pool(_PoolBase):
                 counter="too_many",
             )
             return
-        w.deadline_ns = w.enqueued_ns + int(self.config.wait_timeout * 1e9)
+        w.deadline_ns = w.enqueued_ns + self._wait_timeout_ns
         self.waiters.append(w)
         self._arm_expiry(w.deadline_ns)
-        if len(self.waiters) > self._max_pending:
-            self._max_pending = len(self.waiters)
-            self.table.set("max_pending", self._max_pending)
+        self._note_max_pending()
         if self.idle or self._states[_CLOSED]:
             self._dispatch()  # paused with idle backends, or room to open one
         else:
             self._flush_soon()  # the pending gauge
+
+    def _note_max_pending(self) -> None:
+        """The table's ``max_pending``: the longest the queue has been."""
+        if len(self.waiters) > self._max_pending:
+            self._max_pending = len(self.waiters)
+            self.table.set("max_pending", self._max_pending)
 
     def _proxy_only_refusal(self) -> str:
         return (
@@ -709,7 +726,7 @@ class Pool(_PoolBase):
         b.lease_started_ns = now
         b.leases += 1
         client.granted(b, w.request)  # type: ignore[attr-defined]
-        self.table.note_lease(now - w.enqueued_ns)
+        self._note_lease(now - w.enqueued_ns, True)
         self._publish_soon(b)  # (arms the timer that also writes the counters and pending)
         if self.waiters and self._states[_CLOSED]:
             self._dispatch()  # open more backends for those still waiting
