@@ -378,6 +378,8 @@ give_back_fast(Session *self, PyObject *pool_obj, PyObject *b_obj)
     used = now - b->lease_started_ns;
     b->use_ns += used;
     pool->noted_use_ns += used;
+    if (publish_pending(pool) < 0) /* (as Pool._count_use: before the next holder hears of it) */
+        return -1;
     if (handover)
         return hand_over(pool, b, now) < 0 ? -1 : 1;
     /* back to the idle stack (Pool._make_idle(lazy=True) with nobody waiting) */

@@ -565,6 +565,20 @@ flush_to_backend(Session *self)
     return PySequence_DelSlice(pending, 0, sent);
 }
 
+/* The lease for a query read just now failed (an error is set): the query must not be lost with
+ * the shared read buffer. It goes to the backend if one was granted before the failure, else into
+ * _to_backend, where it waits as it would have had the lease not been tried first. */
+static void
+keep_query(Session *self, const unsigned char *data, Py_ssize_t n)
+{
+    PyObject *type, *value, *tb;
+
+    PyErr_Fetch(&type, &value, &tb);
+    if (forward(self, data, n) < 0)
+        PyErr_Clear(); /* (the first error is the one reported) */
+    PyErr_Restore(type, value, tb);
+}
+
 static PyObject *
 Session_client_readable(Session *self, PyObject *unused)
 {
@@ -618,8 +632,11 @@ Session_client_readable(Session *self, PyObject *unused)
             r = lease(self);
             if (r == 0)
                 r = forward(self, data, n);
+            else
+                keep_query(self, data, n);
         }
         else if (r < 0) {
+            keep_query(self, data, n);
             return NULL;
         }
         else {

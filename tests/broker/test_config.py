@@ -27,6 +27,10 @@ def test_to_argv_rebuilds_every_setting():
         (["--min-size", "5", "--max-size", "2"], "--min-size 5"),
         (["--max-lease-time", "-1"], "--max-lease-time -1"),
         (["--max-waiting", "-3"], "--max-waiting -3"),
+        (["--max-waiting", str(2**63)], f"--max-waiting {2**63}"),
+        (["--wait-timeout", "0"], "--wait-timeout 0"),
+        (["--wait-timeout", "inf"], "--wait-timeout inf"),
+        (["--wait-timeout", "1e10"], "--wait-timeout 10000000000.0 .* at most 31536000"),
         (["--socket-dir", "relative"], "--socket-dir 'relative'"),
     ],
 )

@@ -478,3 +478,33 @@ def test_a_queued_proxy_request_opens_another_backend_if_a_slot_is_free(short_tm
         pool.table.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("reference", [False, True], ids=["running", "reference"])
+def test_a_query_is_not_lost_when_the_bookkeeping_after_its_lease_fails(short_tmp, reference):
+    # The lease's bookkeeping runs after the backend is granted (the query first). If it fails (here
+    # the table's flush timer cannot be armed), the error must surface without losing the query:
+    # the backend has it, as it would have without the failure.
+    async def run() -> None:
+        pool = in_process_pool(str(short_tmp), 6995)
+        b, backend_end = open_fake_backend(pool)
+        session, outer = in_process_session(pool, reference=reference)
+
+        def broken() -> None:
+            raise RuntimeError("no timer today")
+
+        pool._flush_soon = broken  # type: ignore[method-assign]
+        outer.sendall(QUERY)
+        with pytest.raises(RuntimeError, match="no timer today"):
+            session._client_readable()
+        del pool._flush_soon  # (the pool's own again)
+        backend_end.settimeout(5)
+        assert backend_end.recv(65536) == QUERY
+        assert session.backend is b
+        session.close()
+        for sock in (session.sock, outer, backend_end, b.sock):
+            if sock is not None:
+                sock.close()
+        pool.table.close()
+
+    asyncio.run(run())

@@ -25,6 +25,12 @@ POOL_MODES = ("transaction", "session")
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
+# Upper bounds: the pool keeps these as 64-bit integers (nanoseconds, counts), and a deadline is a
+# sum of the clock and the timeout.
+MAX_WAIT_TIMEOUT = 365 * 86400.0
+MAX_WAITING = 2**31 - 1
+
+
 class ConfigError(ValueError):
     """A broker setting is out of range; the message names it and says what to do."""
 
@@ -88,8 +94,11 @@ class BrokerConfig:
             raise ConfigError(
                 f"--min-size {self.min_size} must be between 0 and --max-size ({self.max_size})"
             )
-        if not self.wait_timeout > 0:
-            raise ConfigError(f"--wait-timeout {self.wait_timeout} must be > 0 seconds")
+        if not 0 < self.wait_timeout <= MAX_WAIT_TIMEOUT:
+            raise ConfigError(
+                f"--wait-timeout {self.wait_timeout} must be > 0 seconds and at most "
+                f"{MAX_WAIT_TIMEOUT:.0f} (a year)"
+            )
         if self.idle_transaction_timeout < 0:
             raise ConfigError(
                 f"--idle-transaction-timeout {self.idle_transaction_timeout} must be >= 0 seconds "
@@ -104,8 +113,10 @@ class BrokerConfig:
             )
         if self.max_lease_time < 0:
             raise ConfigError(f"--max-lease-time {self.max_lease_time} must be >= 0 seconds (0: no limit)")
-        if self.max_waiting < 0:
-            raise ConfigError(f"--max-waiting {self.max_waiting} must be >= 0 (0: no limit)")
+        if not 0 <= self.max_waiting <= MAX_WAITING:
+            raise ConfigError(
+                f"--max-waiting {self.max_waiting} must be between 0 (no limit) and {MAX_WAITING}"
+            )
         if self.max_client_conn < 0:
             raise ConfigError(f"--max-client-conn {self.max_client_conn} must be >= 0 (0: no limit)")
         if self.listen_addr:

@@ -196,8 +196,8 @@ class Pool(_PoolBase):
         self._expiry_at = 0  # the deadline it is armed for (monotonic ns)
         self._debug = logger.isEnabledFor(logging.DEBUG)  # refreshed by tick()
         # Settings read on every lease, as plain fields (config is frozen).
-        self._reset_every_lease = config.reset_every_lease
-        self._max_waiting = config.max_waiting
+        self._reset_every_lease = bool(config.reset_every_lease)
+        self._max_waiting = int(config.max_waiting)
         self._wait_timeout_ns = int(config.wait_timeout * 1e9)
         self._waiter_type = Waiter  # (what the C lending path creates)
         # Lease counts noted and not yet added to the table, by _write_counters (batched like the
