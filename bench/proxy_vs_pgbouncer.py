@@ -199,12 +199,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--rounds", type=int, default=3,
         help="runs per target and workload, in rotating order; the table shows medians (default 3)",
     )  # fmt: skip
+    p.add_argument(
+        "--workloads", default=",".join(f"{s}:{c}" for s, c in WORKLOADS),
+        help="script:clients pairs, comma-separated (default: all four)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    workloads = []
+    for item in args.workloads.split(","):
+        script, _, clients = item.partition(":")
+        if script not in ("select-only", "tpcb-like", "simple-update") or not clients.isdigit():
+            p.error(f"--workloads {item!r}: use script:clients, e.g. select-only:1")
+        workloads.append((script, int(clients)))
     cluster = DevCluster.create(max_connections=60)
     try:
         init = [os.path.join(find_pg_bindir(), "pgbench"), "-i", "-q", "-s", str(args.scale), cluster.dsn()]
         subprocess.run(init, check=True, capture_output=True, env=_env())
-        runs: dict[tuple[str, int], dict[str, list[Run]]] = {w: {} for w in WORKLOADS}
+        runs: dict[tuple[str, int], dict[str, list[Run]]] = {w: {} for w in workloads}
         with (
             pgbouncer(cluster, args.pool_size) as (bdir, bpid),
             pgreuse_broker(cluster, args.pool_size) as (rdir, rpid),
@@ -215,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "pgreuse": (rdir, PGREUSE_PORT, rpid),
             }
             names = list(targets)
-            for script, clients in WORKLOADS:
+            for script, clients in workloads:
                 for round_ in range(args.rounds):
                     # Rotate the order: a machine that slows down during a round does not always
                     # penalize the same target.
