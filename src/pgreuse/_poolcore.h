@@ -154,6 +154,19 @@ static PyObject *backend_class, *pool_class; /* the subtypes last seen by is_cor
 
 #define AS_BACKEND(o) (is_core((o), &BackendType, &backend_class) ? (BackendObject *)(o) : NULL)
 
+/* A session's backend: with the C core, pool.Backend is built on BackendCore (pool.C_FIELDS), so
+ * anything else is a bug, reported as one. */
+static BackendObject *
+backend_core(PyObject *b)
+{
+    BackendObject *core = AS_BACKEND(b);
+
+    if (core == NULL)
+        PyErr_Format(PyExc_TypeError, "a proxy session's backend must be pool.Backend, not %s",
+                     Py_TYPE(b)->tp_name);
+    return core;
+}
+
 /* -- WaiterCore -------------------------------------------------------------------------------- */
 
 typedef struct {

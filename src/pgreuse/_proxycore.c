@@ -51,8 +51,7 @@ static PyObject *py_client_slow, *py_client_failed, *py_close, *py_backend_reada
     *py_release_at_idle, *py_backend_failed, *py_set_client, *py_set_backend, *py_forward,
     *py_flush_to_backend;
 /* Interned names and keyword tuples. */
-static PyObject *s_request, *s_give_back, *s_watched, *s_sock, *s_tls, *s_on_readable,
-    *s_wants_write, *kw_reading_writing, *kw_unread_checked, *empty_bytes, *empty_tuple;
+static PyObject *s_request, *s_give_back, *s_wants_write, *kw_reading_writing, *kw_unread_checked, *empty_bytes, *empty_tuple;
 
 /* -- ProxyCounters: the totals of pgreuse.broker.proxy.PyProxyStats, as plain integers ---------- */
 
@@ -447,12 +446,11 @@ interest(Session *self)
         if ((!self->c_reading || self->c_writing) && call_set(py_set_client, self, 1, 0) < 0)
             return -1;
         if (self->backend != Py_None) {
-            BackendObject *core = AS_BACKEND(self->backend);
-            int watched = core != NULL ? core->watched : attr_true(self->backend, s_watched);
+            BackendObject *core = backend_core(self->backend);
 
-            if (watched < 0)
+            if (core == NULL)
                 return -1;
-            if ((!watched || self->b_writing) && call_set(py_set_backend, self, 1, 0) < 0)
+            if ((!core->watched || self->b_writing) && call_set(py_set_backend, self, 1, 0) < 0)
                 return -1;
         }
         return 0;
@@ -834,16 +832,15 @@ granted_impl(Session *self, PyObject *b, PyObject *request)
     }
     Py_SETREF(self->request, Py_NewRef(Py_None));
     self->stats->wait_ns += monotonic_ns() - self->request_ns;
-    core = AS_BACKEND(b);
-    sock = core != NULL ? Py_NewRef(core->sock) : PyObject_GetAttr(b, s_sock);
-    if (sock == NULL)
+    if ((core = backend_core(b)) == NULL)
         return -1;
+    sock = Py_NewRef(core->sock);
     fd = PyObject_AsFileDescriptor(sock);
-    tls = fd < 0 ? NULL : core != NULL ? Py_NewRef(core->tls) : PyObject_GetAttr(b, s_tls);
-    if (tls == NULL) {
+    if (fd < 0) {
         Py_DECREF(sock);
         return -1;
     }
+    tls = Py_NewRef(core->tls);
     Py_SETREF(self->backend, Py_NewRef(b));
     self->bfd = fd;
     Py_SETREF(self->btls, tls);
@@ -851,10 +848,7 @@ granted_impl(Session *self, PyObject *b, PyObject *request)
     if (tls != Py_None)
         Py_DECREF(sock);
     /* The socket is still registered for reading (the pool's idle watch): take the callback. */
-    if (core != NULL)
-        Py_SETREF(core->on_readable, Py_NewRef(self->on_backend));
-    else if (PyObject_SetAttr(b, s_on_readable, self->on_backend) < 0)
-        return -1;
+    Py_SETREF(core->on_readable, Py_NewRef(self->on_backend));
     if (PyByteArray_GET_SIZE(self->to_backend) && flush_to_backend(self) < 0)
         return -1;
     if ((PyByteArray_GET_SIZE(self->to_backend) || !self->c_reading || self->btls != Py_None) &&
@@ -973,10 +967,6 @@ PyInit__proxycore(void)
 
     if ((s_request = PyUnicode_InternFromString("request")) == NULL ||
         (s_give_back = PyUnicode_InternFromString("give_back")) == NULL ||
-        (s_watched = PyUnicode_InternFromString("watched")) == NULL ||
-        (s_sock = PyUnicode_InternFromString("sock")) == NULL ||
-        (s_tls = PyUnicode_InternFromString("tls")) == NULL ||
-        (s_on_readable = PyUnicode_InternFromString("on_readable")) == NULL ||
         (s_wants_write = PyUnicode_InternFromString("wants_write")) == NULL ||
         (kw_reading_writing = Py_BuildValue("(ss)", "reading", "writing")) == NULL ||
         (kw_unread_checked = Py_BuildValue("(s)", "unread_checked")) == NULL ||

@@ -67,7 +67,7 @@ _COUNTER_OFFSETS: dict[str, int] = {name: _COUNTERS_OFF + i * 8 for i, name in e
 _LEASES_OFF = _COUNTER_OFFSETS["leases"]
 # leases, waits and wait_ns are adjacent: flush() reads and writes them as one ...
 assert COUNTERS[:3] == ("leases", "waits", "wait_ns")
-assert COUNTERS[3] == "use_ns"  # ... and use_ns follows them: flush() writes all four
+assert COUNTERS[3] == "use_ns"  # ... and use_ns follows them: add_lease_counts() writes all four
 _LEASE_COUNTERS = struct.Struct("<QQQQ")
 _SLOT_SIZE = _SLOT.size
 # The bounds in ns: wait_ns counts in bucket bisect_left(WAIT_BOUNDS_NS, wait_ns).
