@@ -13,6 +13,8 @@ from psycopg.conninfo import conninfo_to_dict
 
 import pgreuse
 from pgreuse.client.channel import broker_accepts
+from pgreuse.slots import BROKER
+from pgreuse.wire.states import SlotState
 from pgreuse.shm import Snapshot, Table, TableError, table_path
 
 
@@ -64,7 +66,28 @@ class BrokerProcess:
             return ""
 
     def connect(self, **kwargs: object) -> pgreuse.Connection:
+        self.settle()
         return pgreuse.connect(self.conninfo, **kwargs)  # type: ignore[arg-type]
+
+    def settle(self, timeout: float = 2.0) -> None:
+        """Give the broker a moment to share its idle backends with the workers (it does within
+        SHARE_LAG of their last use), so a test's first transaction claims one instead of going
+        through the proxy. No error if it does not: a test may hold every backend."""
+        t = Table.open(table_path(self.socket_dir, self.port))
+        try:
+            if not t.claims:
+                return
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                slots = t.snapshot().slots
+                if not any(
+                    s.state is SlotState.CONNECTING or (s.state is not SlotState.CLOSED and s.holder == BROKER)
+                    for s in slots
+                ):
+                    return
+                time.sleep(0.005)
+        finally:
+            t.close()
 
     def _table_pid(self) -> int:
         try:

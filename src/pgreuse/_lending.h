@@ -21,7 +21,7 @@
 #define PGREUSE_LENDING_H
 
 /* Set by setup(): SlotState members, and interned attribute names. */
-static PyObject *st_closed, *st_idle, *st_lent;
+static PyObject *st_closed, *st_idle, *st_lent, *st_shared;
 static PyObject *a_flush_soon, *a_in_process, *a_dispatch, *a_granted, *a_popleft, *a_append,
     *a_arm_expiry, *a_note_max_pending, *zero;
 
@@ -276,16 +276,22 @@ queue_request(Session *self, PyObject *pool_obj, PyObject *request)
         discard(PyObject_CallMethodNoArgs(pool_obj, a_note_max_pending)) < 0)
         return -1;
     if (idle == 0) {
-        PyObject *closed = PyDict_GetItemWithError(pool->states, st_closed); /* borrowed */
+        /* room to open a backend, or backends shared with the workers to take back */
+        PyObject *keys[2] = {st_closed, st_shared};
+        int k;
 
-        r = closed == NULL ? -1 : PyObject_IsTrue(closed);
-        if (r < 0) {
-            if (!PyErr_Occurred())
-                PyErr_SetObject(PyExc_KeyError, st_closed);
-            return -1;
+        for (k = 0, r = 0; k < 2 && r == 0; k++) {
+            PyObject *count = PyDict_GetItemWithError(pool->states, keys[k]); /* borrowed */
+
+            r = count == NULL ? -1 : PyObject_IsTrue(count);
+            if (r < 0) {
+                if (!PyErr_Occurred())
+                    PyErr_SetObject(PyExc_KeyError, keys[k]);
+                return -1;
+            }
         }
     }
-    if (idle || r) /* paused with idle backends, or room to open one */
+    if (idle || r) /* paused with idle backends, room to open one, or some shared */
         return discard(PyObject_CallMethodNoArgs(pool_obj, a_dispatch)) < 0 ? -1 : 1;
     /* the pending gauge (Pool._flush_soon) */
     return publish_pending(pool) < 0 ? -1 : 1;

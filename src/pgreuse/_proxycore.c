@@ -917,14 +917,15 @@ static PyObject *
 setup(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)module;
-    if (nargs != 6 || !PyType_Check(args[0])) {
+    if (nargs != 7 || !PyType_Check(args[0])) {
         PyErr_SetString(PyExc_TypeError, "setup(reference_class, clean_outcome, max_pending, "
-                                         "closed, idle, lent)");
+                                         "closed, idle, lent, shared)");
         return NULL;
     }
     Py_XSETREF(st_closed, Py_NewRef(args[3]));
     Py_XSETREF(st_idle, Py_NewRef(args[4]));
     Py_XSETREF(st_lent, Py_NewRef(args[5]));
+    Py_XSETREF(st_shared, Py_NewRef(args[6]));
     {
         Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
 
@@ -950,8 +951,8 @@ setup(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef module_methods[] = {
     {"setup", (PyCFunction)(void (*)(void))setup, METH_FASTCALL,
-     "setup(reference_class, clean_outcome, max_pending, closed, idle, lent): hand over the Python "
-     "reference, and SlotState's members."},
+     "setup(reference_class, clean_outcome, max_pending, closed, idle, lent, shared): hand over "
+     "the Python reference, and SlotState's members."},
     {NULL},
 };
 

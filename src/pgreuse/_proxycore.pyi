@@ -36,5 +36,12 @@ class PoolCore:
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
 
 def setup(
-    reference: type, clean_outcome: object, max_pending: int, closed: object, idle: object, lent: object, /
+    reference: type,
+    clean_outcome: object,
+    max_pending: int,
+    closed: object,
+    idle: object,
+    lent: object,
+    shared: object,
+    /,
 ) -> None: ...

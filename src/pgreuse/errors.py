@@ -56,3 +56,21 @@ __all__ = [
     "TooManyRequests",
     "WrongProcess",
 ]
+
+
+# What the broker's proxy answers a transaction it could not serve (pgreuse.broker.proxy), by
+# SQLSTATE and the start of the message: pgreuse connections raise the pool error it names.
+_PROXY_REFUSALS: tuple[tuple[str, str, type[psycopg.OperationalError]], ...] = (
+    ("08P01", "query_wait_timeout: pgreuse broker: ", PoolTimeout),
+    ("53300", "pgreuse broker: ", TooManyRequests),
+    ("08006", "pgreuse broker: ", BackendUnavailable),
+)
+
+
+def from_proxy_refusal(exc: psycopg.Error) -> psycopg.OperationalError | None:
+    """The pool error for the broker proxy's refusal ``exc``, or ``None`` if it is not one."""
+    message = exc.diag.message_primary or ""
+    for sqlstate, prefix, kind in _PROXY_REFUSALS:
+        if exc.sqlstate == sqlstate and message.startswith(prefix):
+            return kind(message[len(prefix) :])  # the message a handed-off wait gave
+    return None

@@ -6,12 +6,17 @@ wants the pool's truth (read-only): ``pgreuse stats``, the telemetry of every wo
 * a header: magic, layout version, broker pid, a generation (the broker's start time in ns: a restarted
   broker is a new table), pool limits and identity;
 * pool-wide counters (monotonic totals and a few gauges) and a wait-time histogram;
-* one record per slot: state, generation, backend pid, holder pid, lease start, per-slot totals.
+* one record per slot: the slot word (state, generation, holder id), the parking key the holder
+  serves, holder pid, lease start, per-slot totals, backend pid, full generation.
 
-This module is the only one that knows offsets. Values are written with ``struct.pack_into`` one field
-group at a time, so a reader may see a slot mid-update; readers are statistics, never decisions. The
-fast path (a worker claiming an idle slot itself) will add an OFD ``fcntl`` lock per slot byte range;
-the layout already keeps one record per slot so such a lock covers exactly one record.
+This module is the only one that knows offsets. Each slot record starts with its *slot word*
+(:mod:`pgreuse.slots`): the state, generation and holder, changed only by compare-and-swap. That word
+is the truth about who owns the slot: worker processes claim idle slots in it and give them back
+without asking the broker (DESIGN.md §4), so they map the table read-write. The other fields are
+written with ``struct.pack_into`` by whoever owns the slot (the holder writes the parking key it
+serves, its pid, its lease start and its lease counts), so a reader may see a record mid-update; they
+are statistics and routing hints, never ownership. Pool-wide lease counters are added atomically
+(``Slots.add``) because workers add to them too.
 """
 
 from __future__ import annotations
@@ -25,10 +30,17 @@ from collections.abc import Sequence
 
 import attrs
 
+from .slots import BROKER, Slots, SlotsAPI, holder_of, state_of
+from .slots import make as slot_word
 from .wire.states import CloseReason, SlotState
 
 MAGIC = b"PGREUSE\0"
-LAYOUT_VERSION = 3  # 2: counters "resets", "too_many"; 3: close reason "revoked"
+# 2: counters "resets", "too_many"; 3: close reason "revoked"; 4: slot words, parking key, flags
+LAYOUT_VERSION = 4
+FLAG_CLAIMS = 1  # header flags: workers may claim idle slots (the broker has the atomics)
+# Added to the ``pending`` word while the pool is paused or closing: a worker claims only while the
+# word is 0, so nobody claims then; readers see the queue length alone (the low 32 bits).
+CLOSED_GATE = 1 << 32
 
 # Upper bounds (seconds) of the wait-time histogram buckets; the last bucket is open-ended.
 WAIT_BUCKETS: tuple[float, ...] = (
@@ -56,9 +68,18 @@ COUNTERS: tuple[str, ...] = (
     "too_many",  # requests denied at once because --max-waiting were already queued
 )
 
-_HEADER = struct.Struct("<8sIIQIIdd64s64s")
+_HEADER = struct.Struct("<8sIIQIIdd64s64sII")  # ... flags, padding
 _COUNTER = struct.Struct("<Q")
-_SLOT = struct.Struct("<BBBxIIIQQQd")
+_I32 = struct.Struct("<I")
+# word, parking, holder_pid, lease_started_ns, leases, use_ns, backend_pid, generation, close_reason,
+# dirty, opened_at: the word first and 8-aligned (slots.REC_* and _slotword.h name these offsets)
+_SLOT = struct.Struct("<QIIqQQIIBB6xd")
+_SLOT_TAIL = struct.Struct("<IIBB6xd")  # the broker's fields: backend_pid .. opened_at
+_SLOT_TAIL_OFF = 40
+_SLOT_COUNTS = struct.Struct("<QQ")  # leases, use_ns
+_SLOT_COUNTS_OFF = 24
+_SLOT_HOLDER = struct.Struct("<IIq")  # parking, holder_pid, lease_started_ns
+_SLOT_HOLDER_OFF = 8
 _N_REASONS = len(CloseReason)
 _COUNTERS_OFF = _HEADER.size
 _REASONS_OFF = _COUNTERS_OFF + len(COUNTERS) * 8
@@ -74,6 +95,7 @@ _SLOT_SIZE = _SLOT.size
 WAIT_BOUNDS_NS = tuple(round(b * 1e9) for b in WAIT_BUCKETS)
 _HIST_OFF = _REASONS_OFF + _N_REASONS * 8
 _SLOTS_OFF = _HIST_OFF + (len(WAIT_BUCKETS) + 1) * 8
+assert _SLOTS_OFF % 8 == 0 and _SLOT.size == 64
 
 
 class TableError(RuntimeError):
@@ -101,6 +123,8 @@ class SlotRecord:
     leases: int
     use_ns: int
     opened_at: float  # epoch seconds, 0 when never opened
+    holder: int = 0  # slots.NOBODY, slots.BROKER or a worker's control-channel id
+    parking: int = 0  # the parking key the holder serves (where a CancelRequest goes)
 
 
 @attrs.frozen
@@ -123,7 +147,7 @@ class Snapshot:
 
 
 class Table:
-    """A mapped table. ``create()`` for the broker, ``open()`` for readers."""
+    """A mapped table. ``create()`` for the broker, ``open()`` for everyone else."""
 
     def __init__(self, path: str, mm: mmap.mmap, max_size: int, writable: bool, inode: int = 0) -> None:
         self.path = path
@@ -133,6 +157,13 @@ class Table:
         # Readers compare it with the path's current inode: a restarted broker renames a new table
         # over the old one, and the old mapping would go on showing a dead broker's last state.
         self.inode = inode
+        # The slot words (and the atomic counters): read-only mappings only load them.
+        self.slots: SlotsAPI | None = (
+            Slots(mm, _SLOTS_OFF, _SLOT_SIZE, max_size, _COUNTER_OFFSETS["pending"], _LEASES_OFF,
+                  _COUNTER_OFFSETS["use_ns"], _HIST_OFF)  # fmt: skip
+            if writable
+            else None
+        )
 
     @classmethod
     def create(
@@ -144,7 +175,9 @@ class Table:
         wait_timeout: float,
         database: str,
         user: str,
+        claims: bool = False,
     ) -> Table:
+        """Make a new table at ``path``. ``claims``: workers may claim idle slots in it."""
         size = table_size(max_size)
         # Write to a temporary name and rename: a reader never maps a half-initialised file.
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -157,20 +190,27 @@ class Table:
         _HEADER.pack_into(
             mm, 0, MAGIC, LAYOUT_VERSION, os.getpid(), time.time_ns(), max_size, min_size,
             time.time(), wait_timeout, database.encode()[:64], user.encode()[:64],
+            FLAG_CLAIMS if claims else 0, 0,
         )  # fmt: skip
+        table = cls(path, mm, max_size, writable=True)
+        for i in range(max_size):
+            table.write_slot_values(i, SlotState.CLOSED, CloseReason.NONE, False, 0, 0, 0, 0, 0, 0, 0.0)
+        retire(path)
         os.rename(tmp, path)
-        return cls(path, mm, max_size, writable=True)
+        return table
 
     @classmethod
-    def open(cls, path: str) -> Table:
-        """Map an existing table read-only; raise :class:`TableError` or ``OSError``."""
-        fd = os.open(path, os.O_RDONLY)
+    def open(cls, path: str, *, writable: bool = False) -> Table:
+        """Map an existing table (``writable``: to claim slots); raise :class:`TableError` or
+        ``OSError``."""
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         try:
             st = os.fstat(fd)
             size = st.st_size
             if size < _SLOTS_OFF:
                 raise TableError(f"{path}: {size} bytes is too small for a pgreuse table")
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
         finally:
             os.close(fd)
         magic, version, *_rest = _HEADER.unpack_from(mm, 0)
@@ -187,9 +227,21 @@ class Table:
         if size < table_size(max_size):
             mm.close()
             raise TableError(f"{path}: {size} bytes is too small for {max_size} slots")
-        return cls(path, mm, max_size, writable=False, inode=st.st_ino)
+        return cls(path, mm, max_size, writable=writable, inode=st.st_ino)
+
+    @property
+    def claims(self) -> bool:
+        """Workers may claim idle slots in this table (the broker that made it has the atomics)."""
+        return bool(_HEADER.unpack_from(self._mm, 0)[10] & FLAG_CLAIMS)
+
+    @property
+    def broker_pid(self) -> int:
+        return int(_HEADER.unpack_from(self._mm, 0)[2])
 
     def close(self) -> None:
+        if self.slots is not None:
+            self.slots.close()  # (it holds the mapping's buffer)
+            self.slots = None
         self._mm.close()
 
     # -- writers (broker only) -------------------------------------------------------------------
@@ -212,12 +264,50 @@ class Table:
         self.write_slot_values(index, state, close_reason, dirty, generation, backend_pid,
                                holder_pid, lease_started_ns, leases, use_ns, opened_at)  # fmt: skip
 
-    def write_slot_values(self, index: int, *values: object) -> None:
-        """:meth:`write_slot` with the fields in layout order, positionally (once per lease)."""
-        _SLOT.pack_into(self._mm, _SLOTS_OFF + index * _SLOT_SIZE, *values)
+    def write_slot_values(
+        self, index: int, state: SlotState, close_reason: CloseReason, dirty: bool, generation: int,
+        backend_pid: int, holder_pid: int, lease_started_ns: int, leases: int, use_ns: int,
+        opened_at: float,
+    ) -> None:  # fmt: skip
+        """The whole record of a slot the broker owns, the word too (holder :data:`slots.BROKER`;
+        in the order of :meth:`write_slot`'s fields, positionally: once per lease)."""
+        off = _SLOTS_OFF + index * _SLOT_SIZE
+        _SLOT_HOLDER.pack_into(self._mm, off + _SLOT_HOLDER_OFF, 0, holder_pid, lease_started_ns)
+        _SLOT_COUNTS.pack_into(self._mm, off + _SLOT_COUNTS_OFF, leases, use_ns)
+        _SLOT_TAIL.pack_into(self._mm, off + _SLOT_TAIL_OFF, backend_pid, generation, close_reason,
+                             dirty, opened_at)  # fmt: skip
+        assert self.slots is not None
+        self.slots.store(index, slot_word(state, generation, BROKER))
+
+    def write_shared(
+        self, index: int, close_reason: CloseReason, dirty: bool, generation: int, backend_pid: int,
+        opened_at: float,
+    ) -> None:  # fmt: skip
+        """The broker's own fields of a slot it shares with the workers (the word, the holder's
+        fields and the lease counts are not the broker's to write then)."""
+        off = _SLOTS_OFF + index * _SLOT_SIZE + _SLOT_TAIL_OFF
+        _SLOT_TAIL.pack_into(self._mm, off, backend_pid, generation, close_reason, dirty, opened_at)
+
+    def set_parking(self, index: int, parking: int) -> None:
+        """The parking key a lease of slot ``index`` serves (its holder writes it)."""
+        _I32.pack_into(self._mm, _SLOTS_OFF + index * _SLOT_SIZE + _SLOT_HOLDER_OFF, parking)
+
+    def lease_counts(self, index: int) -> tuple[int, int]:
+        """Slot ``index``'s lease count and lent ns (workers add theirs while they hold it)."""
+        leases, use_ns = _SLOT_COUNTS.unpack_from(self._mm, _SLOTS_OFF + index * _SLOT_SIZE + _SLOT_COUNTS_OFF)
+        return int(leases), int(use_ns)
+
+    def holder_fields(self, index: int) -> tuple[int, int, int]:
+        """Slot ``index``'s parking key, holder pid and lease start (written by its holder)."""
+        parking, pid, started = _SLOT_HOLDER.unpack_from(self._mm, _SLOTS_OFF + index * _SLOT_SIZE + _SLOT_HOLDER_OFF)
+        return int(parking), int(pid), int(started)
 
     def add(self, counter: str, n: int = 1) -> None:
-        off = _COUNTER_OFFSETS[counter]
+        if n >= 0:
+            assert self.slots is not None
+            self.slots.add(_COUNTER_OFFSETS[counter], n)
+            return
+        off = _COUNTER_OFFSETS[counter]  # gauges go down: the broker alone writes those
         value = _COUNTER.unpack_from(self._mm, off)[0] + n
         _COUNTER.pack_into(self._mm, off, value if value > 0 else 0)
 
@@ -227,38 +317,56 @@ class Table:
         others count in the first bucket), ``use_ns`` of lent time.
 
         The pool notes these in the process and writes them in batches (``pool.TABLE_LAG``): the
-        proxy lends once per transaction, and four struct writes into the mapping per lease cost
-        more than the rest of its bookkeeping."""
-        mm = self._mm
-        old = _LEASE_COUNTERS.unpack_from(mm, _LEASES_OFF)
-        _LEASE_COUNTERS.pack_into(mm, _LEASES_OFF, old[0] + leases, old[1] + waits, old[2] + wait_ns,
-                                  old[3] + use_ns)  # fmt: skip
+        proxy lends once per transaction, and four writes into the mapping per lease cost more than
+        the rest of its bookkeeping. Workers add their own leases at the same time: atomic adds."""
+        slots = self.slots
+        assert slots is not None
+        for off, n in ((_LEASES_OFF, leases), (_LEASES_OFF + 8, waits), (_LEASES_OFF + 16, wait_ns),
+                       (_LEASES_OFF + 24, use_ns)):  # fmt: skip
+            if n:
+                slots.add(off, n)
         for i, queued in enumerate(hist):
             n = queued + (leases - waits if i == 0 else 0)
             if n:
-                off = _HIST_OFF + i * 8
-                _COUNTER.pack_into(mm, off, _COUNTER.unpack_from(mm, off)[0] + n)
+                slots.add(_HIST_OFF + i * 8, n)
+
+    def count_unqueued_lease(self, used_ns: int) -> None:
+        """One lease that did not queue, held ``used_ns`` (a worker's claim the broker counts)."""
+        self.add_lease_counts(1, 0, 0, used_ns, [0] * (len(WAIT_BUCKETS) + 1))
 
     def set(self, counter: str, value: int) -> None:
         _COUNTER.pack_into(self._mm, _COUNTER_OFFSETS[counter], max(0, value))
 
+    def set_pending(self, n: int) -> None:
+        """The proxy's queue length, which workers read before claiming (an atomic store)."""
+        assert self.slots is not None
+        self.slots.set_pending(n)
+
     def count_close(self, reason: CloseReason) -> None:
-        off = _REASONS_OFF + int(reason) * 8
-        _COUNTER.pack_into(self._mm, off, _COUNTER.unpack_from(self._mm, off)[0] + 1)
+        self.add_at(_REASONS_OFF + int(reason) * 8)
+
+    def add_at(self, off: int) -> None:
+        assert self.slots is not None
+        self.slots.add(off, 1)
 
     def observe_wait(self, seconds: float) -> None:
-        bucket = bisect.bisect_left(WAIT_BUCKETS, seconds)  # the first bound >= seconds
-        off = _HIST_OFF + bucket * 8
-        _COUNTER.pack_into(self._mm, off, _COUNTER.unpack_from(self._mm, off)[0] + 1)
+        self.add_at(_HIST_OFF + bisect.bisect_left(WAIT_BUCKETS, seconds) * 8)  # first bound >= it
 
     # -- readers ---------------------------------------------------------------------------------
 
+    def word(self, index: int) -> int:
+        """Slot ``index``'s word (an aligned 8-byte read: never torn)."""
+        return int(_COUNTER.unpack_from(self._mm, _SLOTS_OFF + index * _SLOT_SIZE)[0])
+
     def snapshot(self) -> Snapshot:
         mm = self._mm
-        (_m, _v, pid, gen, max_size, min_size, started, wait_timeout, db, user) = _HEADER.unpack_from(mm, 0)
+        (_m, _v, pid, gen, max_size, min_size, started, wait_timeout, db, user, _flags, _pad) = (
+            _HEADER.unpack_from(mm, 0)
+        )
         counters = {
             name: _COUNTER.unpack_from(mm, _COUNTERS_OFF + i * 8)[0] for i, name in enumerate(COUNTERS)
         }
+        counters["pending"] &= CLOSED_GATE - 1
         reasons = {
             r.name.lower(): _COUNTER.unpack_from(mm, _REASONS_OFF + int(r) * 8)[0]
             for r in CloseReason
@@ -267,22 +375,23 @@ class Table:
         hist = tuple(_COUNTER.unpack_from(mm, _HIST_OFF + i * 8)[0] for i in range(len(WAIT_BUCKETS) + 1))
         slots = []
         for i in range(self.max_size):
-            (state, reason, dirty, generation, bpid, holder, started_ns, leases, use_ns, opened) = (
-                _SLOT.unpack_from(mm, _SLOTS_OFF + i * _SLOT.size)
-            )
+            (word, parking, holder_pid, started_ns, leases, use_ns, bpid, generation, reason, dirty,
+             opened) = _SLOT.unpack_from(mm, _SLOTS_OFF + i * _SLOT_SIZE)  # fmt: skip
             slots.append(
                 SlotRecord(
                     i,
-                    SlotState(state),
+                    state_of(word),
                     CloseReason(reason),
                     bool(dirty),
                     generation,
                     bpid,
-                    holder,
+                    holder_pid,
                     started_ns,
                     leases,
                     use_ns,
                     opened,
+                    holder_of(word),
+                    parking,
                 )
             )
         return Snapshot(
@@ -290,6 +399,28 @@ class Table:
             db.rstrip(b"\0").decode(), user.rstrip(b"\0").decode(),
             counters, reasons, hist, tuple(slots),
         )  # fmt: skip
+
+
+def retire(path: str) -> list[int]:
+    """Close every slot of the table a dead broker left at ``path``, so that no worker that still
+    maps it claims one of that broker's backends again; return those backends' pids."""
+    try:
+        old = Table.open(path, writable=True)
+    except (OSError, TableError):
+        return []
+    try:
+        pids = []
+        slots = old.slots
+        assert slots is not None
+        for i in range(old.max_size):
+            word = slots.load(i)
+            slots.store(i, slot_word(SlotState.CLOSED, word >> 8, BROKER))
+            pid = _I32.unpack_from(old._mm, _SLOTS_OFF + i * _SLOT_SIZE + _SLOT_TAIL_OFF)[0]
+            if pid and state_of(word) is not SlotState.CLOSED:
+                pids.append(int(pid))
+        return pids
+    finally:
+        old.close()
 
 
 def histogram_quantile(hist: Sequence[int], q: float) -> float:

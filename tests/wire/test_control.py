@@ -10,11 +10,13 @@ MESSAGES = [
     control.Hello(control.VERSION, 1234),
     control.Welcome(control.VERSION, 99, 10),
     control.Welcome(control.VERSION, 99, 10, proxy_only=True),
-    control.Acquire(7, (1 << 30) + 5),
-    control.Grant(7, 3, 12, 4321, True),
+    control.Welcome(control.VERSION, 99, 10, holder=2**32 - 1),
     control.Deny(7, control.DenyCode.TIMEOUT, "no backend free within 30s"),
+    control.Fd(3, 2**32 - 1, 4321),
+    control.Want(3),
+    control.Poke(),
     control.Release(3, 12, control.Outcome.DIRTY),
-    control.Abandon(7),
+    control.Dirty((1 << 30) + 5),
 ]
 
 

@@ -20,6 +20,11 @@ ALLOWED = {
     (S.LENT, S.CLOSED),
     (S.RESETTING, S.IDLE),
     (S.RESETTING, S.CLOSED),
+    # shared with the workers through the table, and taken back (pgreuse.broker.sharing)
+    (S.IDLE, S.SHARED),
+    (S.SHARED, S.IDLE),
+    (S.SHARED, S.RESETTING),
+    (S.SHARED, S.CLOSED),
 }
 
 

@@ -202,13 +202,14 @@ class Console:
             ("sv_login", INT8), ("maxwait", INT8), ("maxwait_us", INT8), ("pool_mode", TEXT),
             ("paused", INT8), ("max_size", INT8), ("min_size", INT8),
         )  # fmt: skip
+        seen = [pool.seen(s)[0] for s in pool.slots]  # shared slots as their word says
         row = (
             b.target.database,
             b.target.user,
             max(0, len(b.sessions) - waiting),
             waiting,
-            pool.count(SlotState.LENT),
-            pool.count(SlotState.IDLE),
+            seen.count(SlotState.LENT),
+            seen.count(SlotState.IDLE),
             0,  # PgBouncer: idle but due for a health check; pgreuse checks idle backends continuously
             pool.count(SlotState.RESETTING),
             pool.count(SlotState.CONNECTING),
@@ -261,7 +262,11 @@ class Console:
         b = self.broker
         pool = b.pool
         assert pool is not None
-        lent = {s.parking: s for s in pool.slots if s.state is SlotState.LENT and s.parking}
+        lent = {}
+        for s in pool.slots:
+            state, _pid, _kind, _leases, _started, parking = pool.seen(s)
+            if state is SlotState.LENT and parking:
+                lent[parking] = s
         waiting = {w.parking: w for w in pool.waiters}
         now_ns = time.monotonic_ns()
         cols = (
@@ -306,20 +311,17 @@ class Console:
         for s in pool.slots:
             if s.state is SlotState.CLOSED:
                 continue
-            holder = s.holder
-            holder_kind = None
-            if holder is not None:
-                holder_kind = "proxy" if hasattr(holder, "revoked") else "handoff"
-            lease_ns = now_ns - s.lease_started_ns if s.lease_started_ns else 0
-            lease_start = time.time() - lease_ns / 1e9 if s.lease_started_ns else 0.0
+            state, holder_pid, holder_kind, leases, started_ns, _parking = pool.seen(s)
+            lease_ns = now_ns - started_ns if started_ns else 0
+            lease_start = time.time() - lease_ns / 1e9 if started_ns else 0.0
             # fmt: off
             rows.append(
                 (
-                    "S", t.user, t.database, _SERVER_STATE[s.state],
+                    "S", t.user, t.database, _SERVER_STATE[state],
                     t.socket_path if t.is_unix else t.host, t.port, _timestamp(s.opened_at),
                     _timestamp(lease_start), s.pid or None,
                     s.tls.describe() if s.tls is not None else "", s.index,
-                    s.generation, holder.pid if holder else None, holder_kind, s.leases,
+                    s.generation, holder_pid or None, holder_kind, leases,
                     lease_ns // 1000, int(s.dirty),
                 )
             )
@@ -353,9 +355,10 @@ class Console:
         pool.pause()
         # Like PgBouncer, PAUSE returns once no backend is lent; bounded so psql never hangs forever.
         deadline = time.monotonic() + self.broker.config.shutdown_timeout
-        while pool.count(SlotState.LENT) and time.monotonic() < deadline:
+        while pool.lent_now() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        lent = pool.count(SlotState.LENT)
+            pool.take_back_idle()  # what workers gave back since
+        lent = pool.lent_now()
         notices: tuple[str, ...] = ()
         if lent:
             notices = (

@@ -7,6 +7,9 @@ Invariants:
   mirrors the slot into the shared-memory table (a step that the same call leaves again, like
   ``resetting`` on a clean release, is mirrored only by the step it ends in). For in-process (proxy)
   leases the mirror and the lease counters are written in batches, within :data:`TABLE_LAG`.
+* The slot word in the shared-memory table says who owns a slot (DESIGN.md §4). The broker shares
+  backends it does not use with the workers, who claim them there without asking; the broker takes
+  them back with the same compare-and-swap (:mod:`pgreuse.broker.sharing`).
 * A backend is lent only from ``idle``, and reaches ``idle`` only from a fresh connect or after a
   ``resetting`` step that proved nothing is left unread on its socket. One exception, the proxy's
   hot path: a backend an in-process holder gives back clean, having read its socket up to
@@ -46,6 +49,7 @@ from ..wire import control, scan
 from ..wire.frames import terminate
 from ..wire.states import TRANSITIONS, CloseReason, SlotState, check_transition
 from .config import BrokerConfig
+from .sharing import SHARE_LAG, SharedSlots
 from .connector import (
     BackendConnectError,
     BackendQueryError,
@@ -92,6 +96,7 @@ _OUTCOME_REASON = {o: o.name.lower() for o in control.Outcome}
 # class (SlotState.LENT) goes through EnumType.__getattr__, ten times the cost of a global, and the
 # path runs once or twice per proxied transaction.
 _CLOSED, _IDLE, _LENT, _RESETTING = SlotState.CLOSED, SlotState.IDLE, SlotState.LENT, SlotState.RESETTING
+_SHARED = SlotState.SHARED
 _CLEAN = control.Outcome.CLEAN
 # Longest a slot record, a lease counter or the ``pending`` gauge of the shared-memory table may lag
 # behind the pool for in-process (proxy) leases. They are written in batches: the proxy lends once
@@ -173,7 +178,7 @@ class Waiter(_WaiterBase):
     deadline_ns: int = 0  # set when queued: denied after this (monotonic ns)
 
 
-class Pool(_PoolBase):
+class Pool(SharedSlots, _PoolBase):
     def __init__(
         self,
         config: BrokerConfig,
@@ -225,6 +230,7 @@ class Pool(_PoolBase):
         self._max_pending = 0
         self._attempt_done = asyncio.Event()  # set after every connect attempt (for parking)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._init_sharing()
         for b in self.slots:
             self._publish(b)
 
@@ -257,6 +263,9 @@ class Pool(_PoolBase):
             self._publish(b)
 
     def _publish(self, b: Backend) -> None:
+        if b.state is SlotState.SHARED:  # the word, the holder's fields and counts are not ours
+            self.table.write_shared(b.index, b.close_reason, b.dirty, b.generation, b.pid, b.opened_at)
+            return
         holder = b.holder.pid if b.holder else 0
         self.table.write_slot_values(b.index, b.state, b.close_reason, b.dirty, b.generation, b.pid,
                                      holder, b.lease_started_ns, b.leases, b.use_ns, b.opened_at)  # fmt: skip
@@ -267,20 +276,24 @@ class Pool(_PoolBase):
         self._flush_soon()
 
     def _flush_soon(self) -> None:
-        """Run :meth:`flush_table` within TABLE_LAG: lagging records, noted counters, ``pending``."""
+        """Run :meth:`flush_table` within TABLE_LAG (SHARE_LAG where workers claim: the flush also
+        shares the idle backends): lagging records, noted counters, ``pending``."""
         if self._flush_timer is None:
-            self._flush_timer = self.loop.call_later(TABLE_LAG, self.flush_table)
+            lag = SHARE_LAG if self.claims else TABLE_LAG
+            self._flush_timer = self.loop.call_later(lag, self.flush_table)
 
     def flush_table(self) -> None:
-        """Bring the table up to date with the pool: lagging slot records, counters, ``pending``."""
+        """Bring the table up to date with the pool: lagging slot records, counters, ``pending``;
+        share the idle backends with the workers."""
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
         for b in self._lagging:
             self._publish(b)
         self._lagging.clear()
-        self.table.set("pending", len(self.waiters))
+        self.publish_pending()
         self._write_counters()
+        self.share_idle()
 
     def _write_counters(self) -> None:
         """Add the lease counts noted since the last time to the table."""
@@ -412,14 +425,6 @@ class Pool(_PoolBase):
                 opened.tls.describe() if opened.tls is not None else "no TLS",
                 "the pool is proxy-only" if self.proxy_only else "pgreuse clients get handoff",
             )
-            if self.proxy_only:
-                # Handoff requests that queued while this was unknown cannot be served.
-                refused = [w for w in self.waiters if not w.client.in_process]
-                if refused:
-                    self.waiters = deque(w for w in self.waiters if w.client.in_process)
-                    self.table.set("pending", len(self.waiters))
-                    for w in refused:
-                        self._deny(w, control.DenyCode.BAD_REQUEST, self._proxy_only_refusal())
         self._backoff = 0.0
         self._retry_at = 0.0
         self.last_connect_error = None
@@ -428,6 +433,7 @@ class Pool(_PoolBase):
             b.index, b.generation, b.pid, opened.connect_seconds * 1000,
         )  # fmt: skip
         self._transition(b, SlotState.IDLE, "connected")
+        self.push_fd(b)  # every worker holds its fd before the slot can be claimed
         self._make_idle(b)
         self._attempt_done.set()
         self._attempt_done = asyncio.Event()
@@ -452,7 +458,7 @@ class Pool(_PoolBase):
         while self.waiters:
             w = self.waiters.popleft()
             self._deny(w, control.DenyCode.UNAVAILABLE, msg, counter="unavailable")
-        self.table.set("pending", 0)
+        self.publish_pending()
 
     async def wait_parameters(self, timeout: float) -> dict[str, str]:
         """The parameters parked clients are told; raise ``BackendConnectError`` if unreachable."""
@@ -480,22 +486,14 @@ class Pool(_PoolBase):
     # -- lending ----------------------------------------------------------------------------------
 
     def request(self, client: Client, request: int, parking: int) -> None:
-        """A worker asks for a backend (``Acquire``)."""
-        if (
-            self.idle
-            and not self.waiters
-            and not self.paused
-            and not self.closing
-            and (client.in_process or not self.proxy_only)
-        ):
+        """A proxy session asks for a backend for ``request``; it is answered with ``granted`` or a
+        ``Deny`` (workers never ask: they claim in the table, or send through the proxy)."""
+        if self.idle and not self.waiters and not self.paused and not self.closing:
             self._grant(self.idle.pop(), client, request, parking, time.monotonic_ns())
             return
         w = Waiter(client, request, parking, time.monotonic_ns())
         if self.closing:
             self._deny(w, control.DenyCode.CLOSED, "the broker is shutting down")
-            return
-        if self.proxy_only and not client.in_process:
-            self._deny(w, control.DenyCode.BAD_REQUEST, self._proxy_only_refusal())
             return
         if self.last_connect_error and not self._alive() and time.monotonic() < self._retry_at:
             # PostgreSQL was unreachable a moment ago: fail now with the reason instead of making
@@ -520,8 +518,8 @@ class Pool(_PoolBase):
         self.waiters.append(w)
         self._arm_expiry(w.deadline_ns)
         self._note_max_pending()
-        if self.idle or self._states[_CLOSED]:
-            self._dispatch()  # paused with idle backends, or room to open one
+        if self.idle or self._states[_CLOSED] or self._states[_SHARED]:
+            self._dispatch()  # paused with idle backends, room to open one, or some shared
         else:
             self._flush_soon()  # the pending gauge
 
@@ -531,21 +529,18 @@ class Pool(_PoolBase):
             self._max_pending = len(self.waiters)
             self.table.set("max_pending", self._max_pending)
 
-    def _proxy_only_refusal(self) -> str:
-        return (
-            f"the backends of this pool use TLS (sslmode={self.target.sslmode}), so their "
-            "sockets cannot be handed to another process; pgreuse connections to it go "
-            "through the broker's proxy: reconnect (a connection opened before the pool knew "
-            "this, or by an older pgreuse, still asks for handoff)"
-        )
-
     def _dispatch(self) -> None:
+        # The queue length first, then a look at the shared slots: a worker gives a slot back and
+        # then reads it, so one of the two sees the other (slots._slotword.h: all seq_cst).
+        self.publish_pending()
         if self.paused:
-            self.table.set("pending", len(self.waiters))
+            self.publish_pending()
             return
         while self.waiters and self.idle:
             self._grant_waiter(self.idle.pop(), self.waiters.popleft())
-        self.table.set("pending", len(self.waiters))
+        if self.waiters and self.shared:
+            self.take_back_for_waiters()
+        self.publish_pending()
         if not self.waiters:
             return
         # Open more backends for whoever still waits, up to max_size.
@@ -566,25 +561,11 @@ class Pool(_PoolBase):
         b.lease_started_ns = now
         b.leases += 1
         self._transition(b, _LENT, "granted", publish=False)
-        if client.in_process:
-            # The idle watch stays registered: the holder swaps b.on_readable (see Backend). It
-            # sends the query it holds first: the bookkeeping below is off that query's path.
-            client.granted(b, request)  # type: ignore[attr-defined]
-            self._note_lease(now - asked_ns, queued)
-            self._publish_soon(b)
-            return
+        # The idle watch stays registered: the holder swaps b.on_readable (see Backend). It sends
+        # the query it holds first: the bookkeeping below is off that query's path.
+        client.granted(b, request)  # type: ignore[attr-defined]
         self._note_lease(now - asked_ns, queued)
-        self._publish(b)
-        self._write_counters()  # a worker's lease shows at once (its telemetry reads the table)
-        self._unwatch(b)  # the worker reads the socket now
-        send_fd = client.fds.get(b.index) != b.generation
-        assert b.sock is not None
-        if send_fd:
-            client.fds[b.index] = b.generation
-        client.send(
-            control.Grant(request, b.index, b.generation, b.pid, send_fd),
-            b.sock.fileno() if send_fd else None,
-        )
+        self._publish_soon(b)
 
     def _deny(self, w: Waiter, code: control.DenyCode, message: str, counter: str = "") -> None:
         if counter:
@@ -611,7 +592,7 @@ class Pool(_PoolBase):
             # One pass, not a remove() per waiter (a burst of timeouts is not quadratic).
             # Denials below may queue new requests (a client's next pipelined query).
             self.waiters = deque(w for w in self.waiters if w.deadline_ns > now)
-            self.table.set("pending", len(self.waiters))
+            self.publish_pending()
         for w in expired:
             detail = (
                 f"; last connection error: {self.last_connect_error}"
@@ -638,7 +619,7 @@ class Pool(_PoolBase):
         for w in self.waiters:
             if w.client is client and w.request == request:
                 self.waiters.remove(w)
-                self.table.set("pending", len(self.waiters))
+                self.publish_pending()
                 return
         # Already granted or denied: the worker handles the late answer itself.
 
@@ -790,7 +771,7 @@ class Pool(_PoolBase):
         self._watch(b)
         if self.waiters and not self.paused:
             self._grant_waiter(b, self.waiters.popleft())
-            self.table.set("pending", len(self.waiters))
+            self.publish_pending()
             if self.waiters and self._states[_CLOSED]:
                 self._dispatch()  # open more backends for those still waiting
             return
@@ -801,6 +782,8 @@ class Pool(_PoolBase):
         self.idle.append(b)
         if self.waiters:
             self._dispatch()
+        elif self.claims:
+            self._flush_soon()  # shares it within SHARE_LAG
 
     # -- watching idle backends -------------------------------------------------------------------
 
@@ -881,9 +864,7 @@ class Pool(_PoolBase):
 
     def client_gone(self, client: Client) -> None:
         """A worker process closed its control channel (it exited, or died)."""
-        for w in [w for w in self.waiters if w.client is client]:
-            self.waiters.remove(w)
-        self.table.set("pending", len(self.waiters))
+        self.worker_gone(client)
         for b in self.slots:
             if b.holder is client and b.state is SlotState.LENT:
                 # Its protocol state is unknown (a dead worker's unread result would come back as
@@ -895,13 +876,17 @@ class Pool(_PoolBase):
                 self._close(b, CloseReason.HOLDER_EXITED, graceful=False)
 
     def pause(self) -> None:
-        """Stop lending (admin ``PAUSE``): requests queue, and time out after ``--wait-timeout``."""
+        """Stop lending (admin ``PAUSE``): requests queue, and time out after ``--wait-timeout``.
+        Workers stop claiming too: the backends nobody holds are taken back from the table."""
         self.paused = True
+        self.publish_pending()  # (closes the gate first: nobody claims from now on)
+        self.take_back_idle()
 
     def resume(self) -> None:
         """Lend again after :meth:`pause` (admin ``RESUME``), serving the queue in order."""
         self.paused = False
         self._dispatch()
+        self._flush_soon()  # share what is idle again
 
     def count(self, state: SlotState) -> int:
         """Slots in ``state`` now."""
@@ -909,12 +894,13 @@ class Pool(_PoolBase):
 
     def cancel(self, parking: int) -> None:
         """Forward a CancelRequest for the lease that parking connection ``parking`` holds."""
-        for b in self.slots:
-            if b.state is SlotState.LENT and b.parking == parking:
-                logger.info("forwarding cancel to backend pid %d (slot %d)", b.pid, b.index)
-                self._spawn(send_cancel(self.target, b.pid, b.secret, tls=b.tls is not None))
-                return
-        logger.debug("cancel for parking %d: no lease held, nothing to cancel", parking)
+        held = next((b for b in self.slots if b.state is SlotState.LENT and b.parking == parking), None)
+        held = held or self.shared_lease_of(parking)
+        if held is None:
+            logger.debug("cancel for parking %d: no lease held, nothing to cancel", parking)
+            return
+        logger.info("forwarding cancel to backend pid %d (slot %d)", held.pid, held.index)
+        self._spawn(send_cancel(self.target, held.pid, held.secret, tls=held.tls is not None))
 
     # -- janitor ----------------------------------------------------------------------------------
 
@@ -953,6 +939,7 @@ class Pool(_PoolBase):
                         b.index, b.pid, holder,
                     )  # fmt: skip
                     self._close(b, CloseReason.DIED_WHILE_LENT, graceful=False)
+        self.tick_shared(now_ns)
         if not self.closing and time.monotonic() >= self._retry_at:
             self._refill()
 
@@ -961,13 +948,16 @@ class Pool(_PoolBase):
         self.closing = True
         while self.waiters:
             self._deny(self.waiters.popleft(), control.DenyCode.CLOSED, "the broker is shutting down")
+        self.publish_pending()
         for b in list(self.idle):
             self._close(b, CloseReason.SHUTDOWN, graceful=True)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(
-            b.state in (SlotState.LENT, SlotState.RESETTING) for b in self.slots
+        while time.monotonic() < deadline and (
+            not self.close_shared(force=False)
+            or any(b.state in (SlotState.LENT, SlotState.RESETTING) for b in self.slots)
         ):
             await asyncio.sleep(0.05)
+        self.close_shared(force=True)
         for b in self.slots:
             if b.state is not SlotState.CLOSED and b.sock is not None:
                 self._close(b, CloseReason.SHUTDOWN, graceful=b.state is SlotState.IDLE)

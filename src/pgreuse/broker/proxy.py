@@ -238,6 +238,11 @@ class PyProxySession:
         self.close(frames.error_response("57P01", "pgreuse broker is shutting down", severity="FATAL"))
         return True
 
+    def mark_dirty(self) -> None:
+        """Its pgreuse client says the statement it is sending leaves session state (a temp table,
+        an advisory lock, PREPARE...): the backend is reset before it is lent again."""
+        self._dirty = True
+
     def _outcome_on_leave(self) -> control.Outcome:
         if not self._idle():
             return control.Outcome.BROKEN
@@ -811,7 +816,8 @@ if not scan.PURE_PYTHON:
             and _idle in TRANSITIONS[SlotState.RESETTING]
         ):  # pragma: no cover
             raise ImportError("pgreuse._proxycore takes slot transitions states.TRANSITIONS forbids")
-        _proxycore.setup(PyProxySession, control.Outcome.CLEAN, _MAX_PENDING, SlotState.CLOSED, _idle, _lent)
+        _proxycore.setup(PyProxySession, control.Outcome.CLEAN, _MAX_PENDING, SlotState.CLOSED, _idle, _lent,
+                         SlotState.SHARED)  # fmt: skip
 
         class _CProxySession(_proxycore.SessionCore, PyProxySession):
             __slots__ = ()

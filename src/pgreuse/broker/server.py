@@ -30,6 +30,7 @@ from typing import Any
 
 from ..credentials import peer_credentials, trusted_uids
 from ..shm import Table, table_path
+from .. import slots
 from ..wire import control, frames, scan
 from . import admin, proxy
 from .config import BrokerConfig, ConfigError, parse_listen_addr
@@ -53,16 +54,22 @@ class ControlClient:
 
     in_process = False  # pool.Client: the worker gets the backend's fd
 
-    def __init__(self, sock: socket.socket, pid: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, sock: socket.socket, pid: int, loop: asyncio.AbstractEventLoop, holder: int = 0) -> None:
         self.sock = sock
         self.pid = pid
-        self.fds: dict[int, int] = {}
+        self.holder = holder  # its id in the slot words (slots.FIRST_WORKER and up); 0: no claims
+        self.fds: dict[int, int] = {}  # slot -> generation of the fd sent to this process
         self._loop = loop
         self._outbox: list[tuple[bytes, int | None]] = []
         self.dead = False
 
     def __repr__(self) -> str:
-        return f"<ControlClient pid={self.pid} fds={len(self.fds)}>"
+        return f"<ControlClient pid={self.pid} holder={self.holder} fds={len(self.fds)}>"
+
+    @property
+    def backlog(self) -> int:
+        """Messages waiting for the worker to read the channel."""
+        return len(self._outbox)
 
     def send(self, msg: control.Message, fd: int | None = None) -> None:
         if self.dead:
@@ -144,6 +151,8 @@ class Broker:
         self.sessions: dict[int, PyProxySession] = {}  # parking key -> session (parked or proxied)
         self.admin_sessions = 0
         self.proxy_stats = ProxyStats()
+        self._holders: set[int] = set()  # holder ids of the open control channels
+        self._next_holder = slots.FIRST_WORKER
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -167,6 +176,7 @@ class Broker:
                 wait_timeout=cfg.wait_timeout,
                 database=self.target.database,
                 user=self.target.user,
+                claims=slots.ATOMIC,
             )
         except BaseException as exc:
             self._close_listeners()
@@ -539,7 +549,7 @@ class Broker:
         if peer_pid is None:
             sock.close()
             return
-        client = ControlClient(sock, peer_pid, loop)
+        client = ControlClient(sock, peer_pid, loop, self._new_holder())
         self.table.add("clients")
         ended: asyncio.Future[BaseException | None] = loop.create_future()
 
@@ -572,19 +582,39 @@ class Broker:
             client.drop()
             self.table.add("clients", -1)
             self.pool.client_gone(client)
+            self._holders.discard(client.holder)
             with contextlib.suppress(ValueError, OSError):
                 loop.remove_reader(sock.fileno())
                 loop.remove_writer(sock.fileno())
             sock.close()
 
-    def _welcome(self) -> control.Welcome:
+    def _new_holder(self) -> int:
+        """A holder id no open control channel has (ids are 32-bit in the slot word)."""
+        while True:
+            holder = self._next_holder
+            self._next_holder = holder + 1 if holder < 0xFFFFFFFF else slots.FIRST_WORKER
+            if holder not in self._holders:
+                self._holders.add(holder)
+                return holder
+
+    def _welcome(self, client: ControlClient) -> control.Welcome:
         assert self.pool is not None
         proxy_only = self.pool.proxy_only
         if proxy_only is None:
-            # PostgreSQL unreachable so far: guess from the sslmode. A wrong "handoff" guess is
-            # caught at Acquire (denied with the reason); a wrong "proxy" one only costs speed.
+            # PostgreSQL unreachable so far: guess from the sslmode. A wrong guess only costs
+            # speed: a worker told "proxy" never claims, and a TLS pool never shares a slot.
             proxy_only = self.target.tls_possible
-        return control.Welcome(control.VERSION, os.getpid(), self.config.max_size, proxy_only)
+        claims = self.pool.claims and not proxy_only
+        return control.Welcome(control.VERSION, os.getpid(), self.config.max_size, proxy_only,
+                               client.holder if claims else 0)  # fmt: skip
+
+    def _greet(self, client: ControlClient) -> None:
+        """The Welcome, then every open slot's fd (DESIGN.md §4)."""
+        assert self.pool is not None
+        welcome = self._welcome(client)
+        client.send(welcome)
+        if welcome.holder:
+            self.pool.join(client)
 
     async def _welcome_when_known(self, client: ControlClient) -> None:
         """sslmode prefer/allow: whether backends use TLS is known once one is open."""
@@ -592,7 +622,7 @@ class Broker:
         # Below the worker's Hello timeout (10 s), so it gets an answer rather than a timeout.
         with contextlib.suppress(BackendConnectError):
             await self.pool.wait_parameters(min(5.0, self.config.wait_timeout))
-        client.send(self._welcome())
+        self._greet(client)
 
     def _handle_control(self, client: ControlClient, msg: control.Message) -> None:
         assert self.pool is not None
@@ -608,23 +638,20 @@ class Broker:
                     client.send(control.Deny(0, control.DenyCode.BAD_REQUEST, why))
                     raise control.ControlError(why)
                 if self.pool.proxy_only is not None:
-                    client.send(self._welcome())
+                    self._greet(client)
                 else:
                     self._spawn(self._welcome_when_known(client))
-            case control.Acquire(request, parking_key):
-                parking = self.parkings.get(parking_key)
-                if parking is None or parking.peer_pid != client.pid:
-                    client.send(control.Deny(
-                        request, control.DenyCode.BAD_REQUEST,
-                        f"parking connection {parking_key} is not known to this broker (pid "
-                        f"{os.getpid()}): the broker restarted, or the connection was opened "
-                        "in another process; open a new connection"))  # fmt: skip
-                    return
-                self.pool.request(client, request, parking_key)
+            case control.Poke():
+                self.pool.take_back_for_waiters()
             case control.Release(slot, generation, outcome):
-                self.pool.release(client, slot, generation, outcome)
-            case control.Abandon(request):
-                self.pool.abandon(client, request)
+                self.pool.worker_release(client, slot, generation, outcome)
+            case control.Want(slot):
+                self.pool.want(client, slot)
+            case control.Dirty(parking_key):
+                parking = self.parkings.get(parking_key)
+                session = self.sessions.get(parking_key)
+                if parking is not None and parking.peer_pid == client.pid and session is not None:
+                    session.mark_dirty()
             case _:
                 raise control.ControlError(f"unexpected message from a worker: {msg!r}")
 

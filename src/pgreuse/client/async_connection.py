@@ -1,8 +1,9 @@
 """A ``psycopg.AsyncConnection`` that leases a backend from the broker for each transaction.
 
-The same lease rules as :class:`pgreuse.Connection` (the shared part is :class:`LeaseCore`); the
-broker's grant is awaited with anyio on the process's control channel for this event loop. psycopg's
-async API is asyncio-only, so this runs on asyncio (uvloop included).
+The same lease rules as :class:`pgreuse.Connection` (the shared part is :class:`LeaseCore`): a claim in
+the shared-memory table never waits, so nothing here blocks the event loop; a transaction that finds
+no idle backend awaits its answer through the broker's proxy like any query. psycopg's async API is
+asyncio-only, so this runs on asyncio (uvloop included).
 
 The swap happens between two ``wait()`` calls, never during one: psycopg's asyncio wait registers
 the fd with the loop only for the duration of the wait, so no stale registration survives a swap.
@@ -12,13 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
 from psycopg import pq
 
+from .. import errors
 from .channel import AsyncChannel, async_channel_for
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
@@ -73,21 +74,24 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
             await self._take_lease()
         try:
             return await super().wait(gen, *args, **kwargs)
+        except psycopg.Error as exc:
+            # A transaction that waited in the broker's proxy and was refused there: the pool
+            # error that names it (PoolTimeout, TooManyRequests...), as psycopg_pool raises.
+            mapped = errors.from_proxy_refusal(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
         finally:
             await self._after_wait()
 
     async def _take_lease(self) -> None:
         assert self._channel is not None
-        t0 = time.monotonic()
-        try:
-            if self._channel.dead:
+        if self._channel.dead:
+            # See Connection._take_lease.
+            with contextlib.suppress(psycopg.Error):
                 old, self._channel = self._channel, await async_channel_for(self._channel.path)
                 old.drop_user()
-            grant = await self._channel.acquire(self.pgconn.backend_pid, self._lease_timeout)
-        except psycopg.Error as exc:  # PoolTimeout, BackendUnavailable, BrokerUnavailable, ...
-            self._lease_failed(exc, t0)
-            raise
-        self._install(grant, t0)
+        self._claim()
 
     async def _after_wait(self) -> None:
         steps = self._after_wait_steps()
@@ -132,6 +136,7 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
             return
         if self.closed:
             self._give_back(broken=True)
+            self._close_home()
             return
         if self._held is not None:
             with contextlib.suppress(psycopg.Error):
@@ -139,6 +144,7 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
                     await self.rollback()
             self._give_back(broken=True)
         await super().close()
+        self._close_home()
 
 
 async def connect_async(conninfo: str = "", **kwargs: Any) -> AsyncConnection:

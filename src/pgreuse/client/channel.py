@@ -1,20 +1,24 @@
 """The worker side of the control channel: one per process and broker, shared by all its connections.
 
-Any thread (or task) may ask for a lease; the answers come back on one socket. One waiter at a time
-reads for everyone: it reads one message, files it under its request id and wakes the others, and
-the owner of that answer takes it while someone else reads on. No background thread or task is
-started, so nothing runs in a worker that the application did not call.
+A worker never waits on this channel for a backend (DESIGN.md §4). It claims an idle slot in the
+shared-memory table with one compare-and-swap (:meth:`ChannelBase.claim_into`), with the holder id
+the broker gave this channel, and swaps the slot's socket, which it already holds, onto libpq's fd
+number; or, when nothing is idle or the broker's proxy has waiters, it claims nothing and the
+transaction goes through the proxy on its parking connection.
 
-The channel also keeps the fds the broker sent, one per slot, tagged with the slot's generation: the
-broker sends a slot's fd only once per process and generation. Bookkeeping (answers, abandoned
-requests, the fd cache) is shared by the sync :class:`Channel` and the :class:`AsyncChannel` (anyio);
-only the waiting differs.
+The broker sends every open slot's fd when the channel opens and each new generation's fd later
+(``Fd`` messages). Nothing reads the channel in the background: a claim that finds an idle slot whose
+generation it has no fd for reads what has arrived (:meth:`ChannelBase.drain`), and asks for the fd
+once (``Want``) if it is still missing. What a worker tells the broker (a dirty or broken end, a
+poke, a proxied statement that leaves session state) are small packets sent without blocking; one
+the socket cannot take now waits in an outbox, sent before the next one.
 """
 
 from __future__ import annotations
 
+import array
+import collections
 import contextlib
-import itertools
 import os
 import select
 import socket
@@ -22,28 +26,19 @@ import threading
 import time
 import weakref
 
-import anyio
-import attrs
 import psycopg
 
-from .. import errors
+from .. import errors, shm, slots
 from ..credentials import peer_credentials, trusted_uids
 from ..wire import control
 
 HELLO_TIMEOUT = 10.0
-SEND_TIMEOUT = 30.0  # a broker that reads nothing from a worker for this long is wedged
-
-
-@attrs.frozen
-class Grant:
-    slot: int
-    generation: int
-    backend_pid: int
-    fd: int  # a dup owned by the caller: dup2 it into place, then close it
+_FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)  # room for a few fds: extra ones are closed
+MAX_OUTBOX = 10_000  # packets a broker that reads nothing may owe us before the channel is given up
 
 
 class ChannelBase:
-    """Socket set-up, bookkeeping and message filing, without any waiting."""
+    """Socket set-up, the fd cache and claims, without any waiting."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -69,81 +64,54 @@ class ChannelBase:
         self.sock = sock
         self.broker_pid = 0
         self.max_size = 0
-        # The broker's backends use TLS: its connections send queries through the broker's proxy
-        # on their parking socket, and never lease (DESIGN.md §3 rule 10).
+        # The broker's backends use TLS: every transaction goes through its proxy (DESIGN.md §3
+        # rule 10), and nothing is claimed.
         self.proxy_only = False
-        # Guards answers, abandoned requests and the fd cache; never held across I/O. Reentrant:
-        # the sync channel's condition uses it too, and files messages while holding it.
-        self._book = threading.RLock()
-        self._replies: dict[int, control.Message] = {}
-        self._abandoned: set[int] = set()
-        self._fds: dict[int, tuple[int, int]] = {}  # slot -> (generation, fd)
-        self._ids = itertools.count(1)
+        self.holder = 0  # this channel's holder id in the slot words; 0: claim nothing
+        self.table: shm.Table | None = None
+        # Guards the fd cache and reads of the socket: a claim swaps in a cached fd, which a read
+        # of a newer generation's fd would close.
+        self._lock = threading.Lock()
+        self._gens: list[int] = []  # per slot: the low 24 bits of the cached fd's generation
+        self._full: list[int] = []  # per slot: that generation, whole (as Release names it)
+        self._fds: list[int] = []  # per slot: the cached fd, or -1
+        self._pids: list[int] = []  # per slot: the backend's pid
+        self._wanted: set[tuple[int, int]] = set()
+        self._start = 0  # where this process starts its scan of the slots
+        self._outbox: collections.deque[bytes] = collections.deque()
         self._dead: str | None = None
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.path} broker={self.broker_pid} fds={len(self._fds)}>"
+        held = sum(1 for fd in self._fds if fd >= 0)
+        return f"<{type(self).__name__} {self.path} broker={self.broker_pid} holder={self.holder} fds={held}>"
 
     @property
     def dead(self) -> bool:
         return self._dead is not None
 
+    @property
+    def claims(self) -> bool:
+        """Connections of this channel may claim slots."""
+        return self.table is not None and self._dead is None
+
     def close(self) -> None:
-        with self._book:
+        with self._lock:
             self._dead = self._dead or "closed"
-            for _gen, fd in self._fds.values():
+            self._forget_fds()
+        self.sock.close()
+        if self.table is not None:
+            self.table.close()
+            self.table = None
+
+    def _forget_fds(self) -> None:
+        for i, fd in enumerate(self._fds):
+            if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-            self._fds.clear()
-        self.sock.close()
+                self._fds[i] = -1
+                self._gens[i] = slots.NOT_HELD
 
-    def release(self, slot: int, generation: int, outcome: control.Outcome) -> None:
-        with contextlib.suppress(OSError, errors.BrokerUnavailable):
-            # A dead broker has closed the backend already; nothing is lost by not telling it.
-            self._send(control.Release(slot, generation, outcome))
-
-    def _send(self, msg: control.Message) -> None:
-        """Send one message; wait (bounded) while the broker's queue for this channel is full."""
-        data = self._encode(msg)
-        deadline = time.monotonic() + SEND_TIMEOUT
-        while not self._try_send(data):
-            # A SEQPACKET socket queues only a few messages (net.unix.max_dgram_qlen) until the
-            # broker reads them: a burst of requests waits here, it is not a failure.
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._send_timed_out()
-            poller = select.poll()
-            poller.register(self.sock.fileno(), select.POLLOUT)
-            poller.poll(min(remaining, 1.0) * 1000)
-
-    def _encode(self, msg: control.Message) -> bytes:
-        if self._dead:
-            raise errors.BrokerUnavailable(f"pgreuse broker at {self.path}: {self._dead}")
-        return control.encode(msg)
-
-    def _try_send(self, data: bytes) -> bool:
-        """Send ``data`` if the socket takes it now; False when it is full (EAGAIN)."""
-        try:
-            # One small SEQPACKET message: the kernel sends it whole or not at all, so senders
-            # need no lock.
-            self.sock.send(data, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            self._dead = f"the control channel failed: {exc}"
-            raise errors.BrokerUnavailable(f"pgreuse broker at {self.path} went away: {exc}") from exc
-        return True
-
-    def _send_timed_out(self) -> None:
-        self._dead = f"the broker read nothing from this process for {SEND_TIMEOUT:g}s"
-        raise errors.BrokerUnavailable(
-            f"pgreuse broker at {self.path}: {self._dead} (it may be wedged: check its log, or "
-            "'python -m pgreuse stats')"
-        )
-
-    def _next_request(self) -> int:
-        # Request ids are 32-bit on the wire; wrap rather than overflow after 2**32 leases.
-        return next(self._ids) & 0xFFFFFFFF
+    # -- the Welcome ------------------------------------------------------------------------------
 
     def _welcome(self, msg: control.Message) -> None:
         if isinstance(msg, control.Deny):
@@ -158,160 +126,218 @@ class ChannelBase:
         self.broker_pid = msg.broker_pid
         self.max_size = msg.max_size
         self.proxy_only = msg.proxy_only
+        n = msg.max_size
+        self._gens = [slots.NOT_HELD] * n
+        self._full = [0] * n
+        self._fds = [-1] * n
+        self._pids = [0] * n
+        # Processes start their scans at different slots, so they do not all race for slot 0.
+        self._start = self.pid % n if n else 0
+        if msg.holder >= slots.FIRST_WORKER and not msg.proxy_only and slots.ATOMIC:
+            self._open_table()
+            self.holder = msg.holder if self.table is not None else 0
+
+    def _open_table(self) -> None:
+        sock_dir, name = os.path.split(self.path)
+        path = shm.table_path(sock_dir, int(name.rsplit(".", 1)[-1]))
+        try:
+            table = shm.Table.open(path, writable=True)
+        except (OSError, shm.TableError):
+            return  # no claims: every transaction goes through the proxy
+        if table.broker_pid != self.broker_pid or not table.claims or table.max_size != self.max_size:
+            table.close()  # a table left by another broker, or one without atomics
+            return
+        self.table = table
+
+    # -- claims -----------------------------------------------------------------------------------
+
+    def claim_into(self, parking: int, fd_number: int) -> tuple[int, int, int] | None:
+        """Claim an idle slot and ``dup2`` its socket onto ``fd_number``: ``(slot, generation,
+        backend_pid)``, or ``None`` when the transaction should go through the proxy."""
+        table = self.table
+        if table is None or self._dead is not None:
+            return None
+        claim = table.slots.claim  # type: ignore[union-attr]
+        with self._lock:
+            got = claim(self.holder, self._start, self._gens, parking, self.pid)
+            if got <= -3:
+                # An idle slot of a generation whose fd has not been read yet: read, try again.
+                self._drain_locked()
+                if self._dead is not None:
+                    return None
+                got = claim(self.holder, self._start, self._gens, parking, self.pid)
+            if got < 0:
+                if got <= -3:
+                    self._want(-3 - got)
+                return None
+            try:
+                os.dup2(self._fds[got], fd_number, inheritable=False)
+            except BaseException:
+                # Nothing was sent on it: it goes back as it was.
+                table.slots.release(got, self.holder, self._gens[got])  # type: ignore[union-attr]
+                raise
+            return got, self._full[got], self._pids[got]
+
+    def give_back(self, slot: int, generation: int) -> None:
+        """A clean end: the slot goes back idle in the table; the broker hears of it only when its
+        proxy has waiters (they get the slot now)."""
+        table = self.table
+        if table is None:
+            return
+        pending = table.slots.release(slot, self.holder, generation & slots.GEN_MASK)  # type: ignore[union-attr]
+        if pending > 0:
+            self._send(control.Poke())
+
+    def report(self, slot: int, generation: int, outcome: control.Outcome) -> None:
+        """A dirty or broken end: the broker resets or replaces the backend (the slot stays ours
+        in the table until it does)."""
+        with contextlib.suppress(errors.BrokerUnavailable):
+            # A dead broker has closed the backend already; nothing is lost by not telling it.
+            self._send(control.Release(slot, generation, outcome))
+
+    def dirty(self, parking: int) -> None:
+        """The next statement of parking connection ``parking`` goes through the proxy and leaves
+        session state: the broker resets that backend before lending it again."""
+        self._send(control.Dirty(parking))
+
+    def _want(self, slot: int) -> None:
+        word = self.table.word(slot) if self.table is not None else 0
+        key = (slot, slots.gen_of(word))
+        if key not in self._wanted:
+            self._wanted.add(key)
+            with contextlib.suppress(errors.BrokerUnavailable):
+                self._send(control.Want(slot))
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """File every message that has arrived (the broker's fds)."""
+        with self._lock:
+            self._drain_locked()
+
+    def _drain_locked(self) -> None:
+        with contextlib.suppress(errors.BrokerUnavailable, errors.ProtocolMismatch):
+            while (got := self._read_one()) is not None:
+                self._file(*got)
 
     def _read_one(self) -> tuple[control.Message, int | None] | None:
         """One non-blocking read: a message, or None when nothing is there yet."""
         try:
-            data, fds, _flags, _addr = socket.recv_fds(
-                self.sock, control.MAX_MESSAGE, 1, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+            # Not socket.recv_fds(): on Python 3.11 it drops its flags argument, and MSG_DONTWAIT
+            # with it (a blocking socket then blocks here).
+            data, ancdata, _flags, _addr = self.sock.recvmsg(
+                control.MAX_MESSAGE, _FD_SPACE, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
             )
+            fds = _fds_of(ancdata)
         except BlockingIOError:
             return None
         except OSError as exc:
-            self._dead = f"the control channel failed: {exc}"
+            self._died(f"the control channel failed: {exc}")
             raise errors.BrokerUnavailable(f"pgreuse broker at {self.path} went away: {exc}") from exc
         if not data:
-            self._dead = "the broker closed the control channel (it stopped or restarted)"
-            raise errors.BrokerUnavailable(f"pgreuse broker at {self.path}: {self._dead}")
+            for fd in fds:
+                os.close(fd)
+            self._died("the broker closed the control channel (it stopped or restarted)")
+            raise self._dead_error()
+        for extra in fds[1:]:  # a broker sends one fd per message at most
+            os.close(extra)
         try:
             return control.decode(data), (fds[0] if fds else None)
         except control.ControlError as exc:
-            self._dead = f"the broker sent a malformed message: {exc}"
+            for fd in fds:
+                os.close(fd)
+            self._died(f"the broker sent a malformed message: {exc}")
             raise errors.ProtocolMismatch(str(exc)) from exc
 
+    def _died(self, why: str) -> None:
+        # (the caller holds _lock, or no claim can run yet)
+        self._dead = why
+        self._forget_fds()  # the backends were the dead broker's: never claim them again
+
     def _file(self, msg: control.Message, fd: int | None) -> None:
-        """File one message for its waiter (caller holds the read turn)."""
-        release: control.Grant | None = None
-        with self._book:
-            if isinstance(msg, control.Grant):
-                if fd is not None:
-                    old = self._fds.get(msg.slot)
-                    if old is not None:
-                        os.close(old[1])
-                    self._fds[msg.slot] = (msg.generation, fd)
-            elif fd is not None:
+        if not isinstance(msg, control.Fd) or fd is None or not 0 <= msg.slot < len(self._fds):
+            if fd is not None:
                 os.close(fd)
-            request = getattr(msg, "request", None)
-            if request is None:
-                return
-            if request in self._abandoned:
-                self._abandoned.discard(request)
-                release = msg if isinstance(msg, control.Grant) else None
-            else:
-                self._replies[request] = msg
-        if release is not None:
-            self.release(release.slot, release.generation, control.Outcome.CLEAN)
+            return
+        i = msg.slot
+        if self._fds[i] >= 0:
+            os.close(self._fds[i])  # an older generation's: its backend is closed
+        self._fds[i] = fd
+        self._gens[i] = msg.generation & slots.GEN_MASK
+        self._full[i] = msg.generation
+        self._pids[i] = msg.backend_pid
 
-    def _take(self, request: int) -> control.Message | None:
-        with self._book:
-            return self._replies.pop(request, None)
+    # -- writing ----------------------------------------------------------------------------------
 
-    def _abandon(self, request: int) -> None:
-        """The waiter gave up (Ctrl-C, cancellation, its own timeout): never leak a late grant."""
-        with self._book:
-            msg = self._replies.pop(request, None)
-            if msg is None:
-                self._abandoned.add(request)
-        if isinstance(msg, control.Grant):
-            self.release(msg.slot, msg.generation, control.Outcome.CLEAN)
-        elif msg is None:
-            with contextlib.suppress(errors.BrokerUnavailable):
-                self._send(control.Abandon(request))
+    def _send(self, msg: control.Message) -> None:
+        """Send one small packet without blocking; keep it (in order) when the socket is full."""
+        if self._dead:
+            raise self._dead_error()
+        data = control.encode(msg)
+        outbox = self._outbox
+        if outbox:
+            self._flush()
+        if outbox or not self._try_send(data):
+            if len(outbox) >= MAX_OUTBOX:
+                self._dead = f"the broker read nothing from this process for {MAX_OUTBOX} messages"
+                raise self._dead_error()
+            outbox.append(data)
 
-    def _grant(self, msg: control.Message) -> Grant:
-        if isinstance(msg, control.Deny):
-            raise _deny_error(msg)
-        assert isinstance(msg, control.Grant)
+    def _flush(self) -> None:
+        outbox = self._outbox
+        while outbox and self._try_send(outbox[0]):
+            outbox.popleft()
+
+    def _try_send(self, data: bytes) -> bool:
+        """Send ``data`` if the socket takes it now; False when it is full (EAGAIN)."""
         try:
-            with self._book:
-                cached = self._fds.get(msg.slot)
-                if cached is None or cached[0] != msg.generation:
-                    raise _fd_lost(msg)
-                # A private dup: another thread may replace the cached fd of this slot any time.
-                own = os.dup(cached[1])
-        except BaseException:
-            # Never keep a grant we cannot use: the broker closes that backend (BROKEN) and sends
-            # the replacement's fd with its next grant.
-            self.release(msg.slot, msg.generation, control.Outcome.BROKEN)
-            raise
-        return Grant(msg.slot, msg.generation, msg.backend_pid, own)
+            # One small SEQPACKET message: the kernel sends it whole or not at all, so senders
+            # need no lock.
+            self.sock.send(data, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._dead = f"the control channel failed: {exc}"
+            raise errors.BrokerUnavailable(f"pgreuse broker at {self.path} went away: {exc}") from exc
+        return True
 
     def _dead_error(self) -> errors.BrokerUnavailable:
         return errors.BrokerUnavailable(f"pgreuse broker at {self.path}: {self._dead}")
 
+    def _hello_reply(self, got: tuple[control.Message, int | None]) -> control.Message:
+        msg, fd = got
+        if fd is not None:
+            os.close(fd)
+        return msg
+
 
 class Channel(ChannelBase):
-    """The blocking channel, for :class:`pgreuse.Connection` (threads take turns reading)."""
+    """The channel of :class:`pgreuse.Connection` (any thread)."""
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
-        # Waiters sleep on this condition; whoever reads wakes them all after filing a message. (A
-        # plain lock handed around would starve: the reader re-takes it before the owner of the
-        # answer it just filed wakes up, and that owner's backend sits unused.)
-        self._cond = threading.Condition(self._book)
-        self._reading = False
-        self._send(control.Hello(control.VERSION, self.pid))
-        self._welcome(self._recv(time.monotonic() + HELLO_TIMEOUT)[0])
-
-    def acquire(self, parking: int, timeout: float) -> Grant:
-        """Wait for a backend; raise the pgreuse error the broker's answer names."""
-        request = self._next_request()
-        self._send(control.Acquire(request, parking))
-        deadline = time.monotonic() + timeout
         try:
-            msg = self._wait_for(request, deadline)
+            self._send(control.Hello(control.VERSION, self.pid))
+            deadline = time.monotonic() + HELLO_TIMEOUT
+            poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+            while (got := self._read_one()) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _no_answer(self.path)
+                poller.poll(remaining * 1000)
+            self._welcome(self._hello_reply(got))
         except BaseException:
-            self._abandon(request)
+            self.close()
             raise
-        return self._grant(msg)
-
-    def _wait_for(self, request: int, deadline: float) -> control.Message:
-        while True:
-            with self._cond:
-                while True:
-                    msg = self._replies.pop(request, None)
-                    if msg is not None:
-                        return msg
-                    if self._dead:
-                        raise self._dead_error()
-                    if not self._reading:
-                        self._reading = True
-                        break
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise _no_answer(self.path)
-                    self._cond.wait(remaining)
-            got: tuple[control.Message, int | None] | None = None
-            try:
-                got = self._recv(deadline)
-            finally:
-                with self._cond:
-                    self._reading = False
-                    if got is not None:
-                        self._file(*got)
-                    self._cond.notify_all()
-
-    def _recv(self, deadline: float) -> tuple[control.Message, int | None]:
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
-        while True:
-            got = self._read_one()
-            if got is not None:
-                return got
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _no_answer(self.path)
-            poller.poll(remaining * 1000)
 
 
 class AsyncChannel(ChannelBase):
-    """The channel for :class:`pgreuse.AsyncConnection`, waiting with anyio (one per event loop)."""
+    """The channel of :class:`pgreuse.AsyncConnection` (one per event loop): only its Hello awaits."""
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
         self.sock.setblocking(False)
-        self._read_turn = anyio.Lock()
-        self._write_turn = anyio.Lock()
         # Connections using this channel: the last one to close closes it, since an event loop
         # gives no notice when it ends.
         self.users = 0
@@ -321,68 +347,19 @@ class AsyncChannel(ChannelBase):
         if self.users <= 0:
             self.close()
 
-    async def _send_async(self, msg: control.Message) -> None:
-        """Send one message, awaiting (bounded) while the broker's queue for us is full."""
-        data = self._encode(msg)
-        if self._try_send(data):
-            return
-        try:
-            with anyio.fail_after(SEND_TIMEOUT):
-                # anyio lets one task at a time wait for a socket to become writable.
-                async with self._write_turn:
-                    while not self._try_send(data):
-                        await _wait_writable(self.sock)
-        except TimeoutError:
-            self._send_timed_out()
-
     async def hello(self) -> None:
-        await self._send_async(control.Hello(control.VERSION, self.pid))
+        import anyio  # noqa: PLC0415 - the sync client never imports anyio
+
+        self._send(control.Hello(control.VERSION, self.pid))
         with anyio.fail_after(HELLO_TIMEOUT):
-            self._welcome((await self._recv())[0])
-
-    async def acquire(self, parking: int, timeout: float) -> Grant:
-        request = self._next_request()
-        await self._send_async(control.Acquire(request, parking))
-        try:
-            with anyio.fail_after(timeout):
-                msg = await self._wait_for(request)
-        except TimeoutError:
-            self._abandon(request)
-            raise _no_answer(self.path) from None
-        except BaseException:
-            self._abandon(request)  # cancelled (a request timeout, a client that went away)
-            raise
-        return self._grant(msg)
-
-    async def _wait_for(self, request: int) -> control.Message:
-        while True:
-            msg = self._take(request)
-            if msg is not None:
-                return msg
-            if self._dead:
-                raise self._dead_error()
-            async with self._read_turn:
-                if request in self._replies:
-                    continue
-                self._file(*(await self._recv()))
-
-    async def _recv(self) -> tuple[control.Message, int | None]:
-        while True:
-            got = self._read_one()
-            if got is not None:
-                return got
-            await _wait_readable(self.sock)
-
-
-async def _wait_writable(sock: socket.socket) -> None:
-    wait = getattr(anyio, "wait_writable", None)  # anyio >= 4.7; older: wait_socket_writable
-    if wait is not None:
-        await wait(sock)
-    else:
-        await anyio.wait_socket_writable(sock)
+            while (got := self._read_one()) is None:
+                await _wait_readable(self.sock)
+        self._welcome(self._hello_reply(got))
 
 
 async def _wait_readable(sock: socket.socket) -> None:
+    import anyio  # noqa: PLC0415
+
     wait = getattr(anyio, "wait_readable", None)  # anyio >= 4.7; older: wait_socket_readable
     if wait is not None:
         await wait(sock)
@@ -390,30 +367,17 @@ async def _wait_readable(sock: socket.socket) -> None:
         await anyio.wait_socket_readable(sock)
 
 
-def _deny_error(msg: control.Deny) -> Exception:
-    kind: type[Exception] = {
-        control.DenyCode.TIMEOUT: errors.PoolTimeout,
-        control.DenyCode.UNAVAILABLE: errors.BackendUnavailable,
-        control.DenyCode.CLOSED: errors.PoolClosed,
-        control.DenyCode.TOO_MANY: errors.TooManyRequests,
-        control.DenyCode.BAD_REQUEST: errors.BrokerUnavailable,
-    }.get(msg.code, errors.BrokerUnavailable)
-    return kind(msg.message)
-
-
-def _fd_lost(msg: control.Grant) -> psycopg.OperationalError:
-    import resource  # noqa: PLC0415
-
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return psycopg.OperationalError(
-        f"the broker granted slot {msg.slot} but its socket did not arrive: this process is "
-        f"probably at its open-files limit (ulimit -n = {soft}); close files or raise the limit"
-    )
+def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+    return list(fds)
 
 
 def _no_answer(path: str) -> errors.BrokerUnavailable:
     return errors.BrokerUnavailable(
-        f"pgreuse broker at {path} did not answer a lease request in time (it may be wedged: "
+        f"pgreuse broker at {path} did not answer this worker's Hello in time (it may be wedged: "
         "check its log, or 'python -m pgreuse stats')"
     )
 

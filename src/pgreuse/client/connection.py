@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import time
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
+from .. import errors
 from .channel import Channel, channel_for
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
@@ -79,20 +79,24 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
             self._take_lease()
         try:
             return super().wait(gen, *args, **kwargs)
+        except psycopg.Error as exc:
+            # A transaction that waited in the broker's proxy and was refused there: the pool
+            # error that names it (PoolTimeout, TooManyRequests...), as psycopg_pool raises.
+            mapped = errors.from_proxy_refusal(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
         finally:
             self._after_wait()
 
     def _take_lease(self) -> None:
         assert self._channel is not None
-        t0 = time.monotonic()
-        try:
-            if self._channel.dead:
+        if self._channel.dead:
+            # The broker restarted: this connection's parking socket went with it, and psycopg
+            # reports that on this very wait; a new connection gets the new broker's channel.
+            with contextlib.suppress(psycopg.Error):
                 self._channel = channel_for(self._channel.path)
-            grant = self._channel.acquire(self.pgconn.backend_pid, self._lease_timeout)
-        except psycopg.Error as exc:  # PoolTimeout, BackendUnavailable, BrokerUnavailable, ...
-            self._lease_failed(exc, t0)
-            raise
-        self._install(grant, t0)
+        self._claim()
 
     def _after_wait(self) -> None:
         steps = self._after_wait_steps()
@@ -133,6 +137,7 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
             return
         if self.closed:
             self._give_back(broken=True)
+            self._close_home()
             return
         if self._held is not None:
             with contextlib.suppress(psycopg.Error):
@@ -142,6 +147,7 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
             # unknown, so the broker must not lend it as is.
             self._give_back(broken=True)
         super().close()  # Terminate now reaches the parking socket only (rule 5)
+        self._close_home()
 
 
 _live: weakref.WeakSet[Connection] = weakref.WeakSet()
@@ -161,8 +167,9 @@ atexit.register(_at_exit)
 def connect(conninfo: str = "", **kwargs: Any) -> Connection:
     """Open a pgreuse connection: ``pgreuse.connect("host=/run/pgreuse port=6432 dbname=app")``.
 
-    Takes psycopg's ``connect()`` arguments (``autocommit``, ``row_factory``, ...), plus
-    ``lease_timeout``, the longest a call waits for the broker's answer (the broker's own
-    ``--wait-timeout`` normally answers first with :class:`pgreuse.PoolTimeout`).
+    Takes psycopg's ``connect()`` arguments (``autocommit``, ``row_factory``, ...). A transaction
+    that finds no idle backend waits in the broker's proxy, which raises
+    :class:`pgreuse.PoolTimeout` after its ``--wait-timeout`` (``lease_timeout`` is accepted for
+    compatibility and unused).
     """
     return Connection.connect(conninfo, **kwargs)

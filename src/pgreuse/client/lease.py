@@ -1,10 +1,12 @@
-"""The lease and the fd swap, shared by the sync and the async connection (DESIGN.md §3).
+"""The lease and the fd swap, shared by the sync and the async connection (DESIGN.md §3, §4).
 
-:class:`LeaseCore` holds everything that does not wait: deciding whether an operation needs a backend,
-swapping the granted socket onto libpq's fd number and back, deciding at the end of each ``wait()``
-whether the lease goes back, and what the session left behind. The two connection classes add only
-how they wait for the broker's grant (blocking, or with anyio) and how they run the rare statement
-that restores session parameters.
+:class:`LeaseCore` holds all of it, and none of it waits: at the first ``wait()`` of a transaction it
+claims an idle slot in the shared-memory table and swaps that backend's socket onto libpq's fd
+number, or, when no slot is idle or the broker's proxy has waiters (they go first), lets the
+transaction go through the proxy on the parking connection as it is. At the end of each ``wait()``
+it decides whether the lease goes back, and what the session left behind. The two connection classes
+add only how they reopen a control channel and how they run the rare statement that restores
+session parameters.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .. import errors, telemetry
 from ..wire import control
-from .channel import ChannelBase, Grant
+from .channel import ChannelBase
 from .session import LISTEN_REFUSED, REPORTED_PARAMETERS, Verdict, changed_parameters, classify_sql
 
 logger = logging.getLogger("pgreuse.client")
@@ -44,7 +46,8 @@ STATE_ONLY_GENERATORS = frozenset(
     }
 )
 
-# The broker answers an Acquire within its own --wait-timeout; this bounds our wait when it does not.
+# Kept for compatibility of connect(lease_timeout=...): a transaction that waits for a backend waits
+# in the broker's proxy, which answers within its --wait-timeout.
 DEFAULT_LEASE_TIMEOUT = 300.0
 
 
@@ -55,15 +58,14 @@ class Lease:
     slot: int
     generation: int
     backend_pid: int  # the real PostgreSQL backend pid; conn.info.backend_pid is the parking key
-    waited: float  # seconds spent waiting for the broker's grant
-    started: float  # time.monotonic() when granted
+    waited: float  # seconds spent waiting for it (0: a claim never waits)
+    started: float  # time.monotonic() when claimed
 
 
 @attrs.define
 class _Held:
     lease: Lease
     fd_number: int  # libpq's socket fd, now pointing at the backend
-    home: int  # dup of the parking socket, swapped back on release
     span: telemetry.LeaseSpan | None = None
 
 
@@ -71,7 +73,7 @@ class AfterWait(enum.Enum):
     KEEP = 0  # mid-transaction, COPY, pipeline, stream: the backend stays
     BROKEN = 1  # libpq lost the connection
     IDLE = 2  # back at ReadyForQuery 'I': give it back
-    PROXIED_IDLE = 3  # a proxy-only pool, idle: only the session parameters to check
+    PROXIED_IDLE = 3  # a transaction that went through the proxy is over: only the parameters to check
 
 
 def broker_socket_dir_and_port(params: dict[str, Any]) -> tuple[str, int]:
@@ -143,6 +145,8 @@ class LeaseCore:
     _held: _Held | None = None
     _channel: ChannelBase | None = None
     _owner_pid: int = 0
+    _home: int = -1  # a dup of the parking socket, swapped back onto libpq's fd at every release
+    _proxying: bool = False  # the current transaction goes through the broker's proxy
     _lease_timeout: float = DEFAULT_LEASE_TIMEOUT
     _session_dirty: bool = False
     _baseline: dict[str, str | None]
@@ -152,6 +156,7 @@ class LeaseCore:
         self._held = None
         self._owner_pid = os.getpid()
         self._session_dirty = False
+        self._proxying = False
         self._baseline = {}
 
     # Any cursor class the application (or a framework: Django passes its own) installs keeps the
@@ -184,6 +189,12 @@ class LeaseCore:
         self._channel = channel
         self._lease_timeout = lease_timeout
         self._baseline = self._reported()
+        self._home = os.dup(self.pgconn.socket)
+
+    def _close_home(self) -> None:
+        home, self._home = self._home, -1
+        if home >= 0:
+            os.close(home)
 
     # prepare_threshold is forced to None (DESIGN.md §3 rule 6).
     @property
@@ -233,7 +244,8 @@ class LeaseCore:
     # -- before a wait ----------------------------------------------------------------------------
 
     def _needs_lease(self, gen: Any) -> bool:
-        if self._held is not None:
+        """This ``wait()`` starts a transaction: claim a backend for it, or send it to the proxy."""
+        if self._held is not None or self._proxying:
             return False
         name = getattr(getattr(gen, "gi_code", None), "co_name", "")
         state_only = (
@@ -252,12 +264,27 @@ class LeaseCore:
             )
         if self._channel is None:
             raise errors.BrokerUnavailable("connection was not opened with pgreuse.connect()")
-        if self._channel.proxy_only:
-            # TLS backends cannot be handed off: libpq's queries go to the parking socket as they
-            # are, and the broker proxies them (DESIGN.md §3 rule 10, §5).
-            return False
         # A closed or broken connection: psycopg reports it itself.
         return bool(self.pgconn.status == pq.ConnStatus.OK)
+
+    def _claim(self) -> None:
+        """Claim an idle slot for this transaction (DESIGN.md §4), or let it go through the proxy:
+        TLS backends (rule 10), nothing idle, or the proxy has waiters, who go first."""
+        channel = self._channel
+        assert channel is not None
+        fd_number = self.pgconn.socket
+        got = channel.claim_into(self.pgconn.backend_pid, fd_number) if channel.claims else None
+        if got is None:
+            self._proxying = True
+            if self._session_dirty:
+                # The statement that dirtied the session is about to go through the proxy: the
+                # broker must reset that backend before it lends it again.
+                self._session_dirty = False
+                channel.dirty(self.pgconn.backend_pid)
+            return
+        slot, generation, backend_pid = got
+        lease = Lease(slot, generation, backend_pid, 0.0, time.monotonic())
+        self._held = _Held(lease, fd_number, telemetry.lease_granted(self._telemetry(), lease))
 
     def _lost_broker(self) -> None:
         """The broker that parked this connection is gone: it can never lease again.
@@ -265,24 +292,6 @@ class LeaseCore:
         Make it report closed/broken, as psycopg does for a lost server, so frameworks open a new one.
         """
         self.pgconn.finish()
-
-    def _install(self, grant: Grant, t0: float) -> None:
-        """Swap the granted backend onto libpq's fd number (rule 3)."""
-        assert self._channel is not None
-        fd_number = self.pgconn.socket
-        t1 = time.monotonic()
-        try:
-            home = os.dup(fd_number)
-            # O_NONBLOCK and socket options are left alone: they belong to the open file
-            # description the broker shares.
-            os.dup2(grant.fd, fd_number, inheritable=False)
-        except BaseException:
-            os.close(grant.fd)
-            self._channel.release(grant.slot, grant.generation, control.Outcome.CLEAN)
-            raise
-        os.close(grant.fd)
-        lease = Lease(grant.slot, grant.generation, grant.backend_pid, t1 - t0, t1)
-        self._held = _Held(lease, fd_number, home, telemetry.lease_granted(self._telemetry(), lease))
 
     def _telemetry(self) -> telemetry.PoolTelemetry | None:
         if self._pool_telemetry is None and self._channel is not None:
@@ -294,10 +303,10 @@ class LeaseCore:
 
     def _after_wait_state(self) -> AfterWait:
         if self._held is None:
-            channel = self._channel
-            if channel is not None and channel.proxy_only and self._idle_now():
+            if self._proxying and self._idle_now():
                 # Through the proxy: no lease to give back, but a changed reported parameter must
                 # still be put back in libpq's cache (the broker resets the backend itself).
+                self._proxying = False
                 return AfterWait.PROXIED_IDLE
             return AfterWait.KEEP
         if self.pgconn.status == pq.ConnStatus.BAD:
@@ -311,12 +320,6 @@ class LeaseCore:
             and pgconn.transaction_status == pq.TransactionStatus.IDLE
             and pgconn.pipeline_status == pq.PipelineStatus.OFF
         )
-
-    def _lease_failed(self, exc: BaseException, t0: float) -> None:
-        """The broker did not grant: record it, and retire the connection if the broker is gone."""
-        telemetry.lease_denied(self._telemetry(), exc, time.monotonic() - t0)
-        if isinstance(exc, errors.BrokerUnavailable):
-            self._lost_broker()
 
     def _after_wait_steps(self) -> Generator[sql.SQL | sql.Composed, None, None]:
         """The end of every ``wait()``: yield the statements to run (usually none), settle the lease.
@@ -344,23 +347,29 @@ class LeaseCore:
         if held is None:
             return
         self._held = None
+        channel = self._channel
+        assert channel is not None
+        lease = held.lease
         libpq_fd = -1
         with contextlib.suppress(psycopg.OperationalError):
             libpq_fd = self.pgconn.socket
         if libpq_fd == held.fd_number:
-            os.dup2(held.home, held.fd_number, inheritable=False)
+            try:
+                os.dup2(self._home, held.fd_number, inheritable=False)
+            except BaseException:
+                # libpq's fd still points at the backend: it is not clean for anyone else.
+                channel.report(lease.slot, lease.generation, control.Outcome.BROKEN)
+                raise
         # else: libpq already closed that fd number when the backend failed (rule 4); never dup2
         # into a number it gave up — it may belong to someone else by now.
-        os.close(held.home)
-        assert self._channel is not None
         if broken:
-            outcome = control.Outcome.BROKEN
+            channel.report(lease.slot, lease.generation, control.Outcome.BROKEN)
         elif dirty:
-            outcome = control.Outcome.DIRTY  # the broker runs DISCARD ALL before lending it again
+            # the broker runs DISCARD ALL before lending it again
+            channel.report(lease.slot, lease.generation, control.Outcome.DIRTY)
         else:
-            outcome = control.Outcome.CLEAN
-        self._channel.release(held.lease.slot, held.lease.generation, outcome)
-        telemetry.lease_released(self._telemetry(), held.lease, held.span, broken=broken, dirty=dirty)
+            channel.give_back(lease.slot, lease.generation)
+        telemetry.lease_released(self._telemetry(), lease, held.span, broken=broken, dirty=dirty)
 
     def _take_dirty(self) -> bool:
         dirty, self._session_dirty = self._session_dirty, False
@@ -378,7 +387,11 @@ class LeaseCore:
     def _note_statement(self, query: bytes) -> None:
         verdict = classify_sql(query)
         if verdict is Verdict.DIRTY:
-            self._session_dirty = True
+            if self._proxying and self._channel is not None:
+                # Mid-way through a proxied transaction: tell the broker before the statement goes.
+                self._channel.dirty(self.pgconn.backend_pid)
+            else:
+                self._session_dirty = True  # the lease's end says it, or _claim if it proxies
         elif verdict is Verdict.REFUSE:
             raise errors.NotSupported(LISTEN_REFUSED)
 
@@ -418,3 +431,4 @@ class LeaseCore:
             os.dup2(a.fileno(), self.pgconn.socket, inheritable=False)
             a.close()
         self._held = None
+        self._proxying = False

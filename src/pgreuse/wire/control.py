@@ -7,21 +7,24 @@ message, ``encode()`` makes it and ``decode()`` reads it. Every message starts w
 Conversation::
 
     worker -> broker  Hello(version, pid)          broker -> worker  Welcome(version, broker_pid, max_size,
-                                                                          proxy_only)
+                                                                          proxy_only, holder)
                                                                    or Deny(0, BAD_REQUEST, why) if
                                                                       the versions differ
-    worker -> broker  Acquire(request, parking)    broker -> worker  Grant(request, slot, generation,
-                                                                        backend_pid, has_fd) [+ fd]
-                                                                   or Deny(request, code, message)
-    worker -> broker  Release(slot, generation, outcome)
-    worker -> broker  Abandon(request)             (the waiter gave up: Ctrl-C, its own timeout)
+                                                   broker -> worker  Fd(slot, generation, backend_pid)
+                                                                        + fd, for every open slot at
+                                                                        once and every new one later
+    worker -> broker  Want(slot)                   (it lacks the fd of that slot's generation)
+    worker -> broker  Poke()                       (it gave a slot back while the proxy had waiters)
+    worker -> broker  Release(slot, generation, outcome)   (a dirty or broken end)
+    worker -> broker  Dirty(parking)               (a statement about to go through the proxy on
+                                                    that parking connection leaves session state)
 
-The broker sends a slot's fd with a Grant only when that worker process does not hold the fd of the
-slot's current generation yet; otherwise the worker reuses the fd it cached.
+A worker never waits on this channel for a backend (DESIGN.md §4): it claims an idle slot in the
+shared-memory table with a compare-and-swap, using its holder id from the Welcome, or sends its
+transaction through the broker's proxy on its parking connection. ``proxy_only``: the pool's backends
+use TLS, so no fd can be handed off, and ``holder`` is 0 (nothing may be claimed).
 
-``proxy_only`` (version 2): the pool's backends use TLS, so no fd can be handed off; the worker's
-connections send their queries on the parking connection instead, which the broker proxies, and
-never Acquire.
+:class:`Deny` is also what the broker's pool answers its proxy sessions (inside the broker).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import struct
 
 import attrs
 
-VERSION = 2  # 2: Welcome.proxy_only
+VERSION = 3  # 2: Welcome.proxy_only; 3: claims in the table (Welcome.holder, Fd, Want, Poke, Dirty)
 MAX_MESSAGE = 4096  # every message is small; a larger packet is a protocol violation
 
 
@@ -65,21 +68,7 @@ class Welcome:
     broker_pid: int
     max_size: int
     proxy_only: bool = False
-
-
-@attrs.frozen
-class Acquire:
-    request: int
-    parking: int  # the BackendKeyData pid the broker gave the worker's parking connection
-
-
-@attrs.frozen
-class Grant:
-    request: int
-    slot: int
-    generation: int
-    backend_pid: int
-    has_fd: bool
+    holder: int = 0  # this channel's holder id in the slot words (0: it may claim nothing)
 
 
 @attrs.frozen
@@ -90,6 +79,23 @@ class Deny:
 
 
 @attrs.frozen
+class Fd:
+    slot: int
+    generation: int  # the slot's full generation (the slot word holds its low 24 bits)
+    backend_pid: int
+
+
+@attrs.frozen
+class Want:
+    slot: int
+
+
+@attrs.frozen
+class Poke:
+    pass
+
+
+@attrs.frozen
 class Release:
     slot: int
     generation: int
@@ -97,19 +103,19 @@ class Release:
 
 
 @attrs.frozen
-class Abandon:
-    request: int
+class Dirty:
+    parking: int
 
 
-Message = Hello | Welcome | Acquire | Grant | Deny | Release | Abandon
+Message = Hello | Welcome | Deny | Fd | Want | Poke | Release | Dirty
 
 _HELLO = struct.Struct("!HI")
-_WELCOME = struct.Struct("!HIIB")
-_ACQUIRE = struct.Struct("!II")
-_GRANT = struct.Struct("!IHIIB")
+_WELCOME = struct.Struct("!HIIBI")
 _DENY = struct.Struct("!IB")
+_FD = struct.Struct("!HII")
+_WANT = struct.Struct("!H")
 _RELEASE = struct.Struct("!HIB")
-_ABANDON = struct.Struct("!I")
+_DIRTY = struct.Struct("!I")
 
 
 def encode(msg: Message) -> bytes:
@@ -117,18 +123,20 @@ def encode(msg: Message) -> bytes:
     match msg:
         case Hello(version, pid):
             return b"H" + _HELLO.pack(version, pid)
-        case Welcome(version, broker_pid, max_size, proxy_only):
-            return b"W" + _WELCOME.pack(version, broker_pid, max_size, proxy_only)
-        case Acquire(request, parking):
-            return b"A" + _ACQUIRE.pack(request, parking)
-        case Grant(request, slot, generation, backend_pid, has_fd):
-            return b"G" + _GRANT.pack(request, slot, generation, backend_pid, has_fd)
+        case Welcome(version, broker_pid, max_size, proxy_only, holder):
+            return b"W" + _WELCOME.pack(version, broker_pid, max_size, proxy_only, holder)
         case Deny(request, code, message):
             return b"D" + _DENY.pack(request, code) + message.encode()[: MAX_MESSAGE - 16]
+        case Fd(slot, generation, backend_pid):
+            return b"F" + _FD.pack(slot, generation, backend_pid)
+        case Want(slot):
+            return b"A" + _WANT.pack(slot)
+        case Poke():
+            return b"P"
         case Release(slot, generation, outcome):
             return b"R" + _RELEASE.pack(slot, generation, outcome)
-        case Abandon(request):
-            return b"X" + _ABANDON.pack(request)
+        case Dirty(parking):
+            return b"S" + _DIRTY.pack(parking)
     raise TypeError(f"not a control message: {msg!r}")
 
 
@@ -144,22 +152,28 @@ def decode(packet: bytes) -> Message:
             case b"H":
                 return Hello(*_HELLO.unpack(body))
             case b"W":
-                version, broker_pid, max_size, proxy_only = _WELCOME.unpack(body)
-                return Welcome(version, broker_pid, max_size, bool(proxy_only))
-            case b"A":
-                return Acquire(*_ACQUIRE.unpack(body))
-            case b"G":
-                request, slot, generation, backend_pid, has_fd = _GRANT.unpack(body)
-                return Grant(request, slot, generation, backend_pid, bool(has_fd))
+                if len(body) == _WELCOME.size - 4:  # version 2's Welcome: its version tells
+                    version, broker_pid, max_size, proxy_only = struct.unpack("!HIIB", body)
+                    return Welcome(version, broker_pid, max_size, bool(proxy_only))
+                version, broker_pid, max_size, proxy_only, holder = _WELCOME.unpack(body)
+                return Welcome(version, broker_pid, max_size, bool(proxy_only), holder)
             case b"D":
                 request, code = _DENY.unpack_from(body)
                 text = body[_DENY.size :].decode("utf-8", "replace")
                 return Deny(request, DenyCode(code), text)
+            case b"F":
+                return Fd(*_FD.unpack(body))
+            case b"A":
+                return Want(*_WANT.unpack(body))
+            case b"P":
+                if body:
+                    raise ValueError("Poke has no body")
+                return Poke()
             case b"R":
                 slot, generation, outcome = _RELEASE.unpack(body)
                 return Release(slot, generation, Outcome(outcome))
-            case b"X":
-                return Abandon(*_ABANDON.unpack(body))
+            case b"S":
+                return Dirty(*_DIRTY.unpack(body))
     except (struct.error, ValueError) as exc:
         raise ControlError(f"malformed control message {tag!r} ({len(body)} bytes): {exc}") from exc
     raise ControlError(f"unknown control message tag {tag!r}")

@@ -16,10 +16,10 @@ ones run. Each pair is compared on the same streams, cut at every byte, by ``tes
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Callable
 
+from .. import _cmodule
 from .frames import MAX_FRAME
 
 # Flags in scan_server's result.
@@ -117,15 +117,10 @@ scan_server: ScanServer = scan_server_py
 scan_client: ScanClient = scan_client_py
 IMPLEMENTATION = "python"
 # PGREUSE_PURE_PYTHON=1: the Python references run even where the C modules are built (the proxy
-# session's C core follows the same switch, see pgreuse.broker.proxy).
-PURE_PYTHON = os.environ.get("PGREUSE_PURE_PYTHON", "") not in ("", "0")
-if not PURE_PYTHON:
-    try:
-        from .._speedups import scan_client as _c_scan_client
-        from .._speedups import scan_server as _c_scan_server
-    except ImportError:  # not built (no C compiler at install time): the references serve
-        pass
-    else:
-        scan_server = _c_scan_server
-        scan_client = _c_scan_client
-        IMPLEMENTATION = "c"
+# session's C core and the slot words follow the same switch, pgreuse._cmodule).
+PURE_PYTHON = _cmodule.PURE_PYTHON
+_speedups = _cmodule.load("_speedups")
+if _speedups is not None:
+    scan_server = _speedups.scan_server
+    scan_client = _speedups.scan_client
+    IMPLEMENTATION = "c"

@@ -1,8 +1,10 @@
 """Slot states and the one transition function.
 
 A slot is one place in the pool for one backend connection. Its state says who may touch the backend's
-socket: the broker (``connecting``, ``idle``, ``resetting``), exactly one holder process (``lent``), or
-nobody (``closed``). Like PgBouncer's ``change_server_state()``, :func:`check_transition` is the only
+socket: the broker (``connecting``, ``idle``, ``resetting``), exactly one holder (``lent``), or
+nobody (``closed``). ``shared`` is the broker's word for a slot it handed to the shared-memory table:
+there it is idle for any worker to claim, or lent to the worker that did, and only the slot word
+(:mod:`pgreuse.slots`) says which; the broker takes it back with a compare-and-swap. Like PgBouncer's ``change_server_state()``, :func:`check_transition` is the only
 gate a state change goes through, so an impossible change is an internal error and never a silent
 corruption of the pool.
 """
@@ -18,14 +20,17 @@ class SlotState(enum.IntEnum):
     IDLE = 2
     LENT = 3
     RESETTING = 4
+    SHARED = 5  # the broker's view only: the table owns it (never in a slot word)
 
 
 TRANSITIONS: dict[SlotState, frozenset[SlotState]] = {
     SlotState.CLOSED: frozenset({SlotState.CONNECTING}),
     SlotState.CONNECTING: frozenset({SlotState.IDLE, SlotState.CLOSED}),
-    SlotState.IDLE: frozenset({SlotState.LENT, SlotState.RESETTING, SlotState.CLOSED}),
+    SlotState.IDLE: frozenset({SlotState.LENT, SlotState.RESETTING, SlotState.CLOSED, SlotState.SHARED}),
     SlotState.LENT: frozenset({SlotState.RESETTING, SlotState.CLOSED}),
     SlotState.RESETTING: frozenset({SlotState.IDLE, SlotState.CLOSED}),
+    # taken back: idle (for the proxy, a check), a worker's dirty end, or closed
+    SlotState.SHARED: frozenset({SlotState.IDLE, SlotState.RESETTING, SlotState.CLOSED}),
 }
 
 

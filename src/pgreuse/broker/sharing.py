@@ -1,0 +1,295 @@
+"""The pool's side of the shared-memory claims: slots it shares with the workers, and takes back.
+
+The slot word (:mod:`pgreuse.slots`) is the truth about who owns a slot (DESIGN.md §4). A backend the
+broker owns and nobody uses sits on the pool's idle stack, registered with the event loop; shortly
+after (:data:`SHARE_LAG`, so a proxy under load keeps its backends) the broker *shares* it: it stops
+watching its socket and stores ``IDLE(nobody)`` in the word. From then on the pool calls it
+``SHARED``: any worker process may claim it with a compare-and-swap and give it back the same way,
+and the broker does not know which at any moment. The broker takes a shared slot back with the
+same compare-and-swap (:meth:`SharedSlots._own`): to lend it to a proxy client, to reset it after
+a worker's dirty end, to close it when its holder died, its lease ran over ``--max-lease-time``, or
+PostgreSQL hung up on it.
+
+Every worker process holds a copy of every shared backend's socket (sent with ``Fd`` when its
+control channel opens and for each new generation), so closing the broker's copy ends nothing:
+:meth:`Pool._close` ends a backend with ``shutdown()``, which reaches every copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import time
+from typing import TYPE_CHECKING, Any
+
+from .. import slots
+from ..shm import CLOSED_GATE
+from ..wire import control
+from ..wire.states import CloseReason, SlotState
+
+if TYPE_CHECKING:
+    from collections import deque
+
+    from ..shm import Table
+    from .config import BrokerConfig
+    from .pool import Backend, Client, Waiter
+
+logger = logging.getLogger("pgreuse.broker")
+
+# Longest a backend the proxy gave back stays on the broker's idle stack before workers may claim
+# it: a proxy client's next transaction, tens of microseconds later, then finds it registered with
+# the loop already (sharing and taking back cost two epoll_ctl calls).
+SHARE_LAG = 0.001
+_RDHUP = getattr(select, "POLLRDHUP", 0x2000)
+_SHARED, _IDLE, _LENT = SlotState.SHARED, SlotState.IDLE, SlotState.LENT
+MAX_FD_BACKLOG = 64  # Fd messages owed to a worker that reads nothing: later ones it asks for
+
+
+class SharedSlots:
+    """Mixin of :class:`pgreuse.broker.pool.Pool`: the shared slots and the workers' channels."""
+
+    if TYPE_CHECKING:
+        config: BrokerConfig
+        table: Table
+        slots: list[Backend]
+        idle: list[Backend]
+        waiters: deque[Waiter]
+        paused: bool
+        closing: bool
+        proxy_only: bool | None
+
+        def _transition(self, b: Backend, new: SlotState, reason: str, *, publish: bool = True) -> None: ...
+        def _close(self, b: Backend, reason: CloseReason, *, graceful: bool) -> None: ...
+        def _make_idle(self, b: Backend, *, lazy: bool = False) -> None: ...
+        def _watch(self, b: Backend) -> None: ...
+        def _unwatch(self, b: Backend) -> None: ...
+        def _spawn(self, coro: Any) -> None: ...
+        def _reset(self, b: Backend) -> Any: ...
+        def _publish(self, b: Backend) -> None: ...
+
+    def _init_sharing(self) -> None:
+        # Workers may claim only where the table has atomics (the C module) and backends are
+        # plaintext (a TLS backend's state lives in the broker). --reset-every-lease: every
+        # transaction goes through the proxy, which resets the backend after each.
+        self.claims = self.table.claims and not self.config.reset_every_lease
+        self.shared: list[Backend] = []
+        self.workers: set[Client] = set()
+
+    @property
+    def sharing(self) -> bool:
+        return self.claims and self.proxy_only is False and not self.closing and not self.paused
+
+    # -- sharing and taking back ------------------------------------------------------------------
+
+    def share_idle(self) -> None:
+        """Share every backend on the idle stack (they were idle for up to :data:`SHARE_LAG`)."""
+        if not self.sharing or self.waiters:
+            return
+        while self.idle:
+            b = self.idle.pop()
+            self._unwatch(b)  # a worker may use the socket from now on
+            self._transition(b, _SHARED, "shared", publish=False)
+            # The whole record first (it may lag, see TABLE_LAG), then the word that lets workers in.
+            self.table.write_slot_values(b.index, _IDLE, b.close_reason, b.dirty, b.generation, b.pid,
+                                         0, 0, b.leases, b.use_ns, b.opened_at)  # fmt: skip
+            self.table.slots.store(b.index, slots.make(_IDLE, b.generation, slots.NOBODY))  # type: ignore[union-attr]
+            self.shared.append(b)
+
+    def _own(self, b: Backend, word: int) -> bool:
+        """Take shared slot ``b`` back if its word is still ``word``; its holder becomes the broker.
+        The caller then moves ``b`` out of ``SHARED``."""
+        taken = slots.make(slots.state_of(word), b.generation, slots.BROKER)
+        if not self.table.slots.cas(b.index, word, taken):  # type: ignore[union-attr]
+            return False
+        self.shared.remove(b)
+        b.leases, b.use_ns = self.table.lease_counts(b.index)
+        return True
+
+    def _take_idle(self, b: Backend) -> bool:
+        """Take shared ``b`` back if nobody holds it: it is then ``IDLE`` and watched again."""
+        if not self._own(b, slots.make(_IDLE, b.generation, slots.NOBODY)):
+            return False
+        self._transition(b, _IDLE, "taken back", publish=False)
+        self._watch(b)
+        return True
+
+    def take_back_for_waiters(self) -> None:
+        """Lend shared backends nobody holds to the proxy's waiters (after a worker's poke)."""
+        for b in list(self.shared):
+            if not self.waiters or self.paused or self.closing:
+                return
+            if self._take_idle(b):
+                self._make_idle(b)  # the first waiter gets it
+
+    def take_back_idle(self) -> None:
+        """Take back every shared slot nobody holds (PAUSE)."""
+        for b in list(self.shared):
+            if self._take_idle(b):
+                self.idle.append(b)
+
+    def lent_now(self) -> int:
+        """Backends lent now, to proxy clients or to workers."""
+        return sum(1 for b in self.slots if self.seen(b)[0] is _LENT)
+
+    def publish_pending(self) -> None:
+        """The proxy's queue length, at once: a worker that sees it claims nothing (FIFO), and one
+        that gives a slot back while it is not 0 pokes the broker. While the pool is paused or
+        closing, :data:`shm.CLOSED_GATE` is added: nobody claims, everything queues in the proxy."""
+        n = len(self.waiters)
+        if self.paused or self.closing:
+            n += CLOSED_GATE
+        if self.claims:
+            self.table.set_pending(n)
+        else:
+            self.table.set("pending", n)
+
+    # -- the workers ------------------------------------------------------------------------------
+
+    def join(self, client: Client) -> None:
+        """A worker's control channel opened: send it every open slot's fd."""
+        self.workers.add(client)
+        for b in self.slots:
+            self._send_fd(client, b)
+
+    def leave(self, client: Client) -> None:
+        self.workers.discard(client)
+
+    def want(self, client: Client, index: int) -> None:
+        """A worker lacks slot ``index``'s fd (it did not read it in time, or it was not sent)."""
+        if 0 <= index < len(self.slots):
+            client.fds.pop(index, None)
+            self._send_fd(client, self.slots[index])
+
+    def push_fd(self, b: Backend) -> None:
+        """``b`` has a new backend: every worker gets its fd before the slot can be claimed."""
+        for client in self.workers:
+            self._send_fd(client, b)
+
+    def _send_fd(self, client: Client, b: Backend) -> None:
+        if (
+            b.sock is None
+            or b.tls is not None
+            or b.state in (SlotState.CLOSED, SlotState.CONNECTING)
+            or client.fds.get(b.index) == b.generation
+            or getattr(client, "backlog", 0) >= MAX_FD_BACKLOG
+        ):
+            return
+        client.fds[b.index] = b.generation
+        client.send(control.Fd(b.index, b.generation, b.pid), b.sock.fileno())
+
+    def worker_release(self, client: Client, index: int, generation: int, outcome: control.Outcome) -> None:
+        """A worker's dirty or broken end of a claimed slot: reset it, or replace it."""
+        if not 0 <= index < len(self.slots):
+            logger.warning("pid %d released slot %d, which does not exist", client.pid, index)
+            return
+        b = self.slots[index]
+        holder = getattr(client, "holder", 0)
+        word = slots.make(_LENT, generation, holder)
+        if b.generation != generation or b.state is not _SHARED or not self._own(b, word):
+            logger.debug("pid %d released slot %d gen %d, which it does not hold", client.pid, index,
+                         generation)  # fmt: skip
+            return
+        self._count_worker_lease(b)
+        if outcome is control.Outcome.BROKEN:
+            self._close(b, CloseReason.CLIENT_REPORTED_BROKEN, graceful=False)
+            return
+        if outcome is control.Outcome.CLEAN:  # (a clean end needs no message: see Channel.give_back)
+            self._transition(b, _IDLE, "clean (told)")
+            self._watch(b)
+            self._make_idle(b)
+            return
+        self._transition(b, SlotState.RESETTING, outcome.name.lower())
+        b.dirty = True
+        self._spawn(self._reset(b))
+
+    def _count_worker_lease(self, b: Backend) -> None:
+        """A worker's lease that ended without its own count (a dirty, broken or dead end)."""
+        _parking, _pid, started = self.table.holder_fields(b.index)
+        if started:
+            used = max(0, time.monotonic_ns() - started)
+            b.leases += 1
+            b.use_ns += used
+            self.table.count_unqueued_lease(used)
+
+    def worker_gone(self, client: Client) -> None:
+        """A worker's control channel closed: every slot it holds is in an unknown protocol state
+        (a dead worker's unread result would come back as the answer to the next query)."""
+        self.workers.discard(client)
+        holder = getattr(client, "holder", 0)
+        if holder < slots.FIRST_WORKER:
+            return
+        for b in list(self.shared):
+            word = slots.make(_LENT, b.generation, holder)
+            if self._own(b, word):
+                logger.warning(
+                    "slot %d: holder pid %d went away holding backend pid %d; closing it",
+                    b.index, client.pid, b.pid,
+                )  # fmt: skip
+                self._count_worker_lease(b)
+                self._close(b, CloseReason.HOLDER_EXITED, graceful=False)
+
+    def shared_lease_of(self, parking: int) -> Backend | None:
+        """The shared slot a worker claimed for parking connection ``parking`` (for a cancel)."""
+        for b in self.shared:
+            word = self.table.word(b.index)
+            if slots.state_of(word) is _LENT and self.table.holder_fields(b.index)[0] == parking:
+                return b
+        return None
+
+    def seen(self, b: Backend) -> tuple[SlotState, int, str | None, int, int, int]:
+        """Slot ``b`` as the admin console shows it, shared or not: state, holder pid, holder kind
+        (``proxy``/``handoff``), leases, lease start (monotonic ns, 0 if not lent), parking key."""
+        if b.state is not _SHARED:
+            holder = b.holder
+            kind = None if holder is None else "proxy" if holder.in_process else "handoff"
+            return (b.state, holder.pid if holder else 0, kind, b.leases, b.lease_started_ns,
+                    b.parking)  # fmt: skip
+        word = self.table.word(b.index)
+        parking, pid, started = self.table.holder_fields(b.index)
+        leases = self.table.lease_counts(b.index)[0]
+        if slots.state_of(word) is _LENT and slots.holder_of(word) >= slots.FIRST_WORKER:
+            return _LENT, pid, "handoff", leases, started, parking
+        return _IDLE, 0, None, leases, 0, 0
+
+    # -- upkeep -----------------------------------------------------------------------------------
+
+    def tick_shared(self, now_ns: int) -> None:
+        """The janitor's part for shared slots: overdue leases, backends PostgreSQL hung up on."""
+        limit_ns = int(self.config.max_lease_time * 1e9)
+        for b in list(self.shared):
+            word = self.table.word(b.index)
+            lent = slots.state_of(word) is _LENT
+            if lent and limit_ns:
+                started = self.table.holder_fields(b.index)[2]
+                if started and now_ns - started > limit_ns and self._own(b, word):
+                    logger.warning(
+                        "slot %d: pid %d held backend pid %d for %.1fs (--max-lease-time %g); revoking",
+                        b.index, self.table.holder_fields(b.index)[1], b.pid, (now_ns - started) / 1e9,
+                        self.config.max_lease_time,
+                    )  # fmt: skip
+                    self._count_worker_lease(b)
+                    self._close(b, CloseReason.REVOKED, graceful=False)
+                    continue
+            if b.sock is None:
+                continue
+            p = select.poll()
+            p.register(b.sock.fileno(), _RDHUP)
+            if p.poll(0) and self._own(b, word):
+                logger.warning("slot %d: backend pid %d hung up while %s; replacing it", b.index, b.pid,
+                               "lent to a worker" if lent else "idle")  # fmt: skip
+                if lent:
+                    self._count_worker_lease(b)
+                self._close(b, CloseReason.DIED_WHILE_LENT if lent else CloseReason.SERVER_CLOSED,
+                            graceful=False)  # fmt: skip
+        if self.waiters:
+            self.take_back_for_waiters()  # a poke lost to a full channel costs one tick at most
+
+    def close_shared(self, *, force: bool) -> bool:
+        """Shutdown: close the shared backends nobody holds (``force``: held ones too). True when
+        none is left."""
+        for b in list(self.shared):
+            word = self.table.word(b.index)
+            if slots.holder_of(word) == slots.NOBODY or force:
+                if self._own(b, word):
+                    self._close(b, CloseReason.SHUTDOWN, graceful=slots.state_of(word) is _IDLE)
+        return not self.shared
