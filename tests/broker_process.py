@@ -13,7 +13,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 import pgreuse
 from pgreuse.client.channel import broker_accepts
-from pgreuse.slots import BROKER
+from pgreuse.slots import NOBODY
 from pgreuse.wire.states import SlotState
 from pgreuse.shm import Snapshot, Table, TableError, table_path
 
@@ -71,8 +71,8 @@ class BrokerProcess:
 
     def settle(self, timeout: float = 2.0) -> None:
         """Give the broker a moment to share its idle backends with the workers (it does within
-        SHARE_LAG of their last use), so a test's first transaction claims one instead of going
-        through the proxy. No error if it does not: a test may hold every backend."""
+        SHARE_LAG of their last use, or of a reset), so a test's next transaction claims one instead
+        of going through the proxy. No error if it does not: a test may hold a backend."""
         t = Table.open(table_path(self.socket_dir, self.port))
         try:
             if not t.claims:
@@ -80,10 +80,8 @@ class BrokerProcess:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
                 slots = t.snapshot().slots
-                if not any(
-                    s.state is SlotState.CONNECTING or (s.state is not SlotState.CLOSED and s.holder == BROKER)
-                    for s in slots
-                ):
+                if all(s.state is SlotState.CLOSED or (s.state is SlotState.IDLE and s.holder == NOBODY)
+                       for s in slots):  # fmt: skip
                     return
                 time.sleep(0.005)
         finally:

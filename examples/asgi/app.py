@@ -36,11 +36,10 @@ async def visit(request: Request) -> JSONResponse:
         await conn.execute(
             "insert into visits (path, worker) values (%s, %s)", (request.url.path, os.getpid())
         )
-        cur = await conn.execute("select count(*) from visits")
+        cur = await conn.execute("select count(*), pg_backend_pid() from visits")
         row = await cur.fetchone()
-        lease = conn.lease
-        assert lease is not None and row is not None
-        return JSONResponse({"visits": row[0], "backend": lease.backend_pid, "worker": os.getpid()})
+        assert row is not None
+        return JSONResponse({"visits": row[0], "backend": row[1], "worker": os.getpid()})
 
 
 async def stats(request: Request) -> JSONResponse:

@@ -29,9 +29,7 @@ def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable
     with tracer.start_as_current_span(f"{environ['REQUEST_METHOD']} {environ['PATH_INFO']}"):
         conn = _conn()
         with conn.transaction():
-            (now,) = conn.execute("select now()::text").fetchone()  # type: ignore[misc]
-            lease = conn.lease
-            assert lease is not None
-        body = json.dumps({"worker": os.getpid(), "backend": lease.backend_pid, "now": now}).encode()
+            (now, backend) = conn.execute("select now()::text, pg_backend_pid()").fetchone()  # type: ignore[misc]
+        body = json.dumps({"worker": os.getpid(), "backend": backend, "now": now}).encode()
     start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
     return [body]

@@ -12,6 +12,8 @@
 
 #include "_slotword.h"
 
+#include <poll.h>
+
 typedef struct {
     PyObject_HEAD
     Py_buffer view;
@@ -290,6 +292,47 @@ Slots_release(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromUnsignedLongLong(sw_load(word_at(self, self->pending_off)));
 }
 
+/* check(backend_fd, control_fd) -> int: one poll() with no wait, before a claimed backend is used.
+ * Bit 1: the backend's peer hung up, or something waits to be read on it (PostgreSQL ended the
+ * session while it idled in the table, or sent a FATAL before it did): not fit to lend. Bit 2: the
+ * control channel has something to read (an fd the broker pushed, or its end: the broker died). */
+static PyObject *
+check_fds(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    struct pollfd p[2];
+    long fd, ctl;
+    int n, r = 0;
+
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "check(backend_fd, control_fd)");
+        return NULL;
+    }
+    fd = PyLong_AsLong(args[0]);
+    ctl = PyLong_AsLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    p[0].fd = (int)fd;
+    p[0].events = POLLIN | POLLRDHUP;
+    p[1].fd = (int)ctl;
+    p[1].events = POLLIN;
+    p[0].revents = p[1].revents = 0;
+    n = poll(p, 2, 0);
+    if (n < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    if (p[0].revents)
+        r |= 1;
+    if (p[1].revents)
+        r |= 2;
+    return PyLong_FromLong(r);
+}
+
+static PyMethodDef module_methods[] = {
+    {"check", (PyCFunction)(void (*)(void))check_fds, METH_FASTCALL,
+     "check(backend_fd, control_fd) -> int: 1 the backend hung up or has data, 2 the control "
+     "channel has data (both may be set)."},
+    {NULL},
+};
+
 static PyMethodDef Slots_methods[] = {
     {"load", (PyCFunction)Slots_load, METH_O, "The slot word of slot i."},
     {"cas", (PyCFunction)(void (*)(void))Slots_cas, METH_FASTCALL,
@@ -318,7 +361,8 @@ static PyTypeObject SlotsType = {
 };
 
 static struct PyModuleDef slots_module = {
-    PyModuleDef_HEAD_INIT, "pgreuse._slots", "Slot words of the shared-memory table (C).", -1, NULL,
+    PyModuleDef_HEAD_INIT, "pgreuse._slots", "Slot words of the shared-memory table (C).", -1,
+    module_methods,
 };
 
 PyMODINIT_FUNC

@@ -64,6 +64,7 @@ _PROXY_REFUSALS: tuple[tuple[str, str, type[psycopg.OperationalError]], ...] = (
     ("08P01", "query_wait_timeout: pgreuse broker: ", PoolTimeout),
     ("53300", "pgreuse broker: ", TooManyRequests),
     ("08006", "pgreuse broker: ", BackendUnavailable),
+    ("57P01", "pgreuse broker: ", PoolClosed),
 )
 
 

@@ -15,8 +15,10 @@ module with (tests/test_slots.py).
 from __future__ import annotations
 
 import mmap
+import select
 import struct
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from . import _cmodule
@@ -154,8 +156,23 @@ class PySlots:
         pass
 
 
+BACKEND_UNFIT = 1  # check(): the backend's peer hung up, or data waits on it
+CONTROL_READABLE = 2  # check(): the control channel has something to read
+
+
+def check_py(backend_fd: int, control_fd: int) -> int:
+    """The reference of ``_slots.check``: one poll of both, with no wait."""
+    p = select.poll()
+    p.register(backend_fd, select.POLLIN | _RDHUP)
+    p.register(control_fd, select.POLLIN)
+    ready = dict(p.poll(0))
+    return (BACKEND_UNFIT if ready.get(backend_fd) else 0) | (CONTROL_READABLE if ready.get(control_fd) else 0)
+
+
+_RDHUP = getattr(select, "POLLRDHUP", 0x2000)
 _c = _cmodule.load("_slots")
 # True when workers may claim slots: the atomics exist. Without them the broker lends every backend
 # through its proxy.
 ATOMIC = _c is not None
 Slots: type[SlotsAPI] = _c.Slots if _c is not None else PySlots
+check: Callable[[int, int], int] = _c.check if _c is not None else check_py

@@ -5,8 +5,10 @@ is started while the global tracer provider is the API's placeholder. With an SD
 worker after fork, see docs/observability.md):
 
 Spans
-    One span ``pgreuse.lease`` per lease, from the request to the broker until the backend is given
-    back, with an event ``pgreuse.lease.granted`` where the wait ends and the hold begins. It is
+    One span ``pgreuse.lease`` per transaction. A claimed backend's span runs from the claim until
+    the backend is given back, with an event ``pgreuse.lease.granted`` at the claim; a transaction
+    that went through the broker's proxy has outcome ``proxied`` and runs until it is over (its wait
+    in the proxy is inside it: the broker's table counts it in the pool's wait histogram). It is
     started with the application's current span as parent (a Django/Flask request span, or the
     statement span of ``opentelemetry-instrumentation-psycopg``), and never made current itself: a
     lease outlives the ``wait()`` call that took it, and a context attached in one call and detached in
@@ -75,6 +77,7 @@ LEASE_WAIT = "pgreuse.lease.wait_time"
 RELEASE = "pgreuse.lease.release"  # how the backend went back: clean, dirty (reset first), broken
 
 OUTCOME_GRANTED = "granted"
+OUTCOME_PROXIED = "proxied"  # no backend was idle (or the proxy had waiters): through the broker
 OUTCOME_TIMEOUT = "timeout"
 OUTCOME_BROKEN = "broken"  # granted, then the backend failed while held
 OUTCOME_UNAVAILABLE = "unavailable"  # PostgreSQL unreachable, or the broker gone
@@ -476,6 +479,33 @@ def lease_released(
         span.set_attribute(OUTCOME, OUTCOME_BROKEN)
         span.set_attribute(ERROR_TYPE, OUTCOME_BROKEN)
         span.set_status(Status(StatusCode.ERROR, f"backend pid {lease.backend_pid} failed while leased"))
+    span.end()
+
+
+def proxied_started(pool: PoolTelemetry | None) -> LeaseSpan | None:
+    """A transaction goes through the broker's proxy: open its span."""
+    if pool is None:
+        return None
+    p = _get()
+    if not p.tracing():
+        return None
+    span = p.tracer.start_span(SPAN_NAME, attributes=pool.span_attributes)
+    span.set_attribute(OUTCOME, OUTCOME_PROXIED)
+    return LeaseSpan(span)
+
+
+def proxied_ended(pool: PoolTelemetry | None, lease_span: LeaseSpan | None, exc: BaseException | None) -> None:
+    """A proxied transaction is over (``exc``: the proxy refused it, e.g. PoolTimeout)."""
+    if lease_span is None:
+        return
+    span = lease_span.span
+    if exc is not None:
+        now = time.time_ns()
+        span.set_attributes({OUTCOME: _outcome(exc), ERROR_TYPE: f"{type(exc).__module__}.{type(exc).__qualname__}"})
+        span.record_exception(exc, timestamp=now)
+        span.set_status(Status(StatusCode.ERROR, str(exc)))
+        span.end(now)
+        return
     span.end()
 
 

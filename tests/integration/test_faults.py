@@ -175,7 +175,7 @@ def test_broker_killed_and_restarted(make_broker):
     assert conn.closed  # broken for good, like a connection whose server went away
     conn.close()
     broker.start()  # finds the stale socket files and replaces them
-    with pytest.raises(pgreuse.BrokerUnavailable, match="not known to this broker"):
+    with pytest.raises(pgreuse.BrokerUnavailable, match="stopped or restarted"):
         idle.execute("select 1")
     assert idle.closed
     idle.close()

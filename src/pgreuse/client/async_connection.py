@@ -19,7 +19,6 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from .. import errors
 from .channel import AsyncChannel, async_channel_for
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
@@ -71,27 +70,17 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
 
     async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         if self._needs_lease(gen):
-            await self._take_lease()
+            self._claim()  # (never waits: a claim in the table, or the proxy)
         try:
             return await super().wait(gen, *args, **kwargs)
         except psycopg.Error as exc:
-            # A transaction that waited in the broker's proxy and was refused there: the pool
-            # error that names it (PoolTimeout, TooManyRequests...), as psycopg_pool raises.
-            mapped = errors.from_proxy_refusal(exc)
-            if mapped is None:
+            mapped = self._refused(exc)
+            if mapped is exc:
                 raise
             raise mapped from exc
         finally:
             await self._after_wait()
 
-    async def _take_lease(self) -> None:
-        assert self._channel is not None
-        if self._channel.dead:
-            # See Connection._take_lease.
-            with contextlib.suppress(psycopg.Error):
-                old, self._channel = self._channel, await async_channel_for(self._channel.path)
-                old.drop_user()
-        self._claim()
 
     async def _after_wait(self) -> None:
         steps = self._after_wait_steps()

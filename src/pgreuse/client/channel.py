@@ -159,24 +159,39 @@ class ChannelBase:
             return None
         claim = table.slots.claim  # type: ignore[union-attr]
         with self._lock:
-            got = claim(self.holder, self._start, self._gens, parking, self.pid)
-            if got <= -3:
-                # An idle slot of a generation whose fd has not been read yet: read, try again.
-                self._drain_locked()
-                if self._dead is not None:
-                    return None
+            for _attempt in range(len(self._fds)):
                 got = claim(self.holder, self._start, self._gens, parking, self.pid)
-            if got < 0:
                 if got <= -3:
-                    self._want(-3 - got)
-                return None
-            try:
-                os.dup2(self._fds[got], fd_number, inheritable=False)
-            except BaseException:
-                # Nothing was sent on it: it goes back as it was.
-                table.slots.release(got, self.holder, self._gens[got])  # type: ignore[union-attr]
-                raise
-            return got, self._full[got], self._pids[got]
+                    # An idle slot of a generation whose fd has not been read yet: read, retry.
+                    self._drain_locked()
+                    if self._dead is not None:
+                        return None
+                    got = claim(self.holder, self._start, self._gens, parking, self.pid)
+                if got < 0:
+                    if got <= -3:
+                        self._want(-3 - got)
+                    return None
+                fd, gen = self._fds[got], self._gens[got]
+                seen = slots.check(fd, self.sock.fileno())
+                if seen & slots.CONTROL_READABLE:
+                    self._drain_locked()  # new fds, or the broker's end
+                    if self._dead is not None:
+                        # The broker died: this table and its backends are not ours to use.
+                        table.slots.release(got, self.holder, gen)  # type: ignore[union-attr]
+                        return None
+                if seen & slots.BACKEND_UNFIT:
+                    # PostgreSQL ended that session while it sat idle in the table (a restart, a
+                    # terminate): the broker replaces it; this transaction tries another slot.
+                    self.report(got, self._full[got], control.Outcome.BROKEN)
+                    continue
+                try:
+                    os.dup2(fd, fd_number, inheritable=False)
+                except BaseException:
+                    # Nothing was sent on it: it goes back as it was.
+                    table.slots.release(got, self.holder, gen)  # type: ignore[union-attr]
+                    raise
+                return got, self._full[got], self._pids[got]
+            return None
 
     def give_back(self, slot: int, generation: int) -> None:
         """A clean end: the slot goes back idle in the table; the broker hears of it only when its
@@ -238,7 +253,7 @@ class ChannelBase:
             for fd in fds:
                 os.close(fd)
             self._died("the broker closed the control channel (it stopped or restarted)")
-            raise self._dead_error()
+            raise self.dead_error()
         for extra in fds[1:]:  # a broker sends one fd per message at most
             os.close(extra)
         try:
@@ -272,7 +287,7 @@ class ChannelBase:
     def _send(self, msg: control.Message) -> None:
         """Send one small packet without blocking; keep it (in order) when the socket is full."""
         if self._dead:
-            raise self._dead_error()
+            raise self.dead_error()
         data = control.encode(msg)
         outbox = self._outbox
         if outbox:
@@ -280,7 +295,7 @@ class ChannelBase:
         if outbox or not self._try_send(data):
             if len(outbox) >= MAX_OUTBOX:
                 self._dead = f"the broker read nothing from this process for {MAX_OUTBOX} messages"
-                raise self._dead_error()
+                raise self.dead_error()
             outbox.append(data)
 
     def _flush(self) -> None:
@@ -301,7 +316,7 @@ class ChannelBase:
             raise errors.BrokerUnavailable(f"pgreuse broker at {self.path} went away: {exc}") from exc
         return True
 
-    def _dead_error(self) -> errors.BrokerUnavailable:
+    def dead_error(self) -> errors.BrokerUnavailable:
         return errors.BrokerUnavailable(f"pgreuse broker at {self.path}: {self._dead}")
 
     def _hello_reply(self, got: tuple[control.Message, int | None]) -> control.Message:

@@ -18,7 +18,6 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from .. import errors
 from .channel import Channel, channel_for
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
@@ -76,27 +75,17 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         if self._needs_lease(gen):
-            self._take_lease()
+            self._claim()  # (never waits: a claim in the table, or the proxy)
         try:
             return super().wait(gen, *args, **kwargs)
         except psycopg.Error as exc:
-            # A transaction that waited in the broker's proxy and was refused there: the pool
-            # error that names it (PoolTimeout, TooManyRequests...), as psycopg_pool raises.
-            mapped = errors.from_proxy_refusal(exc)
-            if mapped is None:
+            mapped = self._refused(exc)
+            if mapped is exc:
                 raise
             raise mapped from exc
         finally:
             self._after_wait()
 
-    def _take_lease(self) -> None:
-        assert self._channel is not None
-        if self._channel.dead:
-            # The broker restarted: this connection's parking socket went with it, and psycopg
-            # reports that on this very wait; a new connection gets the new broker's channel.
-            with contextlib.suppress(psycopg.Error):
-                self._channel = channel_for(self._channel.path)
-        self._claim()
 
     def _after_wait(self) -> None:
         steps = self._after_wait_steps()

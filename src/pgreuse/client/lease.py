@@ -147,6 +147,7 @@ class LeaseCore:
     _owner_pid: int = 0
     _home: int = -1  # a dup of the parking socket, swapped back onto libpq's fd at every release
     _proxying: bool = False  # the current transaction goes through the broker's proxy
+    _proxy_span: telemetry.LeaseSpan | None = None
     _lease_timeout: float = DEFAULT_LEASE_TIMEOUT
     _session_dirty: bool = False
     _baseline: dict[str, str | None]
@@ -233,9 +234,16 @@ class LeaseCore:
 
     @property
     def lease(self) -> Lease | None:
-        """The backend leased right now, or ``None`` between transactions."""
+        """The backend claimed right now, or ``None``: between transactions, and in a transaction
+        that goes through the broker's proxy (:attr:`proxied`)."""
         held = self._held
         return held.lease if held else None
+
+    @property
+    def proxied(self) -> bool:
+        """The current transaction goes through the broker's proxy: no backend was idle when it
+        began, or the proxy had waiters (they go first), or the pool's backends use TLS."""
+        return self._proxying
 
     def _describe(self) -> str:
         held = self._held
@@ -274,8 +282,14 @@ class LeaseCore:
         assert channel is not None
         fd_number = self.pgconn.socket
         got = channel.claim_into(self.pgconn.backend_pid, fd_number) if channel.claims else None
+        if channel.dead:
+            # The broker that parked this connection is gone (its channel ended): it can never
+            # lease again, and its parking socket is dead too.
+            self._lost_broker()
+            raise channel.dead_error()
         if got is None:
             self._proxying = True
+            self._proxy_span = telemetry.proxied_started(self._telemetry())
             if self._session_dirty:
                 # The statement that dirtied the session is about to go through the proxy: the
                 # broker must reset that backend before it lends it again.
@@ -306,7 +320,7 @@ class LeaseCore:
             if self._proxying and self._idle_now():
                 # Through the proxy: no lease to give back, but a changed reported parameter must
                 # still be put back in libpq's cache (the broker resets the backend itself).
-                self._proxying = False
+                self._proxied_over(None)
                 return AfterWait.PROXIED_IDLE
             return AfterWait.KEEP
         if self.pgconn.status == pq.ConnStatus.BAD:
@@ -370,6 +384,23 @@ class LeaseCore:
         else:
             channel.give_back(lease.slot, lease.generation)
         telemetry.lease_released(self._telemetry(), lease, held.span, broken=broken, dirty=dirty)
+
+    def _proxied_over(self, refused: BaseException | None) -> None:
+        """The transaction that went through the proxy is over (``refused``: the proxy said why)."""
+        self._proxying = False
+        span, self._proxy_span = self._proxy_span, None
+        telemetry.proxied_ended(self._telemetry(), span, refused)
+
+    def _refused(self, exc: psycopg.Error) -> psycopg.Error:
+        """The error to raise for ``exc`` from a ``wait()``: a transaction that waited in the broker's
+        proxy and was refused there raises the pool error that names it (PoolTimeout,
+        TooManyRequests...), as psycopg_pool does."""
+        mapped = errors.from_proxy_refusal(exc)
+        if mapped is None:
+            return exc
+        if self._proxying:
+            self._proxied_over(mapped)
+        return mapped
 
     def _take_dirty(self) -> bool:
         dirty, self._session_dirty = self._session_dirty, False

@@ -16,9 +16,13 @@ import pgreuse
 from .models import Note
 
 
-def lease() -> pgreuse.Lease | None:
+def lease() -> pgreuse.Lease | str | None:
+    """The backend held now: the claimed one, ``"proxied"`` for a transaction that goes through the
+    broker's proxy (no backend was idle when it began), or ``None`` between transactions."""
     conn = connection.connection
     assert isinstance(conn, pgreuse.Connection), type(conn)
+    if conn.lease is None and conn.proxied:
+        return "proxied"
     return conn.lease
 
 

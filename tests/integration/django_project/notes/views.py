@@ -14,6 +14,8 @@ def notes(request: HttpRequest) -> JsonResponse:
     if request.method == "POST":
         with transaction.atomic():
             note = Note.objects.create(title=json.loads(request.body)["title"])
-            backend = connection.connection.lease.backend_pid
+            with connection.cursor() as cur:
+                cur.execute("select pg_backend_pid()")
+                (backend,) = cur.fetchone()
         return JsonResponse({"id": note.pk, "backend": backend}, status=201)
     return JsonResponse({"titles": list(Note.objects.order_by("id").values_list("title", flat=True))})
