@@ -49,7 +49,7 @@ def chart(data: dict[str, Any], summary: dict[str, Any], path: str) -> None:
     ax.set_ylabel(f"throughput relative to {norm} (= 1.0; higher is better)")
     title = (
         f"Throughput relative to {norm} (median of per-round ratios, "
-        f"{meta['rounds']} rounds x {meta['duration']:g}s per run)"
+        f"{meta['rounds']} round(s) x {meta['duration']:g}s per run)"
     )
     if LEASE in summary:
         title += f"\nlease + release alone: {summary[LEASE]['difference_us']:+.1f} µs per transaction"
@@ -59,8 +59,12 @@ def chart(data: dict[str, Any], summary: dict[str, Any], path: str) -> None:
     fig.text(
         0.01,
         0.01,
-        f"PostgreSQL {v['postgresql']}, {v.get('pgbouncer', '')}, pgreuse {v['pgreuse_commit']}, "
-        f"pool of {meta['pool_size']}, {meta['cpus']} CPUs, {meta['started']}",
+        ", ".join(
+            [f"PostgreSQL {v['postgresql']}"]
+            + ([v["pgbouncer"]] if "pgbouncer" in v else [])
+            + [f"pgreuse {v['pgreuse_commit']}", f"pool of {meta['pool_size']}"]
+            + [f"{meta['cpus']} CPUs", meta["started"]]
+        ),
         fontsize=7,
         color="#555555",
     )

@@ -253,7 +253,7 @@ def report(data: dict[str, Any], summary: dict[str, Any]) -> str:
         f"PostgreSQL {v['postgresql']}, psycopg {v['psycopg']}, pgreuse {v['pgreuse_commit']}, "
         f"{v.get('pgbouncer', 'no PgBouncer')}; {meta['cpus']} CPUs; pool of {meta['pool_size']} "
         f"(psycopg_pool: {meta['psycopg_pool_size']} per process); {meta['duration']}s per run, "
-        f"{meta['rounds']} rounds; medians over rounds, ratios per round then median",
+        f"{meta['rounds']} round(s); medians over rounds, ratios per round then median",
         "",
         f"| workload | {' | '.join(names)} | handoff / PgBouncer | handoff / dedicated | proxy / PgBouncer |",
         "|---|" + "---:|" * (len(names) + 3),
