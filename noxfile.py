@@ -10,7 +10,7 @@ nox.options.default_venv_backend = "venv"
 nox.options.reuse_venv = "yes"
 nox.options.sessions = ["lint", "typecheck", "tests"]  # demo is interactive: run it by name
 
-LINT_PATHS = ["src", "tests", "noxfile.py", "examples"]
+LINT_PATHS = ["src", "tests", "noxfile.py", "examples", "bench"]
 PASSTHROUGH_ENV = ["PGREUSE_TEST_DSN", "PGREUSE_PG_BINDIR"]
 
 # The handoff hook rests on psycopg internals, so test the oldest and newest psycopg we support
@@ -116,13 +116,20 @@ def examples(session: nox.Session) -> None:
     session.run("python", "examples/run_examples.py", *session.posargs, env=_passthrough_env())
 
 
+BENCHMARKS = ("coordinator", "lease_cost", "proxy_vs_pgbouncer", "proxy_hot_path")
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The benchmarks behind docs/numbers.md: the cost of a lease, and the proxy next to PgBouncer.
+    """The benchmarks behind docs/numbers.md. ``nox -s bench [-- <options>]`` runs
+    bench/coordinator.py: pgreuse's handoff and proxy next to PgBouncer, dedicated connections and
+    psycopg_pool on five workloads; it prints a markdown table and writes bench/results/coordinator.json
+    and docs/coordinator.png. ``nox -s bench -- <name> [<options>]`` runs bench/<name>.py instead, one
+    of lease_cost, proxy_vs_pgbouncer, proxy_hot_path; ``-- <name> --help`` lists its options.
 
-    The PgBouncer comparison needs Debian's pgbouncer package (apt-get install pgbouncer).
+    PgBouncer is needed unless ``--no-pgbouncer`` (Debian: apt-get install pgbouncer).
     """
-    session.install("-e", ".[binary]")
-    env = _passthrough_env()
-    session.run("python", "bench/lease_cost.py", env=env)
-    session.run("python", "bench/proxy_vs_pgbouncer.py", *session.posargs, env=env)
+    session.install("-e", ".[binary,bench]")
+    args = list(session.posargs)
+    name = args.pop(0) if args and args[0] in BENCHMARKS else "coordinator"
+    session.run("python", f"bench/{name}.py", *args, env=_passthrough_env())

@@ -27,130 +27,17 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import NamedTuple
+
+from _harness import PGBOUNCER_PORT, PGREUSE_PORT, cpu_seconds, env, pgbouncer, pgreuse_broker
 
 from pgreuse.devcluster import DevCluster, find_pg_bindir
 
 WORKLOADS = (("select-only", 1), ("select-only", 16), ("tpcb-like", 1), ("tpcb-like", 16))
-PGBOUNCER_PORT = 6440
-PGREUSE_PORT = 6441
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-
-
-def _wait_socket(path: str, what: str, log: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if os.path.exists(path):
-            return
-        time.sleep(0.05)
-    with open(log, errors="replace") as f:
-        tail = f.read()[-3000:]
-    raise RuntimeError(f"{what} did not create {path} within {timeout}s; its log:\n{tail}")
-
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> tuple[float, float]:
-    """User and system CPU time of process ``pid`` so far (``/proc/<pid>/stat`` fields 14, 15)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
-
-
-@contextmanager
-def pgbouncer(cluster: DevCluster, pool_size: int) -> Iterator[tuple[str, int]]:
-    exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-    if not os.path.exists(exe):
-        raise SystemExit("pgbouncer not found: apt-get install pgbouncer (Debian/Ubuntu)")
-    d = tempfile.mkdtemp(prefix="pgb-", dir="/tmp")
-    as_root = os.geteuid() == 0
-    with open(os.path.join(d, "userlist.txt"), "w") as f:
-        f.write(f'"{cluster.superuser}" ""\n')
-    with open(os.path.join(d, "pgbouncer.ini"), "w") as f:
-        f.write(
-            f"""[databases]
-{cluster.dbname} = host={cluster.socket_dir} port={cluster.port} dbname={cluster.dbname} \
-user={cluster.superuser}
-
-[pgbouncer]
-listen_addr =
-listen_port = {PGBOUNCER_PORT}
-unix_socket_dir = {d}
-auth_type = trust
-auth_file = {d}/userlist.txt
-pool_mode = transaction
-default_pool_size = {pool_size}
-min_pool_size = {pool_size}
-max_client_conn = 200
-logfile = {d}/pgbouncer.log
-pidfile = {d}/pgbouncer.pid
-admin_users = {cluster.superuser}
-"""
-        )
-    if as_root:
-        shutil.chown(d, "postgres")
-        for name in os.listdir(d):
-            shutil.chown(os.path.join(d, name), "postgres")
-    cmd = [exe, os.path.join(d, "pgbouncer.ini")]
-    if as_root:
-        cmd = ["runuser", "-u", "postgres", "--", *cmd]
-    log = os.path.join(d, "stdout.log")
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env())
-    try:
-        _wait_socket(os.path.join(d, f".s.PGSQL.{PGBOUNCER_PORT}"), "pgbouncer", log)
-        with open(os.path.join(d, "pgbouncer.pid")) as f:
-            yield d, int(f.read().strip())
-    finally:
-        # As root, proc is runuser, which does not pass signals on: stop PgBouncer by its pidfile.
-        try:
-            with open(os.path.join(d, "pgbouncer.pid")) as f:
-                os.kill(int(f.read().strip()), signal.SIGINT)
-        except (OSError, ValueError):
-            proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@contextmanager
-def pgreuse_broker(cluster: DevCluster, pool_size: int) -> Iterator[tuple[str, int]]:
-    d = tempfile.mkdtemp(prefix="pgr-b-", dir="/tmp")
-    log = os.path.join(d, "broker.log")
-    cmd = [
-        sys.executable, "-m", "pgreuse.broker", "--dsn", cluster.dsn(), "--socket-dir", d,
-        "--port", str(PGREUSE_PORT), "--max-size", str(pool_size), "--min-size", str(pool_size),
-        "--log-level", "WARNING",
-    ]  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        _wait_socket(os.path.join(d, f".s.PGREUSE.{PGREUSE_PORT}"), "the pgreuse broker", log)
-        yield d, proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 class Run(NamedTuple):
@@ -171,9 +58,9 @@ def pgbench(
         "-c", str(clients), "-j", str(min(clients, 2)), "-T", str(args.duration), "-M", args.mode,
         cluster.dbname,
     ]  # fmt: skip
-    before = _cpu_seconds(pid) if pid else (0.0, 0.0)
-    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), check=False)
-    after = _cpu_seconds(pid) if pid else (0.0, 0.0)
+    before = cpu_seconds(pid) if pid else (0.0, 0.0)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env(), check=False)
+    after = cpu_seconds(pid) if pid else (0.0, 0.0)
     if out.returncode != 0 or "failed transactions: 0 " not in out.stdout:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
     tps = re.search(r"tps = ([\d.]+)", out.stdout)
@@ -213,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cluster = DevCluster.create(max_connections=60)
     try:
         init = [os.path.join(find_pg_bindir(), "pgbench"), "-i", "-q", "-s", str(args.scale), cluster.dsn()]
-        subprocess.run(init, check=True, capture_output=True, env=_env())
+        subprocess.run(init, check=True, capture_output=True, env=env())
         runs: dict[tuple[str, int], dict[str, list[Run]]] = {w: {} for w in workloads}
         with (
             pgbouncer(cluster, args.pool_size) as (bdir, bpid),

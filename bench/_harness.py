@@ -1,0 +1,165 @@
+"""What the benchmarks share: PgBouncer and a pgreuse broker started next to a throwaway PostgreSQL,
+and the CPU time a process has spent (``/proc/<pid>/stat``).
+
+Imported by ``bench/proxy_vs_pgbouncer.py`` and ``bench/coordinator.py``; run those as scripts
+(``python bench/<name>.py``), which puts this directory on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from pgreuse.devcluster import DevCluster
+
+PGBOUNCER_PORT = 6440
+PGREUSE_PORT = 6441
+
+
+def env() -> dict[str, str]:
+    """This process's environment without ``PG*`` variables (they would redirect libpq tools)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+def wait_socket(path: str, what: str, log: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            return
+        time.sleep(0.05)
+    with open(log, errors="replace") as f:
+        tail = f.read()[-3000:]
+    raise RuntimeError(f"{what} did not create {path} within {timeout}s; its log:\n{tail}")
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of process ``pid`` so far (``/proc/<pid>/stat`` fields 14, 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return int(fields[11]) / _TICK, int(fields[12]) / _TICK
+
+
+def _print_log(what: str, log: str) -> None:
+    try:
+        with open(log, errors="replace") as f:
+            tail = f.read()[-3000:]
+    except OSError:
+        return
+    if tail:
+        print(f"--- the end of {what}'s log ({log}) ---\n{tail}", file=sys.stderr)
+
+
+def pgbouncer_exe() -> str:
+    exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+    if not os.path.exists(exe):
+        raise SystemExit("pgbouncer not found: apt-get install pgbouncer (Debian/Ubuntu)")
+    return exe
+
+
+@contextmanager
+def pgbouncer(cluster: DevCluster, pool_size: int, port: int = PGBOUNCER_PORT) -> Iterator[tuple[str, int]]:
+    """PgBouncer in transaction mode in front of ``cluster``: yields (socket dir, PgBouncer's pid).
+
+    As root, PgBouncer runs as the ``postgres`` user (it refuses root), through ``runuser``.
+    """
+    exe = pgbouncer_exe()
+    d = tempfile.mkdtemp(prefix="pgb-", dir="/tmp")
+    as_root = os.geteuid() == 0
+    with open(os.path.join(d, "userlist.txt"), "w") as f:
+        f.write(f'"{cluster.superuser}" ""\n')
+    with open(os.path.join(d, "pgbouncer.ini"), "w") as f:
+        f.write(
+            f"""[databases]
+{cluster.dbname} = host={cluster.socket_dir} port={cluster.port} dbname={cluster.dbname} \
+user={cluster.superuser}
+
+[pgbouncer]
+listen_addr =
+listen_port = {port}
+unix_socket_dir = {d}
+auth_type = trust
+auth_file = {d}/userlist.txt
+pool_mode = transaction
+default_pool_size = {pool_size}
+min_pool_size = {pool_size}
+max_client_conn = 200
+logfile = {d}/pgbouncer.log
+pidfile = {d}/pgbouncer.pid
+admin_users = {cluster.superuser}
+"""
+        )
+    if as_root:
+        shutil.chown(d, "postgres")
+        for name in os.listdir(d):
+            shutil.chown(os.path.join(d, name), "postgres")
+    cmd = [exe, os.path.join(d, "pgbouncer.ini")]
+    if as_root:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    log = os.path.join(d, "stdout.log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env())
+    try:
+        wait_socket(os.path.join(d, f".s.PGSQL.{port}"), "pgbouncer", log)
+        with open(os.path.join(d, "pgbouncer.pid")) as f:
+            pid = int(f.read().strip())
+        yield d, pid
+    except Exception:
+        _print_log("pgbouncer", os.path.join(d, "pgbouncer.log"))
+        raise
+    finally:
+        # As root, proc is runuser, which does not pass signals on: stop PgBouncer by its pidfile.
+        try:
+            with open(os.path.join(d, "pgbouncer.pid")) as f:
+                os.kill(int(f.read().strip()), signal.SIGINT)
+        except (OSError, ValueError):
+            proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextmanager
+def pgreuse_broker(
+    cluster: DevCluster, pool_size: int, port: int = PGREUSE_PORT
+) -> Iterator[tuple[str, int]]:
+    """A broker with ``--max-size`` and ``--min-size`` ``pool_size``: yields (socket dir, its pid).
+
+    Clients connect with ``host=<socket dir> port=<port>``: pgreuse connections lease through it,
+    any other client is proxied.
+    """
+    d = tempfile.mkdtemp(prefix="pgr-b-", dir="/tmp")
+    log = os.path.join(d, "broker.log")
+    cmd = [
+        sys.executable, "-m", "pgreuse.broker", "--dsn", cluster.dsn(), "--socket-dir", d,
+        "--port", str(port), "--max-size", str(pool_size), "--min-size", str(pool_size),
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_socket(os.path.join(d, f".s.PGREUSE.{port}"), "the pgreuse broker", log)
+        yield d, proc.pid
+    except Exception:
+        _print_log("the broker", log)
+        raise
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,370 @@
+"""Benchmark: pgreuse's handoff and proxy next to PgBouncer, dedicated connections and psycopg_pool.
+
+Starts one throwaway PostgreSQL (:class:`~pgreuse.devcluster.DevCluster`), PgBouncer in transaction
+mode with a pool of 4, and a pgreuse broker with ``--max-size 4``, then runs five targets:
+
+* ``dedicated``        plain psycopg connections to PostgreSQL, one per thread (the floor; off-budget)
+* ``pgbouncer``        plain psycopg connections through PgBouncer
+* ``pgreuse-handoff``  ``pgreuse.connect()`` connections: each transaction leases a backend's socket
+* ``pgreuse-proxy``    plain psycopg connections to the same broker's socket: proxy mode
+* ``psycopg_pool``     a ``psycopg_pool.ConnectionPool`` of 4 in every process (off-budget reference)
+
+over five workloads:
+
+1. ``single``   1 client, autocommit ``select 1``: µs per statement (median) and tps
+2. ``select``   8 processes x 4 threads over 4 backends, autocommit ``select 1``: tps
+3. ``txn``      the same, ``BEGIN; 3 x select 1; COMMIT``: tps
+4. ``connect``  8 processes, each connect -> ``select 1`` -> close in a loop: connections per second
+5. ``lease``    what a lease and its release cost alone: µs per ``select 1`` through pgreuse-handoff
+                minus dedicated, both connections in one process, alternating blocks of statements
+
+Every round runs each target once per workload (in an order that rotates from round to round), so
+the drift of a shared machine hits every target alike. The table shows medians over rounds; ratios are
+taken within each round, then the median is shown. Also written: all runs as JSON, and a chart of each
+target's throughput relative to PgBouncer's. Needs ``pgbouncer`` (``apt-get install pgbouncer``) unless
+``--no-pgbouncer``, and the PostgreSQL server binaries.
+
+Usage::
+
+    python bench/coordinator.py [--duration 5] [--rounds 3] [--workloads single,select,txn,connect,lease]
+        [--targets ...] [--no-pgbouncer] [--json bench/results/coordinator.json] [--png docs/coordinator.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import psycopg
+from _chart import chart
+from _clients import (
+    BOUNCER,
+    DEDICATED,
+    HANDOFF,
+    LEASE,
+    POOL_SIZE,
+    POOLED,
+    PROXY,
+    TARGETS,
+    Run,
+    Target,
+    Workload,
+    run,
+    side_by_side,
+)
+from _harness import PGBOUNCER_PORT, PGREUSE_PORT, pgbouncer, pgbouncer_exe, pgreuse_broker
+
+import pgreuse
+from pgreuse.devcluster import DevCluster
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+POOL = 4  # PgBouncer's pool and the broker's --max-size
+
+
+def workloads(procs: int, threads: int) -> dict[str, Workload]:
+    many = f"{procs} proc x {threads} thr"
+    return {
+        w.key: w
+        for w in (
+            Workload("single", "1 client, select 1", "select", 1, 1, "tps"),
+            Workload("select", f"{many}, select 1", "select", procs, threads, "tps"),
+            Workload("txn", f"{many}, BEGIN; 3 x select 1; COMMIT", "txn", procs, threads, "tps"),
+            Workload("connect", f"{procs} proc, connect + select 1 + close", "connect", procs, 1, "conn/s"),
+        )
+    }
+
+
+def _median(xs: Iterable[float]) -> float:
+    vals = [x for x in xs if not math.isnan(x)]
+    return statistics.median(vals) if vals else math.nan
+
+
+def _ratio(runs: list[dict[str, Any]], workload: str, num: str, den: str) -> float:
+    """Median over rounds of the ratio of ``num``'s rate to ``den``'s within the round."""
+    by = {(r["round"], r["target"]): r["rate"] for r in runs if r["workload"] == workload}
+    rounds = sorted({rnd for rnd, _ in by})
+    return _median(by[rnd, num] / by[rnd, den] for rnd in rounds if (rnd, num) in by and (rnd, den) in by)
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with NaN floats as None: strict JSON has no NaN."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _nan(obj: Any) -> Any:
+    """The inverse of :func:`_finite`, for a JSON file read back (``--replot``)."""
+    if obj is None:
+        return math.nan
+    if isinstance(obj, dict):
+        return {k: _nan(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan(v) for v in obj]
+    return obj
+
+
+def _versions(cluster: DevCluster) -> dict[str, str]:
+    with psycopg.connect(cluster.dsn()) as conn:
+        row = conn.execute("show server_version").fetchone()
+    out = {
+        "postgresql": row[0] if row else "?",
+        "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__})",
+        "pgreuse": getattr(pgreuse, "__version__", "?"),
+        "python": platform.python_version(),
+    }
+    git = ["git", "-C", HERE, "describe", "--always", "--dirty"]
+    done = subprocess.run(git, capture_output=True, text=True, check=False)
+    out["pgreuse_commit"] = done.stdout.strip() or "?"
+    return out
+
+
+def _pgbouncer_version() -> str:
+    done = subprocess.run([pgbouncer_exe(), "--version"], capture_output=True, text=True, check=False)
+    return (done.stdout.splitlines() or ["?"])[0]
+
+
+def measure(args: argparse.Namespace, chosen: list[str], names: list[str]) -> dict[str, Any]:
+    """Start PostgreSQL and the poolers, run every round; return everything as a JSON-able dict."""
+    loads = workloads(args.procs, args.threads)
+    runs: list[dict[str, Any]] = []
+    leases: list[dict[str, Any]] = []
+    cluster = DevCluster.create(max_connections=120)
+    try:
+        meta: dict[str, Any] = {
+            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "duration": args.duration,
+            "rounds": args.rounds,
+            "pool_size": POOL,
+            "psycopg_pool_size": POOL_SIZE,
+            "cpus": os.cpu_count(),
+            "workloads": {k: loads[k]._asdict() for k in chosen if k in loads},
+            "versions": _versions(cluster),
+        }
+        with ExitStack() as stack:
+            targets = {DEDICATED: Target(DEDICATED, cluster.dsn(), "psycopg", 0)}
+            if BOUNCER in names:
+                meta["versions"]["pgbouncer"] = _pgbouncer_version()
+                bdir, bpid = stack.enter_context(pgbouncer(cluster, POOL))
+                targets[BOUNCER] = Target(
+                    BOUNCER, cluster.dsn(host=bdir, port=str(PGBOUNCER_PORT)), "psycopg", bpid
+                )
+            if HANDOFF in names or PROXY in names or LEASE in chosen:
+                rdir, rpid = stack.enter_context(pgreuse_broker(cluster, POOL))
+                broker = cluster.dsn(host=rdir, port=str(PGREUSE_PORT))
+                targets[HANDOFF] = Target(HANDOFF, broker, "pgreuse", rpid)
+                targets[PROXY] = Target(PROXY, broker, "psycopg", rpid)
+            targets[POOLED] = Target(POOLED, cluster.dsn(), "pool", 0)
+            for rnd in range(args.rounds):
+                for key in chosen:
+                    if key == LEASE:
+                        ded_us, hand_us = side_by_side(targets[DEDICATED], targets[HANDOFF], args.duration)
+                        leases.append({"round": rnd, "dedicated_us": ded_us, "handoff_us": hand_us})
+                        print(
+                            f"round {rnd + 1} {LEASE:8} dedicated {ded_us:7.1f} us  handoff {hand_us:7.1f} us"
+                            f"  difference {hand_us - ded_us:+7.1f} us",
+                            file=sys.stderr,
+                        )
+                        continue
+                    w = loads[key]
+                    order = [n for n in names if not (n == POOLED and w.script == "connect")]
+                    shift = rnd % len(order)
+                    for name in order[shift:] + order[:shift]:
+                        r: Run = run(targets[name], w, args.duration)
+                        runs.append({"round": rnd, "workload": key, "target": name, **r._asdict()})
+                        lat = f"{r.median_us:7.1f} us" if not math.isnan(r.median_us) else " " * 10
+                        cpu = (
+                            f"  pooler cpu/tx {r.cpu_user_us:6.1f} us user {r.cpu_sys_us:6.1f} us sys"
+                            if not math.isnan(r.cpu_user_us)
+                            else ""
+                        )
+                        print(
+                            f"round {rnd + 1} {key:8} {name:16} {r.rate:10.0f} {w.unit:6} {lat}{cpu}",
+                            file=sys.stderr,
+                        )
+    finally:
+        cluster.destroy()
+    return {"meta": meta, "targets": names, "runs": runs, "lease": leases}
+
+
+def summarize(data: dict[str, Any]) -> dict[str, Any]:
+    """Medians over rounds per workload and target, and the per-round ratios' medians."""
+    runs: list[dict[str, Any]] = data["runs"]
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(r["workload"] for r in runs):
+        mine = [r for r in runs if r["workload"] == key]
+        cells = {}
+        for name in dict.fromkeys(r["target"] for r in mine):
+            rs = [r for r in mine if r["target"] == name]
+            cells[name] = {
+                f: _median(r[f] for r in rs) for f in ("rate", "median_us", "cpu_user_us", "cpu_sys_us")
+            }
+        norm = BOUNCER if BOUNCER in cells else DEDICATED
+        out[key] = {
+            "targets": cells,
+            "handoff_per_pgbouncer": _ratio(runs, key, HANDOFF, BOUNCER),
+            "handoff_per_dedicated": _ratio(runs, key, HANDOFF, DEDICATED),
+            "proxy_per_pgbouncer": _ratio(runs, key, PROXY, BOUNCER),
+            "normalized_to": norm,
+            "normalized": {name: _ratio(runs, key, name, norm) for name in cells},
+        }
+    if data["lease"]:
+        ls = data["lease"]
+        out[LEASE] = {
+            "dedicated_us": _median(x["dedicated_us"] for x in ls),
+            "handoff_us": _median(x["handoff_us"] for x in ls),
+            "difference_us": _median(x["handoff_us"] - x["dedicated_us"] for x in ls),
+            "per_round_us": [round(x["handoff_us"] - x["dedicated_us"], 1) for x in ls],
+        }
+    return out
+
+
+def _cell(summary: dict[str, Any], name: str, unit: str) -> str:
+    c = summary["targets"].get(name)
+    if c is None or math.isnan(c["rate"]):
+        return "n/a"
+    if not math.isnan(c["median_us"]):
+        return f"{c['median_us']:.1f} µs, {c['rate']:,.0f} {unit}"
+    return f"{c['rate']:,.0f} {unit}"
+
+
+def _x(v: float) -> str:
+    return "—" if math.isnan(v) else f"{v:.2f}x"
+
+
+def report(data: dict[str, Any], summary: dict[str, Any]) -> str:
+    meta, names = data["meta"], data["targets"]
+    v = meta["versions"]
+    lines = [
+        f"PostgreSQL {v['postgresql']}, psycopg {v['psycopg']}, pgreuse {v['pgreuse_commit']}, "
+        f"{v.get('pgbouncer', 'no PgBouncer')}; {meta['cpus']} CPUs; pool of {meta['pool_size']} "
+        f"(psycopg_pool: {meta['psycopg_pool_size']} per process); {meta['duration']}s per run, "
+        f"{meta['rounds']} round(s); medians over rounds, ratios per round then median",
+        "",
+        f"| workload | {' | '.join(names)} | handoff / PgBouncer | handoff / dedicated | proxy / PgBouncer |",
+        "|---|" + "---:|" * (len(names) + 3),
+    ]
+    loads = meta["workloads"]
+    for key, s in summary.items():
+        if key == LEASE:
+            continue
+        cells = [_cell(s, n, loads[key]["unit"]) for n in names]
+        ratios = [s["handoff_per_pgbouncer"], s["handoff_per_dedicated"], s["proxy_per_pgbouncer"]]
+        lines.append(f"| {loads[key]['title']} | {' | '.join(cells)} | {' | '.join(map(_x, ratios))} |")
+    if LEASE in summary:
+        ls = summary[LEASE]
+        lines += [
+            "",
+            f"lease + release (pgreuse-handoff - dedicated, 1 client select 1, side by side): "
+            f"{ls['difference_us']:+.1f} µs per transaction (dedicated {ls['dedicated_us']:.1f} µs, "
+            f"handoff {ls['handoff_us']:.1f} µs; per round {ls['per_round_us']})",
+        ]
+    poolers = [n for n in (BOUNCER, HANDOFF, PROXY) if n in names]
+    cpu_rows = [
+        f"| {loads[key]['title']} | "
+        + " | ".join(
+            "n/a"
+            if n not in s["targets"]
+            else f"{s['targets'][n]['cpu_user_us']:.1f} + {s['targets'][n]['cpu_sys_us']:.1f} µs"
+            for n in poolers
+        )
+        + " |"
+        for key, s in summary.items()
+        if key != LEASE
+    ]
+    if poolers and cpu_rows:
+        lines += [
+            "",
+            "Pooler CPU per transaction (per connection for connect), user + system, from /proc/<pid>/stat "
+            "(the broker is one process for handoff and proxy)",
+            "",
+            f"| workload | {' | '.join(poolers)} |",
+            "|---|" + "---:|" * len(poolers),
+            *cpu_rows,
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per run (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    all_loads = [*workloads(8, 4), LEASE]
+    p.add_argument(
+        "--workloads",
+        default=",".join(all_loads),
+        help=f"comma-separated names or numbers 1-5 (default: all: {','.join(all_loads)})",
+    )
+    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated (default: all)")
+    p.add_argument(
+        "--no-pgbouncer", action="store_true", help="leave PgBouncer out (ratios normalize to dedicated)"
+    )
+    p.add_argument("--procs", type=int, default=8, help="processes in the concurrent workloads (default 8)")
+    p.add_argument("--threads", type=int, default=4, help="threads per process (default 4)")
+    p.add_argument(
+        "--json", default=os.path.join(HERE, "results", "coordinator.json"), help="JSON output path"
+    )
+    p.add_argument(
+        "--png",
+        default=os.path.join(os.path.dirname(HERE), "docs", "coordinator.png"),
+        help="chart path ('' for none)",
+    )
+    p.add_argument(
+        "--replot", metavar="JSON", help="print the table and draw the chart of an earlier run's JSON"
+    )
+    args = p.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            data = _nan(json.load(f))
+        data["summary"] = summarize(data)
+        print(report(data, data["summary"]))
+        if args.png:
+            chart(data, data["summary"], args.png)
+            print(f"chart: {args.png}", file=sys.stderr)
+        return 0
+    chosen = []
+    for item in args.workloads.split(","):
+        key = all_loads[int(item) - 1] if item.isdigit() and 1 <= int(item) <= len(all_loads) else item
+        if key not in all_loads:
+            p.error(
+                f"--workloads: unknown {item!r}; choose from {', '.join(all_loads)} or 1-{len(all_loads)}"
+            )
+        chosen.append(key)
+    names = [n.strip() for n in args.targets.split(",")]
+    if bad := [n for n in names if n not in TARGETS]:
+        p.error(f"--targets: unknown {bad}; choose from {', '.join(TARGETS)}")
+    if args.no_pgbouncer and BOUNCER in names:
+        names.remove(BOUNCER)
+    if DEDICATED not in names:
+        names.insert(0, DEDICATED)  # the floor every ratio and the lease difference need
+    names = [n for n in TARGETS if n in names]
+    data = measure(args, chosen, names)
+    data["summary"] = summarize(data)
+    print(report(data, data["summary"]))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(_finite(data), f, indent=1, allow_nan=False)
+        print(f"\nJSON: {args.json}", file=sys.stderr)
+    if args.png:
+        chart(data, data["summary"], args.png)
+        print(f"chart: {args.png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
