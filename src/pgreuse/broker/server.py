@@ -34,6 +34,7 @@ from ..wire import control, frames, scan
 from . import admin, proxy
 from .config import BrokerConfig, ConfigError, parse_listen_addr
 from .connector import BackendConnectError, BackendTarget, parse_target
+from .hangups import HangupWatch
 from .pool import CHECKED_PARAMETERS, Pool
 from .proxy import ProxySession, ProxyStats, PyProxySession
 
@@ -141,6 +142,7 @@ class Broker:
         self._tasks: set[asyncio.Task[None]] = set()
         self.table: Table | None = None
         self.pool: Pool | None = None
+        self.hangups: HangupWatch | None = None
         self.sessions: dict[int, PyProxySession] = {}  # parking key -> session (parked or proxied)
         self.admin_sessions = 0
         self.proxy_stats = ProxyStats()
@@ -177,6 +179,7 @@ class Broker:
                 ) from exc
             raise
         self.pool = Pool(cfg, self.target, self.table, loop)
+        self.hangups = HangupWatch(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         parent_fd = self._watch_parent(loop)
@@ -188,9 +191,9 @@ class Broker:
         self._spawn(self._janitor())
         logger.info(
             "pgreuse broker pid %d ready: clients connect with host=%s port=%d; backends: %s, "
-            "max-size %d; proxy scanner: %s, session core: %s",
+            "max-size %d; proxy scanner: %s, session core: %s, event loop: %s",
             os.getpid(), cfg.socket_dir, cfg.port, self.target.describe(), cfg.max_size,
-            scan.IMPLEMENTATION, proxy.CORE,
+            scan.IMPLEMENTATION, proxy.CORE, _loop_name(loop),
         )  # fmt: skip
         try:
             await self._stop.wait()
@@ -206,6 +209,7 @@ class Broker:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.hangups.close()
             if parent_fd is not None:
                 loop.remove_reader(parent_fd)
                 os.close(parent_fd)
@@ -412,6 +416,8 @@ class Broker:
                 addr=addr,
             )
             self.sessions[parking.key] = session
+            assert self.hangups is not None
+            self.hangups.watch(sock, session.connection_error)
             session.start(reader.rest())
             await session.done
         except (frames.ProtocolError, ConnectionError) as exc:
@@ -421,6 +427,8 @@ class Broker:
         finally:
             if session is not None:
                 session.close()  # before sock.close(): it unregisters the fd from the loop
+                assert self.hangups is not None
+                self.hangups.unwatch(sock)
             if is_admin:
                 self.admin_sessions -= 1
             if parking is not None:
@@ -645,6 +653,10 @@ def _shortest_floats(value: str, pool_params: dict[str, str]) -> bool:
 
 def _norm(value: str) -> str:
     return value.replace(" ", "").replace("-", "").replace("_", "").lower()
+
+
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
 def _os_user(uid: int) -> str:
