@@ -135,6 +135,8 @@ class Broker:
         except ValueError as exc:
             raise ConfigError(f"--dsn: {exc}") from exc
         self.allowed_uids = set(trusted_uids())
+        # Looked up once (a lookup per startup may fail at the open-files limit).
+        self.os_user = _own_user()
         self.parkings: dict[int, Parking] = {}
         self._next_key = PARKING_KEY_BASE
         self._stop = asyncio.Event()
@@ -300,7 +302,13 @@ class Broker:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # Nobody awaits these tasks: an exception that escapes one is logged here, not lost.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("broker task %s failed", task.get_coro(), exc_info=exc)
 
     async def _accept(
         self, lsock: socket.socket, handler: Callable[[socket.socket], Coroutine[Any, Any, None]]
@@ -345,10 +353,11 @@ class Broker:
         parking: Parking | None = None
         session: PyProxySession | None = None
         is_admin = False
+        peer_pid: int | None = None
         try:
             if tcp:
                 # Loopback only (config refuses other addresses); no peer credentials on TCP.
-                peer_pid: int | None = 0
+                peer_pid = 0
                 host, port = sock.getpeername()[:2]
                 addr = f"{host}:{port}"
             else:
@@ -424,6 +433,13 @@ class Broker:
             logger.info("client connection dropped: %s", exc)
             if self.table is not None:
                 self.table.add("protocol_errors")
+        except Exception as exc:
+            # A bug, or a resource the startup could not get (the open-files limit): this client is
+            # told why, and the broker serves the others.
+            logger.error("client connection from pid %s failed: %s", peer_pid, exc, exc_info=True)
+            if session is None and not is_admin:
+                with contextlib.suppress(OSError):
+                    sock.send(_startup_failure(exc))
         finally:
             if session is not None:
                 session.close()  # before sock.close(): it unregisters the fd from the loop
@@ -456,7 +472,8 @@ class Broker:
         params = packet.params
         pool_user, pool_db = self.target.user, self.target.database
         user = params.get("user", "")
-        if user not in (pool_user, _os_user(os.geteuid()), _os_user_of(peer_pid)):
+        # libpq's default user is the client's OS user name: accepted too (the pool's user is used).
+        if user not in (pool_user, self.os_user) and user != _os_user_of(peer_pid):  # lookup: last
             raise StartupRefused(
                 "28000",
                 f'user "{user}" does not match this broker\'s pool (user "{pool_user}")',
@@ -659,18 +676,52 @@ def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
-def _os_user(uid: int) -> str:
+def _os_user(uid: int) -> str | None:
+    """The login name of ``uid``; None if there is none to be had.
+
+    None when the uid has no passwd entry (a container run with an arbitrary uid) or the lookup
+    failed (NSS could not open its files at the open-files limit): ``pwd`` raises KeyError for both.
+    """
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
-        return getpass.getuser()
+        return None
 
 
-def _os_user_of(pid: int) -> str:
+def _own_user() -> str | None:
+    """The broker's own user name: its passwd entry, else ``$LOGNAME``/``$USER`` if set."""
+    name = _os_user(os.geteuid())
+    if name is None:
+        with contextlib.suppress(KeyError, OSError):  # getpass falls back to pwd (OSError from 3.13)
+            name = getpass.getuser()
+    return name
+
+
+def _os_user_of(pid: int) -> str | None:
+    """The login name of the process ``pid`` (a peer on the Unix socket); None if unknown."""
+    if pid <= 0:
+        return None  # TCP: no peer process
     try:
         return _os_user(os.stat(f"/proc/{pid}").st_uid)
     except OSError:
-        return ""
+        return None
+
+
+def _startup_failure(exc: Exception) -> bytes:
+    """The FATAL ErrorResponse for a startup that failed inside the broker."""
+    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+        return frames.error_response(
+            "53000",
+            f"pgreuse broker: out of file descriptors while starting this session: {exc}",
+            severity="FATAL",
+            hint="retry later; the broker's open-files limit (ulimit -n) may need raising",
+        )
+    return frames.error_response(
+        "XX000",
+        f"pgreuse broker: internal error while starting this session: {exc!r}",
+        severity="FATAL",
+        hint="the broker's log has the details; other clients are not affected",
+    )
 
 
 # Checked parameters are exported so tests can assert the replay covers them.
