@@ -21,7 +21,8 @@ import pytest
 
 from broker_process import BrokerProcess
 from pgreuse.broker.config import BrokerConfig
-from pgreuse.broker.server import Broker, _os_user
+from pgreuse.broker.login import os_user
+from pgreuse.broker.server import Broker
 from pgreuse.wire import frames
 from raw_client import RawClient
 
@@ -66,8 +67,8 @@ def no_login_env(monkeypatch):  # type: ignore[no-untyped-def]
 
 
 def test_the_lookup_of_a_uid_without_entry_gives_no_name():
-    assert _os_user(no_entry_uid()) is None
-    assert _os_user(os.geteuid()) == pwd.getpwuid(os.geteuid()).pw_name
+    assert os_user(no_entry_uid()) is None
+    assert os_user(os.geteuid()) == pwd.getpwuid(os.geteuid()).pw_name
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs the broker as another uid: needs root")

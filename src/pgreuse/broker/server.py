@@ -18,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import getpass
 import logging
 import os
-import pwd
 import secrets
 import signal
 import socket
@@ -35,6 +33,16 @@ from . import admin, proxy
 from .config import BrokerConfig, ConfigError, parse_listen_addr
 from .connector import BackendConnectError, BackendTarget, parse_target
 from .hangups import HangupWatch
+from .login import (
+    OVER_LIMIT_GRACE,
+    Admission,
+    LoginTimeout,
+    login_timeout_error,
+    os_user_of,
+    own_user,
+    read_startup,
+    startup_failure,
+)
 from .pool import CHECKED_PARAMETERS, Pool
 from .proxy import ProxySession, ProxyStats, PyProxySession
 
@@ -136,7 +144,8 @@ class Broker:
             raise ConfigError(f"--dsn: {exc}") from exc
         self.allowed_uids = set(trusted_uids())
         # Looked up once (a lookup per startup may fail at the open-files limit).
-        self.os_user = _own_user()
+        self.os_user = own_user()
+        self.admission = Admission(config.max_client_conn)
         self.parkings: dict[int, Parking] = {}
         self._next_key = PARKING_KEY_BASE
         self._stop = asyncio.Event()
@@ -354,6 +363,15 @@ class Broker:
         session: PyProxySession | None = None
         is_admin = False
         peer_pid: int | None = None
+        starting = self.admission.admit(len(self.parkings) + self.admin_sessions)
+        admitted = starting
+
+        def started() -> None:
+            nonlocal starting
+            if starting:
+                starting = False
+                self.admission.started()
+
         try:
             if tcp:
                 # Loopback only (config refuses other addresses); no peer credentials on TCP.
@@ -368,25 +386,26 @@ class Broker:
                     "28000", "pgreuse broker: your user id may not use this broker",
                     severity="FATAL"))  # fmt: skip
                 return
-            reader = frames.StartupReader()
-            while True:
-                packet = reader.next_packet()
-                if packet is None:
-                    data = await loop.sock_recv(sock, 16384)
-                    if not data:
-                        return
-                    reader.feed(data)
-                    continue
-                if isinstance(packet, frames.SSLRequest | frames.GSSENCRequest):
-                    await loop.sock_sendall(sock, b"N")
-                    continue
-                if isinstance(packet, frames.CancelRequest):
-                    self._cancel(packet.pid, packet.secret)
-                    return
-                break
-            assert isinstance(packet, frames.StartupMessage)
+            timeout = self.config.client_login_timeout
+            if not admitted:
+                timeout = min(timeout or OVER_LIMIT_GRACE, OVER_LIMIT_GRACE)
             try:
-                self._check_client_limit()
+                first = await read_startup(sock, timeout, self._cancel)
+            except LoginTimeout as exc:
+                if admitted:
+                    logger.info("connection from pid %s closed: %s", peer_pid, exc)
+                    await loop.sock_sendall(sock, login_timeout_error(timeout))
+                else:
+                    await loop.sock_sendall(sock, self._client_limit_error())
+                return
+            if first is None:
+                return
+            packet, pending = first
+            if not admitted:  # a second chance: someone may have left since the accept
+                starting = admitted = self.admission.admit(len(self.parkings) + self.admin_sessions)
+            try:
+                if not admitted:
+                    raise self._client_limit_refusal()
                 if packet.params.get("database") == admin.ADMIN_DATABASE:
                     if tcp:
                         # TCP peers cannot be identified (no SO_PEERCRED): PAUSE and SHUTDOWN
@@ -399,11 +418,13 @@ class Broker:
                         )
                     is_admin = True
                     self.admin_sessions += 1
+                    started()
                     await loop.sock_sendall(sock, admin.startup_reply(
                         self, packet.params.get("application_name", "")))  # fmt: skip
-                    await admin.serve(self, sock, reader.rest())
+                    await admin.serve(self, sock, pending)
                     return
                 reply, parking = await self._startup(packet, peer_pid)
+                started()
             except StartupRefused as exc:
                 logger.info("startup from pid %d refused: %s", peer_pid, exc.message)
                 await loop.sock_sendall(sock, frames.error_response(
@@ -427,7 +448,7 @@ class Broker:
             self.sessions[parking.key] = session
             assert self.hangups is not None
             self.hangups.watch(sock, session.connection_error)
-            session.start(reader.rest())
+            session.start(pending)
             await session.done
         except (frames.ProtocolError, ConnectionError) as exc:
             logger.info("client connection dropped: %s", exc)
@@ -439,8 +460,9 @@ class Broker:
             logger.error("client connection from pid %s failed: %s", peer_pid, exc, exc_info=True)
             if session is None and not is_admin:
                 with contextlib.suppress(OSError):
-                    sock.send(_startup_failure(exc))
+                    sock.send(startup_failure(exc))
         finally:
+            started()
             if session is not None:
                 session.close()  # before sock.close(): it unregisters the fd from the loop
                 assert self.hangups is not None
@@ -454,16 +476,20 @@ class Broker:
                 self.table.set("parked", len(self.parkings))
             sock.close()
 
-    def _check_client_limit(self) -> None:
+    def _client_limit_refusal(self) -> StartupRefused:
         limit = self.config.max_client_conn
-        clients = len(self.parkings) + self.admin_sessions
-        if limit and clients >= limit:
-            raise StartupRefused(
-                "53300",
-                f"no more connections allowed (max_client_conn): {clients} clients are connected "
-                f"and --max-client-conn is {limit}",
-                hint="close idle connections, or restart the broker with a higher --max-client-conn",
-            )
+        starting = self.admission.starting
+        clients = len(self.parkings) + self.admin_sessions + starting
+        return StartupRefused(
+            "53300",
+            f"no more connections allowed (max_client_conn): {clients} clients are connected "
+            f"({starting} of them still starting up) and --max-client-conn is {limit}",
+            hint="close idle connections, or restart the broker with a higher --max-client-conn",
+        )
+
+    def _client_limit_error(self) -> bytes:
+        refusal = self._client_limit_refusal()
+        return frames.error_response(refusal.sqlstate, refusal.message, severity="FATAL", hint=refusal.hint)
 
     async def _startup(self, packet: frames.StartupMessage, peer_pid: int) -> tuple[bytes, Parking]:
         assert self.pool is not None
@@ -473,7 +499,7 @@ class Broker:
         pool_user, pool_db = self.target.user, self.target.database
         user = params.get("user", "")
         # libpq's default user is the client's OS user name: accepted too (the pool's user is used).
-        if user not in (pool_user, self.os_user) and user != _os_user_of(peer_pid):  # lookup: last
+        if user not in (pool_user, self.os_user) and user != os_user_of(peer_pid):  # lookup: last
             raise StartupRefused(
                 "28000",
                 f'user "{user}" does not match this broker\'s pool (user "{pool_user}")',
@@ -674,54 +700,6 @@ def _norm(value: str) -> str:
 
 def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
-
-
-def _os_user(uid: int) -> str | None:
-    """The login name of ``uid``; None if there is none to be had.
-
-    None when the uid has no passwd entry (a container run with an arbitrary uid) or the lookup
-    failed (NSS could not open its files at the open-files limit): ``pwd`` raises KeyError for both.
-    """
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
-
-
-def _own_user() -> str | None:
-    """The broker's own user name: its passwd entry, else ``$LOGNAME``/``$USER`` if set."""
-    name = _os_user(os.geteuid())
-    if name is None:
-        with contextlib.suppress(KeyError, OSError):  # getpass falls back to pwd (OSError from 3.13)
-            name = getpass.getuser()
-    return name
-
-
-def _os_user_of(pid: int) -> str | None:
-    """The login name of the process ``pid`` (a peer on the Unix socket); None if unknown."""
-    if pid <= 0:
-        return None  # TCP: no peer process
-    try:
-        return _os_user(os.stat(f"/proc/{pid}").st_uid)
-    except OSError:
-        return None
-
-
-def _startup_failure(exc: Exception) -> bytes:
-    """The FATAL ErrorResponse for a startup that failed inside the broker."""
-    if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-        return frames.error_response(
-            "53000",
-            f"pgreuse broker: out of file descriptors while starting this session: {exc}",
-            severity="FATAL",
-            hint="retry later; the broker's open-files limit (ulimit -n) may need raising",
-        )
-    return frames.error_response(
-        "XX000",
-        f"pgreuse broker: internal error while starting this session: {exc!r}",
-        severity="FATAL",
-        hint="the broker's log has the details; other clients are not affected",
-    )
 
 
 # Checked parameters are exported so tests can assert the replay covers them.
