@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 import time
 
@@ -85,3 +86,18 @@ def test_a_cancel_is_served_at_the_client_limit(make_broker):
         with pytest.raises(psycopg.errors.QueryCanceled):
             conn.execute("select pg_sleep(20)")
         assert time.monotonic() - started < 10
+
+
+def test_an_encryption_request_is_answered_once(make_broker):
+    # As PostgreSQL: one SSLRequest (and one GSSENCRequest) per connection (frames.StartupReader). A
+    # peer that repeated them without reading could otherwise fill its socket with the broker's
+    # answers, and the startup's replies (sock_sendall, outside the login deadline) would block.
+    b = make_broker()
+    ssl_request = struct.pack("!ii", 8, 80877103)
+    with pg_socket(b) as s:
+        s.sendall(ssl_request)
+        assert s.recv(1) == b"N"
+        s.sendall(ssl_request)
+        assert s.recv(100) == b""  # closed at the second
+    with psycopg.connect(b.conninfo, sslmode="prefer", autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)

@@ -2,11 +2,13 @@
 
 Contract:
 
-* :func:`read_startup` reads a connection's first packets (SSLRequest and GSSENCRequest answered
-  ``N``, a CancelRequest handed to the broker) up to its StartupMessage, within a deadline that
-  counts from the call: ``--client-login-timeout``, or :data:`OVER_LIMIT_GRACE` for a connection
-  over ``--max-client-conn`` (it is only read to answer it properly, or to serve its cancel).
-  A peer that sends nothing, or a packet a byte at a second, holds its descriptor no longer.
+* :func:`read_startup` reads a connection's first packets up to its StartupMessage within a
+  deadline counted from the call: ``--client-login-timeout``, or :data:`OVER_LIMIT_GRACE` for a
+  connection over ``--max-client-conn`` (it is only read to answer it properly, or to serve its
+  cancel). A peer that sends nothing, or a packet a byte at a second, holds its descriptor no
+  longer. SSLRequest and GSSENCRequest are answered ``N`` once each (``StartupReader`` refuses a
+  repeat, so a peer that never reads cannot fill its socket with answers); a CancelRequest goes to
+  the broker.
 * :class:`Admission` counts the connections still in their startup, so that they count toward
   ``--max-client-conn`` with the parked, proxied and admin ones (issue 13: 500 silent connections held
   500 descriptors for good, and counted nowhere).
@@ -72,6 +74,7 @@ async def read_startup(
 
     Raises:
         LoginTimeout: nothing complete came within ``timeout`` seconds.
+        frames.ProtocolError: a malformed packet, or an encryption request sent twice.
     """
     loop = asyncio.get_running_loop()
     reader = frames.StartupReader()

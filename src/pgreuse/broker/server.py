@@ -394,9 +394,9 @@ class Broker:
             except LoginTimeout as exc:
                 if admitted:
                     logger.info("connection from pid %s closed: %s", peer_pid, exc)
-                    await loop.sock_sendall(sock, login_timeout_error(timeout))
-                else:
-                    await loop.sock_sendall(sock, self._client_limit_error())
+                # Best effort, never waiting: the peer may not be reading.
+                with contextlib.suppress(OSError):
+                    sock.send(login_timeout_error(timeout) if admitted else self._client_limit_error())
                 return
             if first is None:
                 return
