@@ -19,11 +19,14 @@ from pgreuse.shm import Snapshot, Table, TableError, table_path
 
 
 class BrokerProcess:
-    def __init__(self, dsn: str, socket_dir: str, port: int, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, dsn: str, socket_dir: str, port: int, args: Sequence[str] = (), wrapper: Sequence[str] = ()
+    ) -> None:
         self.dsn = dsn
         self.socket_dir = socket_dir
         self.port = port
         self.args = list(args)
+        self.wrapper = list(wrapper)  # a command the broker runs under (e.g. setpriv to another uid)
         self.log_path = os.path.join(socket_dir, f"broker.{port}.log")
         self.proc: subprocess.Popen[bytes] | None = None
         self.dbname = str(conninfo_to_dict(dsn).get("dbname") or "postgres")
@@ -38,7 +41,7 @@ class BrokerProcess:
 
     def start(self, timeout: float = 60.0) -> BrokerProcess:
         cmd = [
-            sys.executable, "-m", "pgreuse.broker", "--dsn", self.dsn,
+            *self.wrapper, sys.executable, "-m", "pgreuse.broker", "--dsn", self.dsn,
             "--socket-dir", self.socket_dir, "--port", str(self.port), "--log-level", "DEBUG",
             # A test process killed mid-run (a timeout) must not leave brokers behind.
             "--parent-pid", str(os.getpid()),

@@ -13,6 +13,7 @@ def test_to_argv_rebuilds_every_setting():
         wait_timeout=1.5, idle_transaction_timeout=3.0, shutdown_timeout=4.0, log_level="DEBUG",
         parent_pid=42, pool_mode="session", max_client_conn=50, listen_addr="127.0.0.1:7001",
         reset_query="RESET ALL", reset_every_lease=True, max_waiting=9, max_lease_time=60.0,
+        client_login_timeout=7.5,
     )  # fmt: skip
     rebuilt, supervised = parse_argv([*config.to_argv(), "--dsn", config.dsn])
     assert rebuilt == config
@@ -32,6 +33,8 @@ def test_to_argv_rebuilds_every_setting():
         (["--wait-timeout", "inf"], "--wait-timeout inf"),
         (["--wait-timeout", "1e10"], "--wait-timeout 10000000000.0 .* at most 31536000"),
         (["--socket-dir", "relative"], "--socket-dir 'relative'"),
+        (["--client-login-timeout", "-1"], "--client-login-timeout -1"),
+        (["--client-login-timeout", "nan"], "--client-login-timeout nan"),
     ],
 )
 def test_bad_values_name_the_flag(argv, message):

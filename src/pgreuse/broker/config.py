@@ -29,6 +29,11 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 # sum of the clock and the timeout.
 MAX_WAIT_TIMEOUT = 365 * 86400.0
 MAX_WAITING = 2**31 - 1
+# A real client sends its StartupMessage the moment it connects (libpq does, after at most an
+# SSLRequest the broker answers at once): seconds of silence mean a stuck or hostile peer, which holds
+# a descriptor and a --max-client-conn place meanwhile. PgBouncer's client_login_timeout is 60 s, but
+# that also covers an authentication round trip; here there is none to wait for.
+DEFAULT_CLIENT_LOGIN_TIMEOUT = 15.0
 
 
 class ConfigError(ValueError):
@@ -65,6 +70,7 @@ class BrokerConfig:
     # Proxy mode (DESIGN.md §5): how long a proxied client keeps its backend.
     pool_mode: str = "transaction"
     max_client_conn: int = 0  # 0: no limit besides the open-files limit
+    client_login_timeout: float = DEFAULT_CLIENT_LOGIN_TIMEOUT  # to send a startup packet; 0: none
     listen_addr: str = ""  # "host:port" for a TCP listener; "" (default): Unix socket only
     reset_query: str = "DISCARD ALL"
     reset_every_lease: bool = False  # run reset_query after every lease, not only dirty ones
@@ -119,6 +125,11 @@ class BrokerConfig:
             )
         if self.max_client_conn < 0:
             raise ConfigError(f"--max-client-conn {self.max_client_conn} must be >= 0 (0: no limit)")
+        if not 0 <= self.client_login_timeout <= MAX_WAIT_TIMEOUT:
+            raise ConfigError(
+                f"--client-login-timeout {self.client_login_timeout} must be between 0 (no limit) "
+                f"and {MAX_WAIT_TIMEOUT:.0f} seconds"
+            )
         if self.listen_addr:
             parse_listen_addr(self.listen_addr)
         if not self.reset_query.strip():
@@ -239,8 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-client-conn",
         type=int,
         default=0,
-        help="most client connections (parked, proxied and admin) at once; a client over it gets "
-        "SQLSTATE 53300. 0: no limit (default: %(default)s)",
+        help="most client connections (parked, proxied, admin, and those still in their startup) "
+        "at once; a client over it gets SQLSTATE 53300. 0: no limit (default: %(default)s)",
+    )
+    p.add_argument(
+        "--client-login-timeout",
+        type=float,
+        default=DEFAULT_CLIENT_LOGIN_TIMEOUT,
+        help="seconds a new client connection has to send its startup packet before the broker "
+        "closes it (a FATAL error says why); 0: no limit (default: %(default)s)",
     )
     p.add_argument(
         "--listen-addr",

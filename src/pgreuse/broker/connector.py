@@ -190,7 +190,7 @@ def parse_target(conninfo: str, env: Mapping[str, str] = os.environ) -> BackendT
         host = host or DEFAULT_SOCKET_DIR
         is_unix = host.startswith("/")
 
-    user = get("user", "PGUSER") or getpass.getuser()
+    user = get("user", "PGUSER") or _login_name()
     database = get("dbname", "PGDATABASE") or user
 
     timeout_text = get("connect_timeout", "PGCONNECT_TIMEOUT")
@@ -555,3 +555,14 @@ async def run_simple_query(sock: Stream, sql: str, timeout: float) -> SimpleQuer
             f"query {sql[:80]!r}: server sent {len(extra)} unexpected bytes after ReadyForQuery"
         )
     return q
+
+
+def _login_name() -> str:
+    """libpq's default user: this process's login name."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry, no $LOGNAME/$USER (OSError from Python 3.13)
+        raise ValueError(
+            f"no user= given, and this process's uid {os.geteuid()} has no user name to default "
+            "to (no passwd entry, no $USER); set user= in the DSN or PGUSER"
+        ) from None

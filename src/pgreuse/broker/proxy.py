@@ -365,7 +365,20 @@ class PyProxySession:
         self._client_slow(_RBUF[:n].tobytes())
 
     def _client_failed(self, exc: OSError) -> None:
-        logger.debug("client key %d: %s", self.parking_key, exc)
+        self.connection_error(exc)
+
+    def connection_error(self, exc: OSError) -> None:
+        """The client's socket has an error (it reset the connection): the client is gone.
+
+        Called by the reader, or by the broker's :class:`~.hangups.HangupWatch` whatever the
+        reader is doing (uvloop stops calling it): what the client still had queued is not read, a
+        wait for a backend is abandoned, and a backend held mid-transaction goes back ``BROKEN``
+        (PostgreSQL rolls back), as at end-of-file.
+        """
+        if self.closed:
+            return
+        logger.info("client key %d (pid %d, %s) %s: connection error: %s", self.parking_key, self.pid,
+                    self.addr, self.state, exc.strerror or exc)  # fmt: skip
         self.close()
 
     def _client_slow(self, data: bytes) -> None:

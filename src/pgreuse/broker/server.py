@@ -18,10 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import getpass
 import logging
 import os
-import pwd
 import secrets
 import signal
 import socket
@@ -35,6 +33,17 @@ from ..wire import control, frames, scan
 from . import admin, proxy
 from .config import BrokerConfig, ConfigError, parse_listen_addr
 from .connector import BackendConnectError, BackendTarget, parse_target
+from .hangups import HangupWatch
+from .login import (
+    OVER_LIMIT_GRACE,
+    Admission,
+    LoginTimeout,
+    login_timeout_error,
+    os_user_of,
+    own_user,
+    read_startup,
+    startup_failure,
+)
 from .pool import CHECKED_PARAMETERS, Pool
 from .proxy import ProxySession, ProxyStats, PyProxySession
 
@@ -141,6 +150,9 @@ class Broker:
         except ValueError as exc:
             raise ConfigError(f"--dsn: {exc}") from exc
         self.allowed_uids = set(trusted_uids())
+        # Looked up once (a lookup per startup may fail at the open-files limit).
+        self.os_user = own_user()
+        self.admission = Admission(config.max_client_conn)
         self.parkings: dict[int, Parking] = {}
         self._next_key = PARKING_KEY_BASE
         self._stop = asyncio.Event()
@@ -148,6 +160,7 @@ class Broker:
         self._tasks: set[asyncio.Task[None]] = set()
         self.table: Table | None = None
         self.pool: Pool | None = None
+        self.hangups: HangupWatch | None = None
         self.sessions: dict[int, PyProxySession] = {}  # parking key -> session (parked or proxied)
         self.admin_sessions = 0
         self.proxy_stats = ProxyStats()
@@ -187,6 +200,7 @@ class Broker:
                 ) from exc
             raise
         self.pool = Pool(cfg, self.target, self.table, loop)
+        self.hangups = HangupWatch(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
         parent_fd = self._watch_parent(loop)
@@ -198,9 +212,9 @@ class Broker:
         self._spawn(self._janitor())
         logger.info(
             "pgreuse broker pid %d ready: clients connect with host=%s port=%d; backends: %s, "
-            "max-size %d; proxy scanner: %s, session core: %s",
+            "max-size %d; proxy scanner: %s, session core: %s, event loop: %s",
             os.getpid(), cfg.socket_dir, cfg.port, self.target.describe(), cfg.max_size,
-            scan.IMPLEMENTATION, proxy.CORE,
+            scan.IMPLEMENTATION, proxy.CORE, _loop_name(loop),
         )  # fmt: skip
         try:
             await self._stop.wait()
@@ -216,6 +230,7 @@ class Broker:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.hangups.close()
             if parent_fd is not None:
                 loop.remove_reader(parent_fd)
                 os.close(parent_fd)
@@ -306,7 +321,13 @@ class Broker:
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        # Nobody awaits these tasks: an exception that escapes one is logged here, not lost.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("broker task %s failed", task.get_coro(), exc_info=exc)
 
     async def _accept(
         self, lsock: socket.socket, handler: Callable[[socket.socket], Coroutine[Any, Any, None]]
@@ -351,10 +372,20 @@ class Broker:
         parking: Parking | None = None
         session: PyProxySession | None = None
         is_admin = False
+        peer_pid: int | None = None
+        starting = self.admission.admit(len(self.parkings) + self.admin_sessions)
+        admitted = starting
+
+        def started() -> None:
+            nonlocal starting
+            if starting:
+                starting = False
+                self.admission.started()
+
         try:
             if tcp:
                 # Loopback only (config refuses other addresses); no peer credentials on TCP.
-                peer_pid: int | None = 0
+                peer_pid = 0
                 host, port = sock.getpeername()[:2]
                 addr = f"{host}:{port}"
             else:
@@ -365,25 +396,26 @@ class Broker:
                     "28000", "pgreuse broker: your user id may not use this broker",
                     severity="FATAL"))  # fmt: skip
                 return
-            reader = frames.StartupReader()
-            while True:
-                packet = reader.next_packet()
-                if packet is None:
-                    data = await loop.sock_recv(sock, 16384)
-                    if not data:
-                        return
-                    reader.feed(data)
-                    continue
-                if isinstance(packet, frames.SSLRequest | frames.GSSENCRequest):
-                    await loop.sock_sendall(sock, b"N")
-                    continue
-                if isinstance(packet, frames.CancelRequest):
-                    self._cancel(packet.pid, packet.secret)
-                    return
-                break
-            assert isinstance(packet, frames.StartupMessage)
+            timeout = self.config.client_login_timeout
+            if not admitted:
+                timeout = min(timeout or OVER_LIMIT_GRACE, OVER_LIMIT_GRACE)
             try:
-                self._check_client_limit()
+                first = await read_startup(sock, timeout, self._cancel)
+            except LoginTimeout as exc:
+                if admitted:
+                    logger.info("connection from pid %s closed: %s", peer_pid, exc)
+                # Best effort, never waiting: the peer may not be reading.
+                with contextlib.suppress(OSError):
+                    sock.send(login_timeout_error(timeout) if admitted else self._client_limit_error())
+                return
+            if first is None:
+                return
+            packet, pending = first
+            if not admitted:  # a second chance: someone may have left since the accept
+                starting = admitted = self.admission.admit(len(self.parkings) + self.admin_sessions)
+            try:
+                if not admitted:
+                    raise self._client_limit_refusal()
                 if packet.params.get("database") == admin.ADMIN_DATABASE:
                     if tcp:
                         # TCP peers cannot be identified (no SO_PEERCRED): PAUSE and SHUTDOWN
@@ -396,11 +428,13 @@ class Broker:
                         )
                     is_admin = True
                     self.admin_sessions += 1
+                    started()
                     await loop.sock_sendall(sock, admin.startup_reply(
                         self, packet.params.get("application_name", "")))  # fmt: skip
-                    await admin.serve(self, sock, reader.rest())
+                    await admin.serve(self, sock, pending)
                     return
                 reply, parking = await self._startup(packet, peer_pid)
+                started()
             except StartupRefused as exc:
                 logger.info("startup from pid %d refused: %s", peer_pid, exc.message)
                 await loop.sock_sendall(sock, frames.error_response(
@@ -422,15 +456,27 @@ class Broker:
                 addr=addr,
             )
             self.sessions[parking.key] = session
-            session.start(reader.rest())
+            assert self.hangups is not None
+            self.hangups.watch(sock, session.connection_error)
+            session.start(pending)
             await session.done
         except (frames.ProtocolError, ConnectionError) as exc:
             logger.info("client connection dropped: %s", exc)
             if self.table is not None:
                 self.table.add("protocol_errors")
+        except Exception as exc:
+            # A bug, or a resource the startup could not get (the open-files limit): this client is
+            # told why, and the broker serves the others.
+            logger.error("client connection from pid %s failed: %s", peer_pid, exc, exc_info=True)
+            if session is None and not is_admin:
+                with contextlib.suppress(OSError):
+                    sock.send(startup_failure(exc))
         finally:
+            started()
             if session is not None:
                 session.close()  # before sock.close(): it unregisters the fd from the loop
+                assert self.hangups is not None
+                self.hangups.unwatch(sock)
             if is_admin:
                 self.admin_sessions -= 1
             if parking is not None:
@@ -440,16 +486,20 @@ class Broker:
                 self.table.set("parked", len(self.parkings))
             sock.close()
 
-    def _check_client_limit(self) -> None:
+    def _client_limit_refusal(self) -> StartupRefused:
         limit = self.config.max_client_conn
-        clients = len(self.parkings) + self.admin_sessions
-        if limit and clients >= limit:
-            raise StartupRefused(
-                "53300",
-                f"no more connections allowed (max_client_conn): {clients} clients are connected "
-                f"and --max-client-conn is {limit}",
-                hint="close idle connections, or restart the broker with a higher --max-client-conn",
-            )
+        starting = self.admission.starting
+        clients = len(self.parkings) + self.admin_sessions + starting
+        return StartupRefused(
+            "53300",
+            f"no more connections allowed (max_client_conn): {clients} clients are connected "
+            f"({starting} of them still starting up) and --max-client-conn is {limit}",
+            hint="close idle connections, or restart the broker with a higher --max-client-conn",
+        )
+
+    def _client_limit_error(self) -> bytes:
+        refusal = self._client_limit_refusal()
+        return frames.error_response(refusal.sqlstate, refusal.message, severity="FATAL", hint=refusal.hint)
 
     async def _startup(self, packet: frames.StartupMessage, peer_pid: int) -> tuple[bytes, Parking]:
         assert self.pool is not None
@@ -458,7 +508,8 @@ class Broker:
         params = packet.params
         pool_user, pool_db = self.target.user, self.target.database
         user = params.get("user", "")
-        if user not in (pool_user, _os_user(os.geteuid()), _os_user_of(peer_pid)):
+        # libpq's default user is the client's OS user name: accepted too (the pool's user is used).
+        if user not in (pool_user, self.os_user) and user != os_user_of(peer_pid):  # lookup: last
             raise StartupRefused(
                 "28000",
                 f'user "{user}" does not match this broker\'s pool (user "{pool_user}")',
@@ -674,18 +725,8 @@ def _norm(value: str) -> str:
     return value.replace(" ", "").replace("-", "").replace("_", "").lower()
 
 
-def _os_user(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return getpass.getuser()
-
-
-def _os_user_of(pid: int) -> str:
-    try:
-        return _os_user(os.stat(f"/proc/{pid}").st_uid)
-    except OSError:
-        return ""
+def _loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
 # Checked parameters are exported so tests can assert the replay covers them.

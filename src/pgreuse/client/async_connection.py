@@ -128,9 +128,12 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
             self._close_home()
             return
         if self._held is not None:
-            with contextlib.suppress(psycopg.Error):
-                if self.pgconn.transaction_status != pq.TransactionStatus.IDLE:
-                    await self.rollback()
+            # As in Connection.close(): a stream() or copy() left open holds the lock for good, so
+            # roll back only if the lock is free now.
+            if not self.lock.locked():
+                with contextlib.suppress(psycopg.Error):
+                    if self.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+                        await self.rollback()
             self._give_back(broken=True)
         await super().close()
         self._close_home()

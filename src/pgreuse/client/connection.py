@@ -129,11 +129,17 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
             self._close_home()
             return
         if self._held is not None:
-            with contextlib.suppress(psycopg.Error):
-                if self.pgconn.transaction_status != pq.TransactionStatus.IDLE:
-                    self.rollback()
-            # Still leased (rollback failed, or a COPY/stream was left open): the backend's state is
-            # unknown, so the broker must not lend it as is.
+            # A stream() or copy() left open holds the connection lock in its suspended generator
+            # and never lets go while close() waits: rollback() would wait for it forever. Roll back
+            # only if the lock is free now (psycopg's own close() takes no lock at all).
+            if self.lock.acquire(blocking=False):
+                self.lock.release()
+                with contextlib.suppress(psycopg.Error):
+                    if self.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+                        self.rollback()
+            # Still leased (no rollback, it failed, or a COPY/stream was left open): the backend's
+            # state is unknown, so the broker must not lend it as is (it closes it; PostgreSQL
+            # rolls back).
             self._give_back(broken=True)
         super().close()  # Terminate now reaches the parking socket only (rule 5)
         self._close_home()
