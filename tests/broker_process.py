@@ -13,9 +13,9 @@ from psycopg.conninfo import conninfo_to_dict
 
 import pgreuse
 from pgreuse.client.channel import broker_accepts
+from pgreuse.shm import Snapshot, Table, TableError, table_path
 from pgreuse.slots import NOBODY
 from pgreuse.wire.states import SlotState
-from pgreuse.shm import Snapshot, Table, TableError, table_path
 
 
 class BrokerProcess:

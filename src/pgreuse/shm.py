@@ -159,8 +159,16 @@ class Table:
         self.inode = inode
         # The slot words (and the atomic counters): read-only mappings only load them.
         self.slots: SlotsAPI | None = (
-            Slots(mm, _SLOTS_OFF, _SLOT_SIZE, max_size, _COUNTER_OFFSETS["pending"], _LEASES_OFF,
-                  _COUNTER_OFFSETS["use_ns"], _HIST_OFF)  # fmt: skip
+            Slots(
+                mm,
+                _SLOTS_OFF,
+                _SLOT_SIZE,
+                max_size,
+                _COUNTER_OFFSETS["pending"],
+                _LEASES_OFF,
+                _COUNTER_OFFSETS["use_ns"],
+                _HIST_OFF,
+            )
             if writable
             else None
         )
@@ -264,7 +272,7 @@ class Table:
         self.write_slot_values(index, state, close_reason, dirty, generation, backend_pid,
                                holder_pid, lease_started_ns, leases, use_ns, opened_at)  # fmt: skip
 
-    def write_slot_values(
+    def write_slot_values(  # noqa: PLR0917 - positional: it runs once per lease
         self, index: int, state: SlotState, close_reason: CloseReason, dirty: bool, generation: int,
         backend_pid: int, holder_pid: int, lease_started_ns: int, leases: int, use_ns: int,
         opened_at: float,
@@ -279,7 +287,7 @@ class Table:
         assert self.slots is not None
         self.slots.store(index, slot_word(state, generation, BROKER))
 
-    def write_shared(
+    def write_shared(  # noqa: PLR0917 - the order of the record's fields
         self, index: int, close_reason: CloseReason, dirty: bool, generation: int, backend_pid: int,
         opened_at: float,
     ) -> None:  # fmt: skip
@@ -294,12 +302,16 @@ class Table:
 
     def lease_counts(self, index: int) -> tuple[int, int]:
         """Slot ``index``'s lease count and lent ns (workers add theirs while they hold it)."""
-        leases, use_ns = _SLOT_COUNTS.unpack_from(self._mm, _SLOTS_OFF + index * _SLOT_SIZE + _SLOT_COUNTS_OFF)
+        leases, use_ns = _SLOT_COUNTS.unpack_from(
+            self._mm, _SLOTS_OFF + index * _SLOT_SIZE + _SLOT_COUNTS_OFF
+        )
         return int(leases), int(use_ns)
 
     def holder_fields(self, index: int) -> tuple[int, int, int]:
         """Slot ``index``'s parking key, holder pid and lease start (written by its holder)."""
-        parking, pid, started = _SLOT_HOLDER.unpack_from(self._mm, _SLOTS_OFF + index * _SLOT_SIZE + _SLOT_HOLDER_OFF)
+        parking, pid, started = _SLOT_HOLDER.unpack_from(
+            self._mm, _SLOTS_OFF + index * _SLOT_SIZE + _SLOT_HOLDER_OFF
+        )
         return int(parking), int(pid), int(started)
 
     def add(self, counter: str, n: int = 1) -> None:

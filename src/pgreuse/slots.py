@@ -52,6 +52,10 @@ def holder_of(word: int) -> int:
 
 
 class SlotsAPI(Protocol):
+    def __init__(  # noqa: PLR0917 - the C type's signature
+        self, table: mmap.mmap, slots_off: int, slot_size: int, n: int, pending_off: int,
+        leases_off: int, use_ns_off: int, hist0_off: int, /,
+    ) -> None: ...  # fmt: skip
     def load(self, index: int, /) -> int: ...
     def cas(self, index: int, expected: int, desired: int, /) -> bool: ...
     def store(self, index: int, value: int, /) -> None: ...
@@ -73,8 +77,10 @@ REC_WORD, REC_PARKING, REC_HOLDER_PID, REC_LEASE_START, REC_LEASES, REC_USE_NS =
 class PySlots:
     """The reference of ``pgreuse._slots.Slots`` (not atomic: one writing process only)."""
 
-    def __init__(self, mm: mmap.mmap, slots_off: int, slot_size: int, n: int, pending_off: int,
-                 leases_off: int, use_ns_off: int, hist0_off: int) -> None:  # fmt: skip
+    def __init__(  # noqa: PLR0917 - the C type's signature
+        self, mm: mmap.mmap, slots_off: int, slot_size: int, n: int, pending_off: int,
+        leases_off: int, use_ns_off: int, hist0_off: int,
+    ) -> None:  # fmt: skip
         self._mm = mm
         self._slots_off = slots_off
         self._slot_size = slot_size
@@ -166,7 +172,9 @@ def check_py(backend_fd: int, control_fd: int) -> int:
     p.register(backend_fd, select.POLLIN | _RDHUP)
     p.register(control_fd, select.POLLIN)
     ready = dict(p.poll(0))
-    return (BACKEND_UNFIT if ready.get(backend_fd) else 0) | (CONTROL_READABLE if ready.get(control_fd) else 0)
+    return (BACKEND_UNFIT if ready.get(backend_fd) else 0) | (
+        CONTROL_READABLE if ready.get(control_fd) else 0
+    )
 
 
 _RDHUP = getattr(select, "POLLRDHUP", 0x2000)

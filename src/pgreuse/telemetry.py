@@ -494,14 +494,18 @@ def proxied_started(pool: PoolTelemetry | None) -> LeaseSpan | None:
     return LeaseSpan(span)
 
 
-def proxied_ended(pool: PoolTelemetry | None, lease_span: LeaseSpan | None, exc: BaseException | None) -> None:
+def proxied_ended(
+    pool: PoolTelemetry | None, lease_span: LeaseSpan | None, exc: BaseException | None
+) -> None:
     """A proxied transaction is over (``exc``: the proxy refused it, e.g. PoolTimeout)."""
     if lease_span is None:
         return
     span = lease_span.span
     if exc is not None:
         now = time.time_ns()
-        span.set_attributes({OUTCOME: _outcome(exc), ERROR_TYPE: f"{type(exc).__module__}.{type(exc).__qualname__}"})
+        span.set_attributes(
+            {OUTCOME: _outcome(exc), ERROR_TYPE: f"{type(exc).__module__}.{type(exc).__qualname__}"}
+        )
         span.record_exception(exc, timestamp=now)
         span.set_status(Status(StatusCode.ERROR, str(exc)))
         span.end(now)

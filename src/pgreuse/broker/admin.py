@@ -263,10 +263,10 @@ class Console:
         pool = b.pool
         assert pool is not None
         lent = {}
-        for s in pool.slots:
-            state, _pid, _kind, _leases, _started, parking = pool.seen(s)
-            if state is SlotState.LENT and parking:
-                lent[parking] = s
+        for slot in pool.slots:
+            seen, _pid, _kind, _leases, _started, parking = pool.seen(slot)
+            if seen is SlotState.LENT and parking:
+                lent[parking] = slot
         waiting = {w.parking: w for w in pool.waiters}
         now_ns = time.monotonic_ns()
         cols = (

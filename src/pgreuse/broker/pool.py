@@ -49,7 +49,6 @@ from ..wire import control, scan
 from ..wire.frames import terminate
 from ..wire.states import TRANSITIONS, CloseReason, SlotState, check_transition
 from .config import BrokerConfig
-from .sharing import SHARE_LAG, SharedSlots
 from .connector import (
     BackendConnectError,
     BackendQueryError,
@@ -58,6 +57,7 @@ from .connector import (
     run_simple_query,
     send_cancel,
 )
+from .sharing import SHARE_LAG, SharedSlots
 from .tls import TLSStream
 
 logger = logging.getLogger("pgreuse.broker")

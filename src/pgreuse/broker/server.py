@@ -26,9 +26,9 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from .. import slots
 from ..credentials import peer_credentials, trusted_uids
 from ..shm import Table, table_path
-from .. import slots
 from ..wire import control, frames, scan
 from . import admin, proxy
 from .config import BrokerConfig, ConfigError, parse_listen_addr
@@ -63,7 +63,9 @@ class ControlClient:
 
     in_process = False  # pool.Client: the worker gets the backend's fd
 
-    def __init__(self, sock: socket.socket, pid: int, loop: asyncio.AbstractEventLoop, holder: int = 0) -> None:
+    def __init__(
+        self, sock: socket.socket, pid: int, loop: asyncio.AbstractEventLoop, holder: int = 0
+    ) -> None:
         self.sock = sock
         self.pid = pid
         self.holder = holder  # its id in the slot words (slots.FIRST_WORKER and up); 0: no claims

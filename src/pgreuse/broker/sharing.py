@@ -289,7 +289,6 @@ class SharedSlots:
         none is left."""
         for b in list(self.shared):
             word = self.table.word(b.index)
-            if slots.holder_of(word) == slots.NOBODY or force:
-                if self._own(b, word):
-                    self._close(b, CloseReason.SHUTDOWN, graceful=slots.state_of(word) is _IDLE)
+            if (slots.holder_of(word) == slots.NOBODY or force) and self._own(b, word):
+                self._close(b, CloseReason.SHUTDOWN, graceful=slots.state_of(word) is _IDLE)
         return not self.shared

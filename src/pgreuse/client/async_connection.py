@@ -81,7 +81,6 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
         finally:
             await self._after_wait()
 
-
     async def _after_wait(self) -> None:
         steps = self._after_wait_steps()
         for stmt in steps:

@@ -26,8 +26,6 @@ import threading
 import time
 import weakref
 
-import psycopg
-
 from .. import errors, shm, slots
 from ..credentials import peer_credentials, trusted_uids
 from ..wire import control
@@ -155,16 +153,17 @@ class ChannelBase:
         """Claim an idle slot and ``dup2`` its socket onto ``fd_number``: ``(slot, generation,
         backend_pid)``, or ``None`` when the transaction should go through the proxy."""
         table = self.table
-        if table is None or self._dead is not None:
+        if table is None or table.slots is None or self.dead:
             return None
-        claim = table.slots.claim  # type: ignore[union-attr]
+        words = table.slots
+        claim = words.claim
         with self._lock:
             for _attempt in range(len(self._fds)):
                 got = claim(self.holder, self._start, self._gens, parking, self.pid)
                 if got <= -3:
                     # An idle slot of a generation whose fd has not been read yet: read, retry.
                     self._drain_locked()
-                    if self._dead is not None:
+                    if self.dead:
                         return None
                     got = claim(self.holder, self._start, self._gens, parking, self.pid)
                 if got < 0:
@@ -175,9 +174,9 @@ class ChannelBase:
                 seen = slots.check(fd, self.sock.fileno())
                 if seen & slots.CONTROL_READABLE:
                     self._drain_locked()  # new fds, or the broker's end
-                    if self._dead is not None:
+                    if self.dead:
                         # The broker died: this table and its backends are not ours to use.
-                        table.slots.release(got, self.holder, gen)  # type: ignore[union-attr]
+                        words.release(got, self.holder, gen)
                         return None
                 if seen & slots.BACKEND_UNFIT:
                     # PostgreSQL ended that session while it sat idle in the table (a restart, a
@@ -188,7 +187,7 @@ class ChannelBase:
                     os.dup2(fd, fd_number, inheritable=False)
                 except BaseException:
                     # Nothing was sent on it: it goes back as it was.
-                    table.slots.release(got, self.holder, gen)  # type: ignore[union-attr]
+                    words.release(got, self.holder, gen)
                     raise
                 return got, self._full[got], self._pids[got]
             return None
@@ -197,9 +196,9 @@ class ChannelBase:
         """A clean end: the slot goes back idle in the table; the broker hears of it only when its
         proxy has waiters (they get the slot now)."""
         table = self.table
-        if table is None:
+        if table is None or table.slots is None:
             return
-        pending = table.slots.release(slot, self.holder, generation & slots.GEN_MASK)  # type: ignore[union-attr]
+        pending = table.slots.release(slot, self.holder, generation & slots.GEN_MASK)
         if pending > 0:
             self._send(control.Poke())
 

@@ -86,7 +86,6 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
         finally:
             self._after_wait()
 
-
     def _after_wait(self) -> None:
         steps = self._after_wait_steps()
         for stmt in steps:

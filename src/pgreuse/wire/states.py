@@ -4,9 +4,11 @@ A slot is one place in the pool for one backend connection. Its state says who m
 socket: the broker (``connecting``, ``idle``, ``resetting``), exactly one holder (``lent``), or
 nobody (``closed``). ``shared`` is the broker's word for a slot it handed to the shared-memory table:
 there it is idle for any worker to claim, or lent to the worker that did, and only the slot word
-(:mod:`pgreuse.slots`) says which; the broker takes it back with a compare-and-swap. Like PgBouncer's ``change_server_state()``, :func:`check_transition` is the only
-gate a state change goes through, so an impossible change is an internal error and never a silent
-corruption of the pool.
+(:mod:`pgreuse.slots`) says which; the broker takes it back with a compare-and-swap.
+
+Like PgBouncer's ``change_server_state()``, :func:`check_transition` is the only gate a state change
+goes through, so an impossible change is an internal error and never a silent corruption of the
+pool.
 """
 
 from __future__ import annotations
