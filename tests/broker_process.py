@@ -14,7 +14,7 @@ from psycopg.conninfo import conninfo_to_dict
 import pgreuse
 from pgreuse.client.channel import broker_accepts
 from pgreuse.shm import Snapshot, Table, TableError, table_path
-from pgreuse.slots import NOBODY
+from pgreuse.slots import ATOMIC, NOBODY
 from pgreuse.wire.states import SlotState
 
 
@@ -155,3 +155,22 @@ def make_broker(pg, short_tmp):  # type: ignore[no-untyped-def]
 def broker(make_broker):  # type: ignore[no-untyped-def]
     """A broker with two backends on the shared cluster."""
     return make_broker("--max-size", "2")
+
+
+# Whether workers claim backends in this run: not with PGREUSE_PURE_PYTHON=1 (or without the C
+# module), where every transaction goes through the broker's proxy.
+CLAIMS = ATOMIC
+
+
+def held(conn: object) -> bool:
+    """``conn`` is inside a transaction that holds a backend: a claimed one, or one the broker's proxy
+    lent it."""
+    return getattr(conn, "lease", None) is not None or bool(getattr(conn, "proxied", False))
+
+
+# A test of what happens to a claimed backend (its fd in a worker, its slot word): it runs wherever
+# workers claim, that is everywhere but the PGREUSE_PURE_PYTHON=1 leg, whose transactions all go
+# through the proxy (the proxy's own fault tests cover that path there).
+needs_claims = pytest.mark.skipif(
+    not CLAIMS, reason="PGREUSE_PURE_PYTHON=1: nothing is claimed, every transaction goes through the proxy"
+)

@@ -9,6 +9,7 @@ import struct
 
 import pytest
 
+from broker_process import needs_claims
 from pgreuse.wire import control
 from pgreuse.wire.states import SlotState
 
@@ -62,6 +63,7 @@ def test_garbage_on_the_control_socket(broker, packet):
     assert broker.proc.poll() is None
 
 
+@needs_claims
 def test_a_release_for_someone_elses_lease_is_ignored(broker):
     holder = broker.connect()
     holder.execute("select 1")  # slot held by this process's channel

@@ -10,6 +10,7 @@ import pytest
 import uvloop
 
 import pgreuse
+from broker_process import CLAIMS, held
 from pgreuse.wire.states import SlotState
 
 pytestmark = pytest.mark.anyio
@@ -28,7 +29,8 @@ async def test_async_lease_per_transaction(broker):
         async with conn.transaction():
             cur = await conn.execute("select pg_backend_pid()")
             (pid,) = await cur.fetchone()
-            assert conn.lease is not None and conn.lease.backend_pid == pid
+            assert (conn.lease is not None) == CLAIMS and held(conn)
+            assert conn.lease is None or conn.lease.backend_pid == pid
         assert conn.lease is None
         await conn.set_autocommit(True)
         cur = await conn.execute("select 2")

@@ -14,6 +14,7 @@ import pytest
 import uvloop
 
 import pgreuse
+from broker_process import held
 from pgreuse.wire.states import SlotState
 
 QUERY = "select generate_series(1, 100000)"
@@ -34,7 +35,7 @@ def test_close_while_a_stream_is_alive(make_broker, autocommit):
     conn = b.connect(autocommit=autocommit)
     rows = conn.cursor().stream(QUERY)
     assert next(rows) == (1,)
-    assert conn.lease is not None  # a stream keeps its lease between rows
+    assert held(conn)  # a stream keeps its lease between rows
     started = time.monotonic()
     conn.close()  # used to wait forever for the lock the generator holds
     assert time.monotonic() - started < 5
@@ -52,7 +53,7 @@ def test_async_close_while_a_stream_is_alive(make_broker, loop):
         conn = await pgreuse.connect_async(b.conninfo)
         rows = conn.cursor().stream(QUERY)
         assert await anext(rows) == (1,)
-        assert conn.lease is not None
+        assert held(conn)
         await asyncio.wait_for(conn.close(), 5)
         assert conn.closed
         await rows.aclose()

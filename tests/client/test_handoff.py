@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 import pgreuse
+from broker_process import CLAIMS, held
 from pgreuse.wire import frames
 from pgreuse.wire.states import SlotState
 
@@ -23,13 +24,14 @@ def test_lease_only_inside_a_transaction(broker):
         assert conn.info.backend_pid >= 1 << 30
         with conn.transaction():
             (pid,) = conn.execute("select pg_backend_pid()").fetchone()
-            assert conn.lease is not None
-            assert conn.lease.backend_pid == pid
+            assert (conn.lease is not None) == CLAIMS  # claimed, or through the proxy (pure Python)
+            assert conn.lease is None or conn.lease.backend_pid == pid
             conn.execute("select 1")
-            assert conn.lease.backend_pid == pid  # the same backend for the whole transaction
+            assert conn.execute("select pg_backend_pid()").fetchone() == (pid,)  # all the way
         assert conn.lease is None
-    snap = broker.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="lease returned")
-    assert snap.counters["leases"] >= 1
+    broker.wait_for(
+        lambda s: s.count(SlotState.LENT) == 0 and s.counters["leases"] >= 1, what="lease returned"
+    )
 
 
 def test_commit_and_rollback_reach_postgresql(broker, pg):
@@ -53,8 +55,7 @@ def test_autocommit_leases_per_statement(broker):
         assert conn.lease is None
         assert conn.execute("select 2").fetchone() == (2,)
         assert conn.lease is None
-    snap = broker.snapshot()
-    assert snap.counters["leases"] >= 2
+    broker.wait_for(lambda s: s.counters["leases"] >= 2, what="both leases counted")
 
 
 def test_error_in_transaction_keeps_the_lease_until_rollback(broker):
@@ -62,7 +63,7 @@ def test_error_in_transaction_keeps_the_lease_until_rollback(broker):
         conn.execute("select 1")
         with pytest.raises(psycopg.errors.DivisionByZero):
             conn.execute("select 1/0")
-        assert conn.lease is not None  # INERROR: the backend holds the failed transaction
+        assert held(conn)  # INERROR: the backend holds the failed transaction
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
         conn.rollback()
         assert conn.lease is None
@@ -85,7 +86,7 @@ def test_copy_stream_named_cursor_and_pipeline(broker):
         total = 0
         for (v,) in conn.cursor().stream("select generate_series(1, 1000)"):
             total += v
-            assert conn.lease is not None  # mid-stream the backend is still ours
+            assert held(conn)  # mid-stream the backend is still ours
         assert total == 500500
         conn.commit()
 
@@ -209,7 +210,7 @@ def test_close_while_leased_rolls_back_and_returns_the_backend(broker, pg):
         admin.execute("drop table if exists close_t; create table close_t (v int)")
     conn = broker.connect()
     conn.execute("insert into close_t values (1)")
-    assert conn.lease is not None
+    assert held(conn)
     conn.close()
     broker.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="lease returned on close")
     with psycopg.connect(pg.dsn()) as admin:
@@ -250,7 +251,7 @@ def test_broker_on_the_standard_asyncio_loop(make_broker, monkeypatch):
     broker = make_broker("--max-size", "1")
     with broker.connect() as conn, conn.transaction():
         assert conn.execute("select 1").fetchone() == (1,)
-        assert conn.lease is not None
+        assert (conn.lease is not None) == CLAIMS
 
 
 def _raw_startup(broker, **params: str) -> bytes:

@@ -10,6 +10,7 @@ import signal
 import pytest
 
 import pgreuse
+from broker_process import needs_claims
 from pgreuse.wire.states import SlotState
 
 
@@ -31,6 +32,7 @@ def test_an_error_inside_a_pipeline_block_gives_the_lease_back(make_broker):
         assert b.execute("select 2").fetchone() == (2,)
 
 
+@needs_claims
 def test_a_slot_whose_fd_cannot_arrive_goes_through_the_proxy(make_broker):
     # At the open-files limit the broker's fd arrives without its descriptor: the transaction goes
     # through the proxy instead, nothing leaks, and the fd is asked for again once (Want).

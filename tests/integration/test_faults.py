@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 import pgreuse
-from broker_process import BrokerProcess
+from broker_process import BrokerProcess, needs_claims
 from pgreuse.wire.states import SlotState
 
 
@@ -34,6 +34,7 @@ def _alive_backends(pg, pids) -> list[int]:  # type: ignore[no-untyped-def]
     return [r[0] for r in rows]
 
 
+@needs_claims
 def test_worker_killed_mid_transaction_never_commits(make_broker, pg):
     with psycopg.connect(pg.dsn(), autocommit=True) as admin:
         admin.execute("drop table if exists crash_t; create table crash_t (v int)")
@@ -65,6 +66,7 @@ def test_worker_killed_mid_transaction_never_commits(make_broker, pg):
     assert _alive_backends(pg, [victim]) == []  # PostgreSQL ended (and rolled back) that session
 
 
+@needs_claims
 def test_worker_killed_while_a_large_result_streams(make_broker):
     broker = make_broker("--max-size", "1")
 
@@ -88,6 +90,7 @@ def test_worker_killed_while_a_large_result_streams(make_broker):
         assert broker.snapshot().slots[0].backend_pid != victim
 
 
+@needs_claims
 def test_pg_terminate_backend_of_a_leased_backend(broker, pg):
     conn = broker.connect()
     conn.execute("select 1")
@@ -108,6 +111,7 @@ def test_pg_terminate_backend_of_a_leased_backend(broker, pg):
         assert pid != victim
 
 
+@needs_claims
 def test_idle_in_transaction_timeout_takes_the_backend_back(make_broker):
     broker = make_broker("--max-size", "1", "--idle-transaction-timeout", "0.5")
     conn = broker.connect()
@@ -164,6 +168,7 @@ def test_broker_sigterm_removes_its_files_and_backends(make_broker, pg):
     assert _alive_backends(pg, pids) == []
 
 
+@needs_claims
 def test_broker_killed_and_restarted(make_broker):
     broker = make_broker("--max-size", "1")
     conn = broker.connect(autocommit=True)
@@ -214,6 +219,7 @@ def test_connect_while_postgresql_is_unreachable_names_the_reason(pg, short_tmp)
         assert broker.stop() == 0
 
 
+@needs_claims
 def test_a_lease_held_past_max_lease_time_is_revoked(make_broker, pg):
     with psycopg.connect(pg.dsn(), autocommit=True) as admin:
         admin.execute("drop table if exists revoke_t; create table revoke_t (v int)")
