@@ -11,6 +11,7 @@ import pytest
 
 import pgreuse
 from broker_process import BrokerProcess, needs_claims
+from pgreuse.client.channel import CHECK_AFTER_NS
 from pgreuse.wire.states import SlotState
 
 
@@ -175,6 +176,9 @@ def test_broker_killed_and_restarted(make_broker):
     assert conn.execute("select 1").fetchone() == (1,)
     idle = broker.connect(autocommit=True)  # parked at the old broker, not used until it is back
     broker.kill()
+    # A claim looks at the control channel when the backend has idled longer than CHECK_AFTER_NS
+    # (a backend given back a moment ago is used at once), and then sees the broker's end.
+    time.sleep(CHECK_AFTER_NS / 1e9 * 2)
     with pytest.raises(pgreuse.BrokerUnavailable, match="broker"):
         conn.execute("select 1")
     assert conn.closed  # broken for good, like a connection whose server went away

@@ -82,6 +82,8 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
             await self._after_wait()
 
     async def _after_wait(self) -> None:
+        if self._after_wait_done():
+            return
         steps = self._after_wait_steps()
         for stmt in steps:
             try:

@@ -31,6 +31,10 @@ from ..credentials import peer_credentials, trusted_uids
 from ..wire import control
 
 HELLO_TIMEOUT = 10.0
+# A claimed backend this process gave back less than this long ago is used without a look at its
+# socket (and at the control channel): it was fine then. Older ones are checked first, one poll()
+# for both: PostgreSQL may have ended the session meanwhile, or the broker may have died.
+CHECK_AFTER_NS = 10_000_000
 _FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)  # room for a few fds: extra ones are closed
 MAX_OUTBOX = 10_000  # packets a broker that reads nothing may owe us before the channel is given up
 
@@ -74,6 +78,7 @@ class ChannelBase:
         self._full: list[int] = []  # per slot: that generation, whole (as Release names it)
         self._fds: list[int] = []  # per slot: the cached fd, or -1
         self._pids: list[int] = []  # per slot: the backend's pid
+        self._given_back: list[int] = []  # per slot: when this process last gave it back clean (ns)
         self._wanted: set[tuple[int, int]] = set()
         self._start = 0  # where this process starts its scan of the slots
         self._outbox: collections.deque[bytes] = collections.deque()
@@ -129,6 +134,7 @@ class ChannelBase:
         self._full = [0] * n
         self._fds = [-1] * n
         self._pids = [0] * n
+        self._given_back = [0] * n
         # Processes start their scans at different slots, so they do not all race for slot 0.
         self._start = self.pid % n if n else 0
         if msg.holder >= slots.FIRST_WORKER and not msg.proxy_only and slots.ATOMIC:
@@ -171,7 +177,8 @@ class ChannelBase:
                         self._want(-3 - got)
                     return None
                 fd, gen = self._fds[got], self._gens[got]
-                seen = slots.check(fd, self.sock.fileno())
+                fresh = time.monotonic_ns() - self._given_back[got] < CHECK_AFTER_NS
+                seen = 0 if fresh else slots.check(fd, self.sock.fileno())
                 if seen & slots.CONTROL_READABLE:
                     self._drain_locked()  # new fds, or the broker's end
                     if self.dead:
@@ -199,6 +206,7 @@ class ChannelBase:
         if table is None or table.slots is None:
             return
         pending = table.slots.release(slot, self.holder, generation & slots.GEN_MASK)
+        self._given_back[slot] = time.monotonic_ns()
         if pending > 0:
             self._send(control.Poke())
 

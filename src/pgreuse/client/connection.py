@@ -87,6 +87,8 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
             self._after_wait()
 
     def _after_wait(self) -> None:
+        if self._after_wait_done():
+            return
         steps = self._after_wait_steps()
         for stmt in steps:
             try:

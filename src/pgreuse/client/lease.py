@@ -62,11 +62,21 @@ class Lease:
     started: float  # time.monotonic() when claimed
 
 
-@attrs.define
+@attrs.define(slots=True)
 class _Held:
-    lease: Lease
+    """The claim held now (``Lease`` is built from it only when asked: it is per transaction)."""
+
+    slot: int
+    generation: int
+    backend_pid: int
+    started: float
     fd_number: int  # libpq's socket fd, now pointing at the backend
     span: telemetry.LeaseSpan | None = None
+    waited = 0.0  # a claim never waits (telemetry.LeaseInfo)
+
+    @property
+    def lease(self) -> Lease:
+        return Lease(self.slot, self.generation, self.backend_pid, 0.0, self.started)
 
 
 class AfterWait(enum.Enum):
@@ -120,6 +130,16 @@ class StatementGuard:
         return pgq
 
 
+# os.getpid() is a system call each time (glibc caches nothing); this runs once per transaction.
+_pids = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _pids.__setitem__(0, os.getpid()))
+
+
+def _pid() -> int:
+    return _pids[0]
+
+
+_REPORTED_RAW = tuple(name.encode() for name in REPORTED_PARAMETERS)
 _guarded_classes: dict[type[Any], type[Any]] = {}
 
 
@@ -151,6 +171,7 @@ class LeaseCore:
     _lease_timeout: float = DEFAULT_LEASE_TIMEOUT
     _session_dirty: bool = False
     _baseline: dict[str, str | None]
+    _baseline_raw: tuple[bytes | None, ...] = ()  # the same, as libpq reports them (compared per lease)
     _pool_telemetry: telemetry.PoolTelemetry | None = None
 
     def _init_lease(self) -> None:
@@ -190,6 +211,7 @@ class LeaseCore:
         self._channel = channel
         self._lease_timeout = lease_timeout
         self._baseline = self._reported()
+        self._baseline_raw = self._reported_raw()
         self._home = os.dup(self.pgconn.socket)
 
     def _close_home(self) -> None:
@@ -247,7 +269,7 @@ class LeaseCore:
 
     def _describe(self) -> str:
         held = self._held
-        return f"leased slot={held.lease.slot} pid={held.lease.backend_pid}" if held else "parked"
+        return f"leased slot={held.slot} pid={held.backend_pid}" if held else "parked"
 
     # -- before a wait ----------------------------------------------------------------------------
 
@@ -264,7 +286,7 @@ class LeaseCore:
         )
         if state_only:
             return False
-        if os.getpid() != self._owner_pid:
+        if _pid() != self._owner_pid:
             raise errors.WrongProcess(
                 f"this pgreuse connection was opened in process {self._owner_pid} and is used in "
                 f"process {os.getpid()}: open connections after fork (e.g. in Gunicorn's "
@@ -297,8 +319,9 @@ class LeaseCore:
                 channel.dirty(self.pgconn.backend_pid)
             return
         slot, generation, backend_pid = got
-        lease = Lease(slot, generation, backend_pid, 0.0, time.monotonic())
-        self._held = _Held(lease, fd_number, telemetry.lease_granted(self._telemetry(), lease))
+        held = _Held(slot, generation, backend_pid, time.monotonic(), fd_number)
+        held.span = telemetry.lease_granted(self._telemetry(), held)
+        self._held = held
 
     def _lost_broker(self) -> None:
         """The broker that parked this connection is gone: it can never lease again.
@@ -335,6 +358,25 @@ class LeaseCore:
             and pgconn.pipeline_status == pq.PipelineStatus.OFF
         )
 
+    def _after_wait_done(self) -> bool:
+        """The end of a ``wait()`` in the usual cases, without :meth:`_after_wait_steps`' generator
+        (this runs once per statement): True if nothing else is to be done."""
+        held = self._held
+        if held is None:
+            return not self._proxying
+        pgconn = self.pgconn
+        if pgconn.status != pq.ConnStatus.OK:
+            return False
+        if (
+            pgconn.transaction_status != pq.TransactionStatus.IDLE
+            or pgconn.pipeline_status != pq.PipelineStatus.OFF
+        ):
+            return True  # mid-transaction: the backend stays
+        if self._reported_raw() != self._baseline_raw:
+            return False  # parameters to put back first
+        self._give_back(broken=False, dirty=self._take_dirty())
+        return True
+
     def _after_wait_steps(self) -> Generator[sql.SQL | sql.Composed, None, None]:
         """The end of every ``wait()``: yield the statements to run (usually none), settle the lease.
 
@@ -363,7 +405,7 @@ class LeaseCore:
         self._held = None
         channel = self._channel
         assert channel is not None
-        lease = held.lease
+        lease = held
         libpq_fd = -1
         with contextlib.suppress(psycopg.OperationalError):
             libpq_fd = self.pgconn.socket
@@ -415,6 +457,9 @@ class LeaseCore:
             out[name] = value.decode() if value is not None else None
         return out
 
+    def _reported_raw(self) -> tuple[bytes | None, ...]:
+        return tuple(map(self.pgconn.parameter_status, _REPORTED_RAW))
+
     def _note_statement(self, query: bytes) -> None:
         verdict = classify_sql(query)
         if verdict is Verdict.DIRTY:
@@ -433,6 +478,8 @@ class LeaseCore:
         libpq's cache (which psycopg's adapters read: TimeZone, DateStyle, client_encoding) back to
         the values every backend of the pool has.
         """
+        if self._reported_raw() == self._baseline_raw:
+            return []  # (the usual case, without decoding ten values)
         changed = changed_parameters(self._baseline, self._reported())
         if not changed:
             return []

@@ -62,11 +62,25 @@ LISTEN_REFUSED = (
 
 
 def classify_sql(query: bytes) -> Verdict:
+    """What ``query`` leaves in the session (remembered: applications send the same few queries)."""
+    verdict = _verdicts.get(query)
+    if verdict is None:
+        if len(_verdicts) >= _MAX_REMEMBERED:
+            _verdicts.clear()
+        verdict = _verdicts[query] = _classify(query)
+    return verdict
+
+
+def _classify(query: bytes) -> Verdict:
     if _LISTEN.search(query):
         return Verdict.REFUSE
     if _DIRTY.search(query):
         return Verdict.DIRTY
     return Verdict.CLEAN
+
+
+_MAX_REMEMBERED = 1024
+_verdicts: dict[bytes, Verdict] = {}
 
 
 def changed_parameters(baseline: Mapping[str, str | None], current: Mapping[str, str | None]) -> list[str]:
