@@ -9,10 +9,12 @@ import pgreuse
 from pgreuse.client.session import Verdict, classify_sql
 
 
-@pytest.fixture
-def one_backend(make_broker):  # type: ignore[no-untyped-def]
-    """Every connection shares the same single backend: a leak would show at once."""
-    return make_broker("--max-size", "1")
+@pytest.fixture(params=["claimed", "proxied"])
+def one_backend(make_broker, request):  # type: ignore[no-untyped-def]
+    """Every connection shares the same single backend: a leak would show at once. Each test runs
+    with transactions that claim it, and with transactions that go through the broker's proxy
+    (the pgreuse client tells the broker what leaves session state before it sends it)."""
+    return make_broker("--max-size", "1", *(["--no-handoff"] if request.param == "proxied" else []))
 
 
 def _same_backend(a: pgreuse.Connection, b: pgreuse.Connection) -> None:

@@ -74,6 +74,7 @@ class BrokerConfig:
     listen_addr: str = ""  # "host:port" for a TCP listener; "" (default): Unix socket only
     reset_query: str = "DISCARD ALL"
     reset_every_lease: bool = False  # run reset_query after every lease, not only dirty ones
+    no_handoff: bool = False  # workers claim nothing: every transaction goes through the proxy
     max_waiting: int = 0  # requests allowed to queue for a backend at once; 0: no limit
     max_lease_time: float = 0.0  # a lease held longer is revoked; 0: no limit
 
@@ -292,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run --reset-query after every lease, not only after those that changed session "
         "state (for the cautious: costs one round trip in the broker per transaction)",
+    )
+    p.add_argument(
+        "--no-handoff",
+        action="store_true",
+        help="pgreuse connections claim no backend in the shared table: every transaction goes "
+        "through the broker's proxy (slower; for comparison, or to rule the handoff out)",
     )
     p.add_argument(
         "--supervise",

@@ -70,8 +70,9 @@ class SharedSlots:
     def _init_sharing(self) -> None:
         # Workers may claim only where the table has atomics (the C module) and backends are
         # plaintext (a TLS backend's state lives in the broker). --reset-every-lease: every
-        # transaction goes through the proxy, which resets the backend after each.
-        self.claims = self.table.claims and not self.config.reset_every_lease
+        # transaction goes through the proxy, which resets the backend after each; --no-handoff
+        # asks for the proxy alone.
+        self.claims = self.table.claims and not (self.config.reset_every_lease or self.config.no_handoff)
         self.shared: list[Backend] = []
         self.workers: set[Client] = set()
 

@@ -1,0 +1,166 @@
+"""The slot words: the C module (pgreuse._slots) against its Python reference (slots.PySlots).
+
+Both run the same random scripts of claims, releases, compare-and-swaps, stores, queue lengths and
+counter adds on two tables of the same layout; after every step the results and the tables' bytes
+must be equal (lease starts and lent times are clock readings: compared as zero or not). Planted
+bugs in the reference (a flipped comparison, a dropped step) must make the comparison fail, or it
+proves nothing.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from pgreuse import shm, slots
+from pgreuse.wire.states import SlotState
+
+pytestmark = pytest.mark.skipif(not slots.ATOMIC, reason="PGREUSE_PURE_PYTHON=1: no C module to compare")
+
+N = 4
+_SLOT_TIME_FIELDS = (slots.REC_LEASE_START, slots.REC_USE_NS)
+
+
+def _table(tmp_path: Any, name: str) -> shm.Table:
+    return shm.Table.create(
+        str(tmp_path / name), max_size=N, min_size=1, wait_timeout=1.0, database="d", user="u", claims=True
+    )
+
+
+def _reference(table: shm.Table, kind: type[slots.PySlots] = slots.PySlots) -> slots.PySlots:
+    off = shm._COUNTER_OFFSETS
+    return kind(table._mm, shm._SLOTS_OFF, shm._SLOT_SIZE, N, off["pending"], shm._LEASES_OFF,
+                off["use_ns"], shm._HIST_OFF)  # fmt: skip
+
+
+def _normalised(table: shm.Table) -> bytes:
+    """The table's bytes, with each clock reading replaced by whether it is zero."""
+    data = bytearray(table._mm[:])
+    times = [shm._SLOTS_OFF + i * shm._SLOT_SIZE + f for i in range(N) for f in _SLOT_TIME_FIELDS]
+    times.append(shm._COUNTER_OFFSETS["use_ns"])
+    for off in times:
+        (value,) = struct.unpack_from("<q", data, off)
+        struct.pack_into("<q", data, off, int(value != 0))
+    return bytes(data[shm._COUNTERS_OFF :])  # (the header holds each broker's pid and start time)
+
+
+def _word(rng: random.Random) -> int:
+    state = rng.choice(
+        [SlotState.CLOSED, SlotState.IDLE, SlotState.IDLE, SlotState.LENT, SlotState.RESETTING]
+    )
+    holder = rng.choice([slots.NOBODY, slots.NOBODY, slots.BROKER, 2, 3])
+    return slots.make(state, rng.choice([1, 2, 0xFFFFFF]), holder)
+
+
+def _step(rng: random.Random, words: slots.SlotsAPI, peer: slots.SlotsAPI) -> tuple[str, Any]:
+    """One random operation, chosen with ``rng``, on ``words`` (``peer`` is read for realistic
+    arguments: the current words, so that CASes and releases often match)."""
+    i = rng.randrange(N)
+    current = peer.load(i)
+    op = rng.choice(
+        ["store", "cas", "cas", "pending", "claim", "claim", "claim", "release", "release", "add"]
+    )
+    if op == "store":
+        return op, words.store(i, _word(rng))
+    if op == "cas":
+        expected = current if rng.random() < 0.7 else _word(rng)
+        return op, words.cas(i, expected, _word(rng))
+    if op == "pending":
+        return op, words.set_pending(rng.choice([0, 0, 0, 1, 3, shm.CLOSED_GATE]))
+    if op == "claim":
+        gens = [rng.choice([slots.NOT_HELD, slots.gen_of(peer.load(k)), 2]) for k in range(N)]
+        return op, words.claim(rng.choice([2, 3, 4]), rng.randrange(N), gens, rng.randrange(1 << 31), 77)
+    if op == "release":
+        holder = slots.holder_of(current) if rng.random() < 0.8 else rng.choice([2, 3])
+        gen = slots.gen_of(current) if rng.random() < 0.8 else 2
+        return op, words.release(i, holder, gen)
+    return op, words.add(shm._COUNTER_OFFSETS[rng.choice(["leases", "timeouts", "resets"])], rng.randrange(5))
+
+
+def _first_difference(
+    tmp_path: Any, seed: int, reference: type[slots.PySlots], steps: int = 300
+) -> str | None:
+    """Run one script on C and on ``reference``; describe the first difference, or None."""
+    c_table, py_table = _table(tmp_path, f"c{seed}"), _table(tmp_path, f"py{seed}")
+    assert c_table.slots is not None
+    c, py = c_table.slots, _reference(py_table, reference)
+    try:
+        for n in range(steps):
+            got_c = _step(random.Random(seed * 1000 + n), c, c)
+            got_py = _step(random.Random(seed * 1000 + n), py, py)
+            if got_c != got_py:
+                return f"seed {seed} step {n}: C {got_c} != Python {got_py}"
+            if _normalised(c_table) != _normalised(py_table):
+                return f"seed {seed} step {n} ({got_c[0]}): the tables differ"
+        return None
+    finally:
+        c_table.close()
+        py_table.close()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_c_and_python_slot_words_agree(tmp_path, seed):
+    assert _first_difference(tmp_path, seed, slots.PySlots) is None
+
+
+class _IgnoresQueue(slots.PySlots):
+    def pending(self) -> int:  # claim() no longer lets the proxy's waiters go first
+        return 0 if self._in_claim else super().pending()
+
+    _in_claim = False
+
+    def claim(self, *args: Any) -> int:
+        self._in_claim = True
+        try:
+            return super().claim(*args)
+        finally:
+            self._in_claim = False
+
+
+class _ClaimsAnyGeneration(slots.PySlots):
+    def claim(self, holder: int, start: int, generations: list[int], parking: int, pid: int) -> int:
+        # a flipped comparison: a slot whose fd this process does not hold counts as held
+        return super().claim(holder, start, [slots.gen_of(self.load(i)) for i in range(self.n)], parking, pid)
+
+
+class _KeepsParking(slots.PySlots):
+    def release(self, index: int, holder: int, generation: int) -> int:
+        parking = self._mm[self._rec(index) + slots.REC_PARKING : self._rec(index) + slots.REC_PARKING + 4]
+        result = super().release(index, holder, generation)
+        self._mm[self._rec(index) + slots.REC_PARKING : self._rec(index) + slots.REC_PARKING + 4] = parking
+        return result  # a dropped step: the parking key outlives the lease (a cancel would follow it)
+
+
+class _ReleasesAnyHolder(slots.PySlots):
+    def release(self, index: int, holder: int, generation: int) -> int:
+        # a dropped check: a release by someone who does not hold the slot is taken
+        return super().release(index, slots.holder_of(self.load(index)), generation)
+
+
+MUTANTS: list[Callable[..., slots.PySlots]] = [
+    _IgnoresQueue,
+    _ClaimsAnyGeneration,
+    _KeepsParking,
+    _ReleasesAnyHolder,
+]
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=lambda m: m.__name__)
+def test_the_comparison_catches_planted_bugs(tmp_path, mutant):
+    found = [_first_difference(tmp_path, seed, mutant, steps=200) for seed in range(8)]
+    assert any(found), f"{mutant.__name__} went unnoticed"
+
+
+def test_the_word_layout_is_the_c_modules():
+    # _slotword.h packs the same bits: a word made here is read back by the C claim.
+    word = slots.make(SlotState.LENT, 0x123456 | 1 << 24, 0xFFFFFFFE)
+    assert (slots.state_of(word), slots.gen_of(word), slots.holder_of(word)) == (
+        SlotState.LENT,
+        0x123456,
+        0xFFFFFFFE,
+    )
+    assert shm._SLOT.size == 64 and shm._SLOTS_OFF % 8 == 0
