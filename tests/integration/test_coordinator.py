@@ -152,7 +152,8 @@ def test_no_thread_starves_when_32_threads_share_4_backends(make_broker):
     snap = broker.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="every backend back")
     mean = statistics.mean(counts)
     print(f"per thread: min {min(counts)} median {statistics.median(counts)} max {max(counts)}; "
-          f"worst wait {max(worst) * 1000:.0f} ms; waits {snap.counters['waits']}; hist {snap.wait_histogram}")  # fmt: skip
+          f"worst wait {max(worst) * 1000:.0f} ms; waits {snap.counters['waits']}; "
+          f"wait histogram {snap.wait_histogram}")  # fmt: skip
     assert min(counts) >= mean / 4, counts  # nobody starved
     assert max(worst) < 5.0, worst
     assert snap.counters["waits"] > 0  # the proxy's queue was used
