@@ -68,8 +68,15 @@ _PROXY_REFUSALS: tuple[tuple[str, str, type[psycopg.OperationalError]], ...] = (
 )
 
 
+_SHUTTING_DOWN = "pgreuse broker: the broker is shutting down"
+
+
 def from_proxy_refusal(exc: psycopg.Error) -> psycopg.OperationalError | None:
     """The pool error for the broker proxy's refusal ``exc``, or ``None`` if it is not one."""
+    if exc.sqlstate is None and _SHUTTING_DOWN in str(exc):
+        # A FATAL that closes the connection reaches some libpq versions (psycopg 3.2's) as a lost
+        # connection with the server's message in its text, and no SQLSTATE.
+        return PoolClosed(_SHUTTING_DOWN.removeprefix("pgreuse broker: "))
     message = exc.diag.message_primary or ""
     for sqlstate, prefix, kind in _PROXY_REFUSALS:
         if exc.sqlstate == sqlstate and message.startswith(prefix):

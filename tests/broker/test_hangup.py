@@ -55,6 +55,9 @@ def test_a_client_that_hangs_up_mid_message_loses_no_backend(make_broker, monkey
         monkeypatch.setenv("PGREUSE_LOOP", "asyncio")
     port = free_port()
     b = make_broker("--max-size", "2", "--wait-timeout", "5", "--listen-addr", f"127.0.0.1:{port}")
+    deadline = time.monotonic() + 10  # (the broker logs it just after its sockets appear)
+    while f"event loop: {loop}" not in b.log() and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert f"event loop: {loop}" in b.log()
     # queued: both backends held, the query waits for one; leased: it gets one at once.
     holders = [psycopg.connect(b.conninfo) for _ in range(2 if busy else 0)]

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 import pgreuse
-from broker_process import BrokerProcess
+from broker_process import CLAIMS, BrokerProcess
 from tls_cluster import tls_cluster
 
 PSQL = "/usr/bin/psql"
@@ -88,7 +88,7 @@ def test_prefer_without_server_tls_keeps_handoff(pg, make_broker):
     b = make_broker(dsn=pg.tcp_dsn(sslmode="prefer"))
     with b.connect() as conn:
         assert not backend_uses_tls(conn)
-        assert conn.lease is not None  # inside the implicit transaction: a handed-off backend
+        assert (conn.lease is not None) == CLAIMS  # inside the implicit transaction: a claimed backend
 
 
 def test_prefer_with_server_tls_is_proxied(pg_tls, make_broker):

@@ -897,7 +897,16 @@ class Pool(SharedSlots, _PoolBase):
         held = next((b for b in self.slots if b.state is SlotState.LENT and b.parking == parking), None)
         held = held or self.shared_lease_of(parking)
         if held is None:
-            logger.debug("cancel for parking %d: no lease held, nothing to cancel", parking)
+            # Still waiting for a backend: what was sent never reached PostgreSQL; answer it the way
+            # PostgreSQL answers a cancelled statement (a client such as psycopg waits for that).
+            waiter = next((w for w in self.waiters if w.parking == parking), None)
+            if waiter is None:
+                logger.debug("cancel for parking %d: no lease held, nothing to cancel", parking)
+                return
+            self.waiters.remove(waiter)
+            self.publish_pending()
+            self._deny(waiter, control.DenyCode.CANCELED, "canceling statement due to user request "
+                       "(it was waiting for a backend)")  # fmt: skip
             return
         logger.info("forwarding cancel to backend pid %d (slot %d)", held.pid, held.index)
         self._spawn(send_cancel(self.target, held.pid, held.secret, tls=held.tls is not None))

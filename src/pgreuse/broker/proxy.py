@@ -84,6 +84,7 @@ _DENY_SQLSTATE = {
     control.DenyCode.CLOSED: "57P01",
     control.DenyCode.BAD_REQUEST: "08P01",
     control.DenyCode.TOO_MANY: "53300",
+    control.DenyCode.CANCELED: "57014",  # query_canceled, as PostgreSQL answers a cancelled query
 }
 
 

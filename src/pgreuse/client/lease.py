@@ -362,8 +362,8 @@ class LeaseCore:
         """The end of a ``wait()`` in the usual cases, without :meth:`_after_wait_steps`' generator
         (this runs once per statement): True if nothing else is to be done."""
         held = self._held
-        if held is None:
-            return not self._proxying
+        if held is None and not self._proxying:
+            return True
         pgconn = self.pgconn
         if pgconn.status != pq.ConnStatus.OK:
             return False
@@ -374,7 +374,10 @@ class LeaseCore:
             return True  # mid-transaction: the backend stays
         if self._reported_raw() != self._baseline_raw:
             return False  # parameters to put back first
-        self._give_back(broken=False, dirty=self._take_dirty())
+        if held is None:
+            self._proxied_over(None)  # a transaction through the proxy is over
+        else:
+            self._give_back(broken=False, dirty=self._take_dirty())
         return True
 
     def _after_wait_steps(self) -> Generator[sql.SQL | sql.Composed, None, None]:

@@ -48,6 +48,7 @@ class DenyCode(enum.IntEnum):
     CLOSED = 3  # the broker is shutting down
     BAD_REQUEST = 4  # e.g. an unknown parking connection
     TOO_MANY = 5  # too many waiters
+    CANCELED = 6  # a CancelRequest arrived while the request waited for a backend
 
 
 class Outcome(enum.IntEnum):
