@@ -69,22 +69,30 @@ class BrokerProcess:
             return ""
 
     def connect(self, **kwargs: object) -> pgreuse.Connection:
+        conn = pgreuse.connect(self.conninfo, **kwargs)  # type: ignore[arg-type]
         self.settle()
-        return pgreuse.connect(self.conninfo, **kwargs)  # type: ignore[arg-type]
+        return conn
 
     def settle(self, timeout: float = 2.0) -> None:
         """Give the broker a moment to share its idle backends with the workers (it does within
-        SHARE_LAG of their last use, or of a reset), so a test's next transaction claims one instead
-        of going through the proxy. No error if it does not: a test may hold a backend."""
+        SHARE_LAG of their last use, or of a reset, once some worker process has a control channel
+        open), so a test's next transaction claims one instead of going through the proxy. No error
+        if it does not: a test may hold a backend."""
         t = Table.open(table_path(self.socket_dir, self.port))
         try:
             if not t.claims:
                 return
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                slots = t.snapshot().slots
-                if all(s.state is SlotState.CLOSED or (s.state is SlotState.IDLE and s.holder == NOBODY)
-                       for s in slots):  # fmt: skip
+            start = time.monotonic()
+            while time.monotonic() < start + timeout:
+                snap = t.snapshot()
+                if not snap.counters["clients"]:
+                    return  # nobody to share with: the broker keeps its backends
+                held = [s for s in snap.slots if s.state is not SlotState.CLOSED and s.holder != NOBODY]
+                # Idle in the broker, connecting, resetting: shared soon. Lent: maybe on its way
+                # back (a dirty release the broker has not read yet), or a test holds it: a moment.
+                if not held or (
+                    time.monotonic() > start + 0.2 and all(s.state is SlotState.LENT for s in held)
+                ):
                     return
                 time.sleep(0.005)
         finally:

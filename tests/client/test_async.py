@@ -24,8 +24,8 @@ def anyio_backend(request):  # type: ignore[no-untyped-def]
 
 
 async def test_async_lease_per_transaction(broker):
-    broker.settle()  # (the broker shares its backends with the workers a moment after it opens them)
     async with await pgreuse.connect_async(broker.conninfo) as conn:
+        broker.settle()  # (the broker shares its backends with the workers a moment after they come)
         assert conn.lease is None
         async with conn.transaction():
             cur = await conn.execute("select pg_backend_pid()")

@@ -175,8 +175,8 @@ def test_waiters_are_served_in_order_and_all_get_a_backend(make_broker):
         t.join()
     assert not errors
     assert len(results) == 160
-    snap = broker.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="all leases back")
-    assert snap.counters["waits"] > 0  # 8 threads on 2 backends must have queued
+    # 8 threads on 2 backends must have queued (in the proxy: its counts reach the table in batches)
+    snap = broker.wait_for(lambda s: s.count(SlotState.LENT) == 0 and s.counters["waits"] > 0, what="waits")
     assert sum(1 for s in snap.slots if s.state != SlotState.CLOSED) <= 2
 
 

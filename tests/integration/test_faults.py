@@ -42,7 +42,7 @@ def test_worker_killed_mid_transaction_never_commits(make_broker, pg):
     broker = make_broker("--max-size", "1")
 
     def child(w: int) -> None:
-        conn = pgreuse.connect(broker.conninfo)
+        conn = broker.connect()  # (settled: its transactions claim)
         conn.execute("insert into crash_t values (1)")
         os.write(w, str(conn.lease.backend_pid).encode())
         time.sleep(60)
@@ -72,7 +72,7 @@ def test_worker_killed_while_a_large_result_streams(make_broker):
     broker = make_broker("--max-size", "1")
 
     def child(w: int) -> None:
-        conn = pgreuse.connect(broker.conninfo)
+        conn = broker.connect()  # (settled: its transactions claim)
         rows = conn.cursor().stream("select g, repeat('x', 500) from generate_series(1, 2000000) g")
         next(iter(rows))
         os.write(w, str(conn.lease.backend_pid).encode())

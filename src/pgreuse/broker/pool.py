@@ -279,7 +279,7 @@ class Pool(SharedSlots, _PoolBase):
         """Run :meth:`flush_table` within TABLE_LAG (SHARE_LAG where workers claim: the flush also
         shares the idle backends): lagging records, noted counters, ``pending``."""
         if self._flush_timer is None:
-            lag = SHARE_LAG if self.claims else TABLE_LAG
+            lag = SHARE_LAG if self.claims and self.workers else TABLE_LAG
             self._flush_timer = self.loop.call_later(lag, self.flush_table)
 
     def flush_table(self) -> None:
@@ -782,7 +782,7 @@ class Pool(SharedSlots, _PoolBase):
         self.idle.append(b)
         if self.waiters:
             self._dispatch()
-        elif self.claims:
+        elif self.sharing:
             self._flush_soon()  # shares it within SHARE_LAG
 
     # -- watching idle backends -------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The pool's side of the shared-memory claims: slots it shares with the workers, and takes back.
 
 The slot word (:mod:`pgreuse.slots`) is the truth about who owns a slot (DESIGN.md §4). A backend the
-broker owns and nobody uses sits on the pool's idle stack, registered with the event loop; shortly
-after (:data:`SHARE_LAG`, so a proxy under load keeps its backends) the broker *shares* it: it stops
+broker owns and nobody uses sits on the pool's idle stack, registered with the event loop; once the
+proxy has not lent it for a whole :data:`SHARE_LAG` (so a proxy under load keeps its backends), and
+if some worker is there to claim it, the broker *shares* it: it stops
 watching its socket and stores ``IDLE(nobody)`` in the word. From then on the pool calls it
 ``SHARED``: any worker process may claim it with a compare-and-swap and give it back the same way,
 and the broker does not know which at any moment. The broker takes a shared slot back with the
@@ -36,9 +37,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pgreuse.broker")
 
-# Longest a backend the proxy gave back stays on the broker's idle stack before workers may claim
-# it: a proxy client's next transaction, tens of microseconds later, then finds it registered with
-# the loop already (sharing and taking back cost two epoll_ctl calls).
+# How often the broker looks at its idle stack while it holds backends there: one the proxy did not
+# lend for a whole period goes to the workers. A proxy client's next transaction, tens of
+# microseconds later, finds its backend still registered with the loop (sharing and taking back
+# cost two epoll_ctl calls and a compare-and-swap in Python).
 SHARE_LAG = 0.001
 _RDHUP = getattr(select, "POLLRDHUP", 0x2000)
 _SHARED, _IDLE, _LENT = SlotState.SHARED, SlotState.IDLE, SlotState.LENT
@@ -66,6 +68,7 @@ class SharedSlots:
         def _spawn(self, coro: Any) -> None: ...
         def _reset(self, b: Backend) -> Any: ...
         def _publish(self, b: Backend) -> None: ...
+        def _flush_soon(self) -> None: ...
 
     def _init_sharing(self) -> None:
         # Workers may claim only where the table has atomics (the C module) and backends are
@@ -74,20 +77,36 @@ class SharedSlots:
         # asks for the proxy alone.
         self.claims = self.table.claims and not (self.config.reset_every_lease or self.config.no_handoff)
         self.shared: list[Backend] = []
+        self._leases_seen: dict[int, int] = {}  # slot -> its lease count at the last share_idle
         self.workers: set[Client] = set()
 
     @property
     def sharing(self) -> bool:
-        return self.claims and self.proxy_only is False and not self.closing and not self.paused
+        """Backends nobody uses go to the table now: some worker may claim them (with nobody to
+        claim, sharing would only cost the proxy two epoll_ctl calls per backend it takes back)."""
+        return (
+            self.claims
+            and bool(self.workers)
+            and self.proxy_only is False
+            and not self.closing
+            and not self.paused
+        )
 
     # -- sharing and taking back ------------------------------------------------------------------
 
     def share_idle(self) -> None:
-        """Share every backend on the idle stack (they were idle for up to :data:`SHARE_LAG`)."""
+        """Share the backends of the idle stack that the proxy did not lend since the last call
+        (a flush, every :data:`SHARE_LAG` while there are some): a proxy under load keeps its
+        backends, and a backend the proxy no longer needs goes to the workers."""
         if not self.sharing or self.waiters:
             return
+        kept = []
         while self.idle:
             b = self.idle.pop()
+            if self._leases_seen.get(b.index, 0) != b.leases:
+                self._leases_seen[b.index] = b.leases  # lent since: look again next time
+                kept.append(b)
+                continue
             self._unwatch(b)  # a worker may use the socket from now on
             self._transition(b, _SHARED, "shared", publish=False)
             # The whole record first (it may lag, see TABLE_LAG), then the word that lets workers in.
@@ -95,6 +114,9 @@ class SharedSlots:
                                          0, 0, b.leases, b.use_ns, b.opened_at)  # fmt: skip
             self.table.slots.store(b.index, slots.make(_IDLE, b.generation, slots.NOBODY))  # type: ignore[union-attr]
             self.shared.append(b)
+        if kept:
+            self.idle.extend(reversed(kept))  # (the same order: a stack)
+            self._flush_soon()
 
     def _own(self, b: Backend, word: int) -> bool:
         """Take shared slot ``b`` back if its word is still ``word``; its holder becomes the broker.
@@ -151,6 +173,7 @@ class SharedSlots:
         self.workers.add(client)
         for b in self.slots:
             self._send_fd(client, b)
+        self._flush_soon()  # (which shares the idle backends: someone may claim them now)
 
     def leave(self, client: Client) -> None:
         self.workers.discard(client)
