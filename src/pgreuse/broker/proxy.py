@@ -54,7 +54,8 @@ import attrs
 from ..wire import control, frames, scan
 from ..wire.scan import scan_client, scan_server
 from ..wire.states import TRANSITIONS, SlotState
-from .pool import Backend, Pool
+from .backends import Backend
+from .pool import Pool
 from .tls import TLSStream
 
 logger = logging.getLogger("pgreuse.broker")

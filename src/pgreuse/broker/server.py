@@ -44,8 +44,9 @@ from .login import (
     read_startup,
     startup_failure,
 )
-from .pool import CHECKED_PARAMETERS, Pool
+from .pool import Pool
 from .proxy import ProxySession, ProxyStats, PyProxySession
+from .upkeep import CHECKED_PARAMETERS
 
 logger = logging.getLogger("pgreuse.broker")
 

@@ -21,19 +21,12 @@ from __future__ import annotations
 import logging
 import select
 import time
-from typing import TYPE_CHECKING, Any
 
 from .. import slots
 from ..shm import CLOSED_GATE
 from ..wire import control
 from ..wire.states import CloseReason, SlotState
-
-if TYPE_CHECKING:
-    from collections import deque
-
-    from ..shm import Table
-    from .config import BrokerConfig
-    from .pool import Backend, Client, Waiter
+from .backends import Backend, Client, PoolFields
 
 logger = logging.getLogger("pgreuse.broker")
 
@@ -47,28 +40,8 @@ _SHARED, _IDLE, _LENT = SlotState.SHARED, SlotState.IDLE, SlotState.LENT
 MAX_FD_BACKLOG = 64  # Fd messages owed to a worker that reads nothing: later ones it asks for
 
 
-class SharedSlots:
+class SharedSlots(PoolFields):
     """Mixin of :class:`pgreuse.broker.pool.Pool`: the shared slots and the workers' channels."""
-
-    if TYPE_CHECKING:
-        config: BrokerConfig
-        table: Table
-        slots: list[Backend]
-        idle: list[Backend]
-        waiters: deque[Waiter]
-        paused: bool
-        closing: bool
-        proxy_only: bool | None
-
-        def _transition(self, b: Backend, new: SlotState, reason: str, *, publish: bool = True) -> None: ...
-        def _close(self, b: Backend, reason: CloseReason, *, graceful: bool) -> None: ...
-        def _make_idle(self, b: Backend, *, lazy: bool = False) -> None: ...
-        def _watch(self, b: Backend) -> None: ...
-        def _unwatch(self, b: Backend) -> None: ...
-        def _spawn(self, coro: Any) -> None: ...
-        def _reset(self, b: Backend) -> Any: ...
-        def _publish(self, b: Backend) -> None: ...
-        def _flush_soon(self) -> None: ...
 
     def _init_sharing(self) -> None:
         # Workers may claim only where the table has atomics (the C module) and backends are
