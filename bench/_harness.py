@@ -123,12 +123,17 @@ admin_users = {cluster.superuser}
                 os.kill(int(f.read().strip()), signal.SIGINT)
         except (OSError, ValueError):
             proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _wait_or_kill(proc, 10)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def _wait_or_kill(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait for a process told to stop; kill it if it has not within ``timeout`` seconds."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextmanager
@@ -157,9 +162,5 @@ def pgreuse_broker(
         raise
     finally:
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _wait_or_kill(proc, 20)
         shutil.rmtree(d, ignore_errors=True)

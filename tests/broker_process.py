@@ -8,8 +8,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import dict_row
 
 import pgreuse
 from pgreuse.client.channel import broker_accepts
@@ -72,6 +75,16 @@ class BrokerProcess:
         conn = pgreuse.connect(self.conninfo, **kwargs)  # type: ignore[arg-type]
         self.settle()
         return conn
+
+    def console(self) -> psycopg.Connection[Any]:
+        """A connection to the admin console. It speaks the simple protocol only, like PgBouncer's:
+        psycopg's ClientCursor uses it."""
+        return psycopg.connect(
+            f"host={self.socket_dir} port={self.port} dbname=pgreuse",
+            autocommit=True,
+            cursor_factory=psycopg.ClientCursor,
+            row_factory=dict_row,  # type: ignore[arg-type]
+        )
 
     def settle(self, timeout: float = 2.0) -> None:
         """Give the broker a moment to share its idle backends with the workers (it does within

@@ -157,6 +157,9 @@ class Table:
         # Readers compare it with the path's current inode: a restarted broker renames a new table
         # over the old one, and the old mapping would go on showing a dead broker's last state.
         self.inode = inode
+        # The backends of the dead broker whose table this one replaced (its workers may still
+        # hold copies of their sockets, which keep them connected): the broker ends them.
+        self.retired: list[tuple[int, float]] = []  # (backend pid, opened at: epoch seconds)
         # The slot words (and the atomic counters): read-only mappings only load them.
         self.slots: SlotsAPI | None = (
             Slots(
@@ -203,7 +206,7 @@ class Table:
         table = cls(path, mm, max_size, writable=True)
         for i in range(max_size):
             table.write_slot_values(i, SlotState.CLOSED, CloseReason.NONE, False, 0, 0, 0, 0, 0, 0, 0.0)
-        retire(path)
+        table.retired = retire(path)
         os.rename(tmp, path)
         return table
 
@@ -413,9 +416,10 @@ class Table:
         )  # fmt: skip
 
 
-def retire(path: str) -> list[int]:
+def retire(path: str) -> list[tuple[int, float]]:
     """Close every slot of the table a dead broker left at ``path``, so that no worker that still
-    maps it claims one of that broker's backends again; return those backends' pids."""
+    maps it claims one of that broker's backends again; return those backends' pids and when each
+    was opened (epoch seconds: a pid alone may since name another process)."""
     try:
         old = Table.open(path, writable=True)
     except (OSError, TableError):
@@ -427,9 +431,11 @@ def retire(path: str) -> list[int]:
         for i in range(old.max_size):
             word = slots.load(i)
             slots.store(i, slot_word(SlotState.CLOSED, word >> 8, BROKER))
-            pid = _I32.unpack_from(old._mm, _SLOTS_OFF + i * _SLOT_SIZE + _SLOT_TAIL_OFF)[0]
+            pid, _gen, _reason, _dirty, opened = _SLOT_TAIL.unpack_from(
+                old._mm, _SLOTS_OFF + i * _SLOT_SIZE + _SLOT_TAIL_OFF
+            )
             if pid and state_of(word) is not SlotState.CLOSED:
-                pids.append(int(pid))
+                pids.append((int(pid), float(opened)))
         return pids
     finally:
         old.close()

@@ -9,19 +9,8 @@ import time
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
 
 PSQL = "/usr/bin/psql"
-
-
-def console(broker) -> psycopg.Connection:  # type: ignore[no-untyped-def, type-arg]
-    # The console speaks the simple protocol only, like PgBouncer's: psycopg's ClientCursor uses it.
-    return psycopg.connect(
-        f"host={broker.socket_dir} port={broker.port} dbname=pgreuse",
-        autocommit=True,
-        cursor_factory=psycopg.ClientCursor,
-        row_factory=dict_row,  # type: ignore[arg-type]
-    )
 
 
 def test_psql_show_commands(broker):
@@ -37,7 +26,7 @@ def test_psql_show_commands(broker):
 
 
 def test_rows_reflect_the_pool(broker):
-    with console(broker) as admin, psycopg.connect(broker.conninfo) as client:
+    with broker.console() as admin, psycopg.connect(broker.conninfo) as client:
         client.execute("select 1")  # a proxied client inside a transaction: holds a backend
         (pools,) = admin.execute("SHOW POOLS").fetchall()
         assert pools["database"] == broker.dbname
@@ -61,7 +50,7 @@ def test_rows_reflect_the_pool(broker):
 
 
 def test_pause_resume(broker):
-    with console(broker) as admin, psycopg.connect(broker.conninfo, autocommit=True) as client:
+    with broker.console() as admin, psycopg.connect(broker.conninfo, autocommit=True) as client:
         admin.execute("PAUSE")
         assert admin.execute("SHOW POOLS").fetchone()["paused"] == 1  # type: ignore[index]
         result: list[object] = []
@@ -76,7 +65,7 @@ def test_pause_resume(broker):
 
 
 def test_unknown_command_errors_and_the_session_goes_on(broker):
-    with console(broker) as admin:
+    with broker.console() as admin:
         with pytest.raises(psycopg.errors.SyntaxError, match="SHOW HELP"):
             admin.execute("SHOW NONSENSE")
         admin.execute("RELOAD")
@@ -85,7 +74,7 @@ def test_unknown_command_errors_and_the_session_goes_on(broker):
 
 def test_shutdown_stops_the_broker(make_broker):
     b = make_broker()
-    with console(b) as admin:
+    with b.console() as admin:
         admin.execute("SHUTDOWN")
     assert b.proc is not None
     assert b.proc.wait(20) == 0

@@ -15,7 +15,6 @@ import time
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
 
 from pgreuse.wire import frames
 from pgreuse.wire.states import SlotState
@@ -25,15 +24,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def console(broker) -> psycopg.Connection:  # type: ignore[no-untyped-def, type-arg]
-    return psycopg.connect(
-        f"host={broker.socket_dir} port={broker.port} dbname=pgreuse",
-        autocommit=True,
-        cursor_factory=psycopg.ClientCursor,
-        row_factory=dict_row,  # type: ignore[arg-type]
-    )
 
 
 def hang_up_mid_query(sock: socket.socket, dbname: str) -> None:
@@ -68,7 +58,7 @@ def test_a_client_that_hangs_up_mid_message_loses_no_backend(make_broker, monkey
         raw.connect(os.path.join(b.socket_dir, f".s.PGSQL.{b.port}"))
     else:
         raw = socket.create_connection(("127.0.0.1", port))
-    with console(b) as admin:
+    with b.console() as admin:
         hang_up_mid_query(raw, b.dbname)
         # It sent its query (queued for a backend), or the broker already saw it leave.
         deadline = time.monotonic() + 10

@@ -239,3 +239,27 @@ def test_a_lease_held_past_max_lease_time_is_revoked(make_broker, pg):
     with broker.connect(autocommit=True) as other:  # the pool is whole again
         assert other.execute("select count(*) from revoke_t").fetchone() == (0,)  # rolled back
         assert other.execute("select pg_backend_pid() <> %s", (victim,)).fetchone() == (True,)
+
+
+@needs_claims
+def test_a_restarted_broker_ends_the_dead_brokers_backends(make_broker, pg):
+    # Every worker process holds copies of the backend sockets, which keep the backends connected
+    # after their broker died: the next broker ends them (their pids are in the old table) before
+    # it opens its own, so PostgreSQL never sees more than --max-size for long.
+    broker = make_broker("--max-size", "2", "--min-size", "2")
+    conn = broker.connect(autocommit=True)  # this process now holds both backends' sockets
+    old = [
+        s.backend_pid for s in broker.wait_for(lambda s: s.count(SlotState.IDLE) == 2, what="2 open").slots
+    ]
+    broker.kill()
+    time.sleep(0.3)
+    assert sorted(_alive_backends(pg, old)) == sorted(old)  # our copies keep them connected
+    broker.start()
+    deadline = time.monotonic() + 10
+    while _alive_backends(pg, old) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _alive_backends(pg, old) == []
+    assert "ended the previous broker's backends" in broker.log()
+    conn.close()
+    with broker.connect(autocommit=True) as fresh:
+        assert fresh.execute("select 1").fetchone() == (1,)

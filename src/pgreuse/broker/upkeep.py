@@ -35,8 +35,50 @@ _RDHUP = getattr(select, "POLLRDHUP", 0x2000)
 class Upkeep(PoolFields):
     """Opening, checking, resetting, closing and replacing backends."""
 
+    async def end_retired(self, backends: list[tuple[int, float]]) -> None:
+        """End the backends of a dead broker (its table named them, with when each was opened):
+        worker processes that still hold copies of their sockets keep them connected, past
+        ``--max-size``, until PostgreSQL ends them. Asks PostgreSQL on a connection of its own,
+        before the pool opens its own; a pid is ended only if its session started when that broker
+        opened it (give or take a few seconds: a pid may since name someone else's backend)."""
+        if not backends:
+            return
+        wanted = ",".join(str(int(p)) for p, _opened in backends)
+        opened_at = ",".join(repr(float(t)) for _pid, t in backends)
+        try:
+            opened = await open_backend(self.target)
+        except BackendConnectError as exc:
+            logger.warning("could not end the previous broker's backends %s: %s", wanted, exc)
+            return
+        try:
+            q = await run_simple_query(
+                opened.stream,
+                "select count(pg_terminate_backend(a.pid)) from pg_stat_activity a "
+                f"join unnest('{{{wanted}}}'::int[], '{{{opened_at}}}'::float8[]) r(pid, opened) "
+                "on a.pid = r.pid and abs(extract(epoch from a.backend_start) - r.opened) < 5 "
+                "and a.usename = current_user",
+                timeout=10.0,
+            )
+            logger.info("ended the previous broker's backends %s (%s)", wanted, q.error or "done")
+        except BackendQueryError as exc:
+            logger.warning("could not end the previous broker's backends %s: %s", wanted, exc)
+        finally:
+            opened.sock.close()
+
     def start(self) -> None:
-        """Open ``min_size`` backends (at least one: its parameters are what parked clients see)."""
+        """End a dead broker's backends, then open ``min_size`` (at least one: its parameters are
+        what parked clients see)."""
+        retired = self.table.retired
+        if retired:
+            self._spawn(self._start_after(retired))
+            return
+        self._open_min()
+
+    async def _start_after(self, retired: list[tuple[int, float]]) -> None:
+        await self.end_retired(retired)
+        self._open_min()
+
+    def _open_min(self) -> None:
         for _ in range(max(1, self.config.min_size)):
             self._open_one()
 
