@@ -8,6 +8,7 @@ import struct
 
 import pytest
 
+from pgreuse import slots
 from pgreuse.wire import scan
 from pgreuse.wire.frames import MAX_FRAME, frame
 from pgreuse.wire.scan import (
@@ -39,6 +40,9 @@ def test_the_expected_implementation_runs():
     if EXPECTED is None:
         pytest.skip("PGREUSE_EXPECT_SCAN not set (nox sets it per matrix leg)")
     assert scan.IMPLEMENTATION == EXPECTED
+    # The slot words follow the same switch: in a C leg workers claim backends (a leg whose
+    # pgreuse._slots did not build would otherwise proxy everything and still pass).
+    assert (EXPECTED == "c") == slots.ATOMIC
     if EXPECTED == "c":
         assert scan.scan_server is scan_server_c
         assert scan.scan_client is scan_client_c
