@@ -25,8 +25,8 @@ PSYCOPG_MATRIX = [
 # The handoff rests on psycopg internals: the client tests and the fault tests (libpq seeing its
 # backend die, close while leased, fork) run on every psycopg of the matrix.
 PSYCOPG_SENSITIVE_TESTS = ["tests/client", "tests/wire", "tests/integration/test_faults.py"]
-# The proxy's message scanners and its session core have C versions (pgreuse._speedups and
-# pgreuse._proxycore, built by pip where a compiler is present) and Python references
+# The proxy's message scanners and its session core have C versions (pgreuse.wire._speedups and
+# pgreuse.broker._proxycore, built by pip where a compiler is present) and Python references
 # (pgreuse.wire.scan, pgreuse.broker.proxy.PyProxySession): the whole suite runs on C, and the
 # newest pure-Python psycopg leg also runs the proxy tests on the Python references. The slot words
 # (pgreuse._slots) follow the same switch: without them nothing is claimed, so that leg also runs the

@@ -1,4 +1,4 @@
-"""The proxy session's C core (pgreuse._proxycore) against its Python reference (PyProxySession).
+"""The proxy session's C core (pgreuse.broker._proxycore) against its Python reference (PyProxySession).
 
 The C core overrides the methods every proxied transaction runs, and does the pool's part of the
 usual lease and release (_lending.h), and must do exactly what the Python methods do.
@@ -32,8 +32,8 @@ import attrs
 import pytest
 
 from inproc import in_process_pool, in_process_session, open_fake_backend
+from pgreuse.broker import mirror, proxy
 from pgreuse.broker import pool as pool_module
-from pgreuse.broker import proxy
 from pgreuse.wire.frames import frame
 from pgreuse.wire.states import CloseReason, SlotState
 
@@ -411,7 +411,8 @@ def test_the_c_core_does_what_the_reference_does(short_tmp, seed, monkeypatch, c
     assert proxy.CORE == "c", "PGREUSE_EXPECT_SCAN=c but the C core does not run"
     # The table's batch timer must not fire in one world and not the other (it resets the counters
     # compared below): an hour's lag keeps it armed until the end.
-    monkeypatch.setattr(pool_module, "TABLE_LAG", 3600.0)
+    monkeypatch.setattr(mirror, "TABLE_LAG", 3600.0)
+    monkeypatch.setattr(mirror, "SHARE_LAG", 3600.0)
     caplog.set_level(logging.DEBUG, logger="pgreuse.broker")
 
     async def run() -> tuple[list[Any], list[Any]]:

@@ -20,8 +20,8 @@ from pgreuse.wire.scan import (
 )
 
 try:
-    from pgreuse._speedups import scan_client as scan_client_c
-    from pgreuse._speedups import scan_server as scan_server_c
+    from pgreuse.wire._speedups import scan_client as scan_client_c
+    from pgreuse.wire._speedups import scan_server as scan_server_c
 except ImportError:  # not built: only the references can be tested
     scan_client_c = scan_server_c = None
 
@@ -88,9 +88,9 @@ def _stream(rng: random.Random) -> tuple[bytes, int]:
     return b"".join(parts), rng.randint(max(0, zs - 1), zs + 1)
 
 
-@pytest.mark.skipif(scan_server_c is None and EXPECTED != "c", reason="pgreuse._speedups not built")
+@pytest.mark.skipif(scan_server_c is None and EXPECTED != "c", reason="pgreuse.wire._speedups not built")
 def test_c_and_python_agree_on_every_cut_of_random_streams():
-    assert scan_server_c is not None, "PGREUSE_EXPECT_SCAN=c but pgreuse._speedups is not built"
+    assert scan_server_c is not None, "PGREUSE_EXPECT_SCAN=c but pgreuse.wire._speedups is not built"
     rng = random.Random(20261124)
     for _ in range(400):
         data, syncs = _stream(rng)
@@ -106,7 +106,7 @@ def test_c_and_python_agree_on_every_cut_of_random_streams():
         assert scan_server_c(junk, 0, 3) == scan_server_py(junk, 0, 3), junk
 
 
-@pytest.mark.skipif(scan_server_c is None and EXPECTED != "c", reason="pgreuse._speedups not built")
+@pytest.mark.skipif(scan_server_c is None and EXPECTED != "c", reason="pgreuse.wire._speedups not built")
 def test_c_scanner_rejects_bad_arguments_like_python_would():
     assert scan_server_c is not None
     with pytest.raises(TypeError):
@@ -180,9 +180,9 @@ def _client_stream(rng: random.Random) -> bytes:
     return b"".join(parts)
 
 
-@pytest.mark.skipif(scan_client_c is None and EXPECTED != "c", reason="pgreuse._speedups not built")
+@pytest.mark.skipif(scan_client_c is None and EXPECTED != "c", reason="pgreuse.wire._speedups not built")
 def test_c_and_python_classify_every_cut_of_random_client_reads_alike():
-    assert scan_client_c is not None, "PGREUSE_EXPECT_SCAN=c but pgreuse._speedups is not built"
+    assert scan_client_c is not None, "PGREUSE_EXPECT_SCAN=c but pgreuse.wire._speedups is not built"
     rng = random.Random(112026)
     for _ in range(400):
         data = _client_stream(rng)

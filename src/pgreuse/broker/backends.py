@@ -1,6 +1,6 @@
 """What the pool is made of: its backends (one per slot), its waiters, and who may hold a backend.
 
-With the C core (pgreuse._proxycore), Backend, Waiter and the pool keep the fields the proxy's lending
+With the C core (pgreuse.broker._proxycore), Backend, Waiter and the pool keep the fields the proxy's lending
 path reads on every transaction in C base types, where that path reaches them without the attribute
 machinery (see _poolcore.h); the Python code reads and writes them as usual. Without it (not built,
 or PGREUSE_PURE_PYTHON=1) they are plain Python classes. :class:`PoolFields` names, for the type
@@ -11,7 +11,6 @@ use of each other.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -19,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
-from ..wire import control, scan
+from .. import _cmodule
+from ..wire import control
 from ..wire.states import CloseReason, SlotState
 from .tls import TLSStream
 
@@ -34,10 +34,7 @@ if TYPE_CHECKING:
     _PoolBase = object
     C_FIELDS = False
 else:
-    _core = None
-    if not scan.PURE_PYTHON:
-        with contextlib.suppress(ImportError):  # not built: the Python classes serve
-            from .. import _proxycore as _core
+    _core = _cmodule.load("broker._proxycore")  # None: not built, or PGREUSE_PURE_PYTHON=1
     C_FIELDS = _core is not None
     _BackendBase = _core.BackendCore if C_FIELDS else object
     _WaiterBase = _core.WaiterCore if C_FIELDS else object

@@ -54,7 +54,7 @@ from .backends import (  # noqa: F401 - Client, InProcessHolder, C_FIELDS: the p
 )
 from .config import BrokerConfig
 from .connector import BackendTarget, send_cancel
-from .mirror import TABLE_LAG, TableMirror  # noqa: F401 - TABLE_LAG: documented here
+from .mirror import TableMirror
 from .sharing import SharedSlots
 from .upkeep import CHECKED_PARAMETERS, PINNED_PARAMETERS, Upkeep  # noqa: F401 - server.py's names
 

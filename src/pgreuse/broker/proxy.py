@@ -33,7 +33,7 @@ lent again. Unnamed statements (``-M extended``, psycopg) always work; session m
 All of this runs as callbacks on the broker's loop thread: readers and writers registered with
 ``add_reader``/``add_writer`` on non-blocking sockets, no task per message.
 
-:class:`PyProxySession` is the reference. Where ``pgreuse._proxycore`` is built, the broker runs
+:class:`PyProxySession` is the reference. Where ``pgreuse.broker._proxycore`` is built, the broker runs
 :data:`ProxySession`, which takes the methods every transaction runs from that C module and the rest
 from the reference (see the end of this module).
 """
@@ -47,10 +47,11 @@ import logging
 import socket
 import struct
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import attrs
 
+from .. import _cmodule
 from ..wire import control, frames, scan
 from ..wire.scan import scan_client, scan_server
 from ..wire.states import TRANSITIONS, SlotState
@@ -92,7 +93,7 @@ _DENY_SQLSTATE = {
 @attrs.define
 class PyProxyStats:
     """Totals over every proxy session of a broker (``SHOW STATS``); with the C core,
-    ``pgreuse._proxycore.ProxyCounters`` holds the same fields (see :data:`ProxyStats`)."""
+    ``pgreuse.broker._proxycore.ProxyCounters`` holds the same fields (see :data:`ProxyStats`)."""
 
     xacts: int = 0  # leases given back (transactions in transaction mode)
     queries: int = 0  # sync points forwarded
@@ -807,7 +808,7 @@ class PyProxySession:
         self._interest()
 
 
-# The C core (pgreuse._proxycore, optional like the C scanners): a base type that holds the hot fields
+# The C core (pgreuse.broker._proxycore, optional like the C scanners): a base type that holds the hot fields
 # as struct members and overrides the methods every transaction runs (the read callbacks, _interest,
 # _idle, _lease, granted) with C versions that handle the usual case and call the methods above for
 # the rest; its _lease and clean release also do the pool's part for the usual cases (an idle
@@ -816,27 +817,26 @@ class PyProxySession:
 ProxySession: type[PyProxySession] = PyProxySession
 ProxyStats: type[PyProxyStats] = PyProxyStats
 CORE = "python"
-if not scan.PURE_PYTHON:
-    try:
-        from .. import _proxycore
-    except ImportError:  # not built: the reference serves
-        pass
-    else:
-        # The C core also lends and takes back backends in the usual cases (pool.Pool's request
-        # and give_back, see _lending.h), through the slot transitions checked here.
-        _idle, _lent = SlotState.IDLE, SlotState.LENT
-        if not (
-            _lent in TRANSITIONS[_idle]
-            and SlotState.RESETTING in TRANSITIONS[_lent]
-            and _idle in TRANSITIONS[SlotState.RESETTING]
-        ):  # pragma: no cover
-            raise ImportError("pgreuse._proxycore takes slot transitions states.TRANSITIONS forbids")
-        _proxycore.setup(PyProxySession, control.Outcome.CLEAN, _MAX_PENDING, SlotState.CLOSED, _idle, _lent,
-                         SlotState.SHARED)  # fmt: skip
+if TYPE_CHECKING:
+    from . import _proxycore
+else:
+    _proxycore = _cmodule.load("broker._proxycore")  # None: not built, or PGREUSE_PURE_PYTHON=1
+if _proxycore is not None:
+    # The C core also lends and takes back backends in the usual cases (pool.Pool's request
+    # and give_back, see _lending.h), through the slot transitions checked here.
+    _idle, _lent = SlotState.IDLE, SlotState.LENT
+    if not (
+        _lent in TRANSITIONS[_idle]
+        and SlotState.RESETTING in TRANSITIONS[_lent]
+        and _idle in TRANSITIONS[SlotState.RESETTING]
+    ):  # pragma: no cover
+        raise ImportError("pgreuse.broker._proxycore takes slot transitions states.TRANSITIONS forbids")
+    _proxycore.setup(PyProxySession, control.Outcome.CLEAN, _MAX_PENDING, SlotState.CLOSED, _idle, _lent,
+                     SlotState.SHARED)  # fmt: skip
 
-        class _CProxySession(_proxycore.SessionCore, PyProxySession):
-            __slots__ = ()
+    class _CProxySession(_proxycore.SessionCore, PyProxySession):
+        __slots__ = ()
 
-        ProxySession = _CProxySession
-        ProxyStats = _proxycore.ProxyCounters  # type: ignore[assignment]  # same fields
-        CORE = "c"
+    ProxySession = _CProxySession
+    ProxyStats = _proxycore.ProxyCounters  # type: ignore[assignment]  # same fields
+    CORE = "c"

@@ -8,7 +8,7 @@ the next message begins when a read ends inside one.
 :func:`scan_client_py` classifies what a client sent for the proxy's fast path (a read of whole,
 ordinary messages is forwarded in one step; anything else goes through the proxy's own loop).
 
-:func:`scan_server_py` and :func:`scan_client_py` are the references. ``pgreuse._speedups`` has the
+:func:`scan_server_py` and :func:`scan_client_py` are the references. ``pgreuse.wire._speedups`` has the
 same two functions in C, used when it was built (``pip install`` compiles it where a C compiler is
 present) unless the environment sets ``PGREUSE_PURE_PYTHON=1``; :data:`IMPLEMENTATION` says which
 ones run. Each pair is compared on the same streams, cut at every byte, by ``tests/wire/test_scan.py``.
@@ -119,7 +119,7 @@ IMPLEMENTATION = "python"
 # PGREUSE_PURE_PYTHON=1: the Python references run even where the C modules are built (the proxy
 # session's C core and the slot words follow the same switch, pgreuse._cmodule).
 PURE_PYTHON = _cmodule.PURE_PYTHON
-_speedups = _cmodule.load("_speedups")
+_speedups = _cmodule.load("wire._speedups")
 if _speedups is not None:
     scan_server = _speedups.scan_server
     scan_client = _speedups.scan_client

@@ -1,5 +1,5 @@
 /*
- * pgreuse._proxycore: the proxy session's per-transaction work in C.
+ * pgreuse.broker._proxycore: the proxy session's per-transaction work in C.
  *
  * The reference is pgreuse.broker.proxy.PyProxySession. SessionCore is a base type holding the
  * session's hot fields as struct members, with C versions of the methods every proxied
@@ -34,7 +34,7 @@
 #include <sys/socket.h>
 #include <time.h>
 
-#include "_scan.h"
+#include "../wire/_scan.h"
 
 /* Room before the read buffer for a server header cut at the end of the previous read (at most 5
  * bytes, see pgr_scan_server), so the scan sees one contiguous run without a copy of the read. */
@@ -96,7 +96,7 @@ Counters_repr(Counters *self)
 }
 
 static PyTypeObject CountersType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgreuse._proxycore.ProxyCounters",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgreuse.broker._proxycore.ProxyCounters",
     .tp_basicsize = sizeof(Counters),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Totals over every proxy session of a broker (SHOW STATS).",
@@ -288,7 +288,7 @@ Session_dealloc(Session *self)
 /* The C core stamps times the pool's Python code subtracts from time.monotonic_ns(): it must read
  * the same clock, which on Linux (the only system pgreuse runs on) is CLOCK_MONOTONIC. */
 #ifndef __linux__
-#error "pgreuse._proxycore is built for Linux only (its clock must be time.monotonic_ns()'s)"
+#error "pgreuse.broker._proxycore is built for Linux only (its clock must be time.monotonic_ns()'s)"
 #endif
 
 static long long
@@ -329,7 +329,7 @@ static int
 call_ref(PyObject *func, PyObject *const *args, size_t nargs, PyObject *kwnames)
 {
     if (func == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "pgreuse._proxycore.setup() was not called");
+        PyErr_SetString(PyExc_RuntimeError, "pgreuse.broker._proxycore.setup() was not called");
         return -1;
     }
     return discard(PyObject_Vectorcall(func, args, nargs, kwnames));
@@ -880,7 +880,7 @@ static PyMethodDef Session_methods[] = {
 };
 
 static PyTypeObject SessionType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgreuse._proxycore.SessionCore",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgreuse.broker._proxycore.SessionCore",
     .tp_basicsize = sizeof(Session),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "The proxy session's hot fields and per-transaction methods (see proxy.py).",
@@ -957,7 +957,7 @@ static PyMethodDef module_methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "pgreuse._proxycore", "The proxy session's hot path in C.", -1,
+    PyModuleDef_HEAD_INIT, "pgreuse.broker._proxycore", "The proxy session's hot path in C.", -1,
     module_methods, NULL, NULL, NULL, NULL,
 };
 

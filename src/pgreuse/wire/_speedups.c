@@ -1,5 +1,5 @@
 /*
- * pgreuse._speedups: the proxy's message scanners in C.
+ * pgreuse.wire._speedups: the proxy's message scanners in C.
  *
  * The references are pgreuse.wire.scan.scan_server_py and scan_client_py; this file must do exactly
  * what they do (the differential tests in tests/wire/test_scan.py feed both the same streams, cut
@@ -91,7 +91,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "pgreuse._speedups", "C versions of pgreuse's hot loops.", -1, methods,
+    PyModuleDef_HEAD_INIT, "pgreuse.wire._speedups", "C versions of pgreuse's hot loops.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -121,7 +121,7 @@ static PyMethodDef Backend_methods[] = {
 };
 
 static PyTypeObject BackendType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgreuse._proxycore.BackendCore",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgreuse.broker._proxycore.BackendCore",
     .tp_basicsize = sizeof(BackendObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "The hot fields of pgreuse.broker.pool.Backend.",
@@ -207,7 +207,7 @@ Waiter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 }
 
 static PyTypeObject WaiterType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgreuse._proxycore.WaiterCore",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgreuse.broker._proxycore.WaiterCore",
     .tp_basicsize = sizeof(WaiterObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "The fields of pgreuse.broker.pool.Waiter.",
@@ -309,7 +309,7 @@ Pool_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 }
 
 static PyTypeObject PoolType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgreuse._proxycore.PoolCore",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pgreuse.broker._proxycore.PoolCore",
     .tp_basicsize = sizeof(PoolObject),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "The lending fields of pgreuse.broker.pool.Pool.",
