@@ -18,7 +18,7 @@ from typing import Any
 import psycopg_pool
 
 from .client import AsyncConnection, Connection
-from .client.lease import check_prepare_threshold
+from .client.guard import check_prepare_threshold
 
 __all__ = ["AsyncConnectionPool", "ConnectionPool"]
 

@@ -20,10 +20,10 @@ import psycopg
 from psycopg import pq
 
 from .channel import AsyncChannel, async_channel_for
+from .guard import StatementGuard
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
     LeaseCore,
-    StatementGuard,
 )
 
 __all__ = ["AsyncConnection", "AsyncCursor", "connect_async"]

@@ -19,11 +19,11 @@ import psycopg
 from psycopg import pq
 
 from .channel import Channel, channel_for
+from .guard import StatementGuard
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
     Lease,
     LeaseCore,
-    StatementGuard,
 )
 
 __all__ = ["Connection", "Cursor", "Lease", "connect"]

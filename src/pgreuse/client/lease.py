@@ -28,6 +28,7 @@ from psycopg.conninfo import conninfo_to_dict
 from .. import errors, telemetry
 from ..wire import control
 from .channel import ChannelBase
+from .guard import WITH_HOLD_REFUSED, broker_socket_dir_and_port, check_prepare_threshold, guarded
 from .session import LISTEN_REFUSED, REPORTED_PARAMETERS, Verdict, changed_parameters, classify_sql
 
 logger = logging.getLogger("pgreuse.client")
@@ -86,50 +87,6 @@ class AfterWait(enum.Enum):
     PROXIED_IDLE = 3  # a transaction that went through the proxy is over: only the parameters to check
 
 
-def broker_socket_dir_and_port(params: dict[str, Any]) -> tuple[str, int]:
-    host = str(params.get("host") or os.environ.get("PGHOST", ""))
-    port = str(params.get("port") or os.environ.get("PGPORT", "") or "5432")
-    if not host.startswith("/") or "," in host:
-        raise psycopg.ProgrammingError(
-            f"pgreuse.connect() needs host=<the broker's socket directory> (an absolute path), got "
-            f"host={host!r}; e.g. pgreuse.connect('host=/run/pgreuse port=6432 dbname=app')"
-        )
-    try:
-        return host, int(port)
-    except ValueError:
-        raise psycopg.ProgrammingError(f"port={port!r} is not a number") from None
-
-
-def check_prepare_threshold(value: int | None) -> None:
-    if value is not None:
-        raise errors.NotSupported(
-            f"prepare_threshold={value!r}: server-side prepared statements cannot follow a "
-            "connection across shared backends; leave prepare_threshold=None"
-        )
-
-
-WITH_HOLD_REFUSED = (
-    "WITH HOLD cursors outlive their transaction, and the backend goes to another client at "
-    "commit; fetch the rows inside the transaction instead (withhold=False)"
-)
-
-
-class StatementGuard:
-    """Cursor mixin: note what each statement leaves in the session (see ``session.py``)."""
-
-    _conn: Any
-
-    def _convert_query(self, *args: Any, **kwargs: Any) -> Any:
-        # Every way of sending a statement (execute, executemany, stream, copy, a server cursor's
-        # DECLARE) goes through here, and the result holds the final query bytes, whatever form
-        # the query was written in.
-        pgq = super()._convert_query(*args, **kwargs)  # type: ignore[misc]
-        conn = self._conn
-        if isinstance(conn, LeaseCore):
-            conn._note_statement(pgq.query)
-        return pgq
-
-
 # os.getpid() is a system call each time (glibc caches nothing); this runs once per transaction.
 _pids = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _pids.__setitem__(0, os.getpid()))
@@ -140,18 +97,6 @@ def _pid() -> int:
 
 
 _REPORTED_RAW = tuple(name.encode() for name in REPORTED_PARAMETERS)
-_guarded_classes: dict[type[Any], type[Any]] = {}
-
-
-def guarded(cursor_class: type[Any]) -> type[Any]:
-    """``cursor_class`` with :class:`StatementGuard` first in its MRO (one class per input)."""
-    if issubclass(cursor_class, StatementGuard):
-        return cursor_class
-    made = _guarded_classes.get(cursor_class)
-    if made is None:
-        made = type(f"Guarded{cursor_class.__name__}", (StatementGuard, cursor_class), {})
-        made = _guarded_classes.setdefault(cursor_class, made)
-    return made
 
 
 class LeaseCore:

@@ -77,7 +77,7 @@ class DatabaseWrapper(PostgresDatabaseWrapper):  # type: ignore[misc]  # Django'
         for key in PGREUSE_OPTIONS:
             params.pop(key, None)
         # Django passes its own cursor class; the pgreuse connection puts its session guard (it
-        # notes each statement's final bytes, DESIGN.md §6) in front of it (client.lease.guarded).
+        # notes each statement's final bytes, DESIGN.md §6) in front of it (client.guard.guarded).
         return params
 
     # Not @async_unsafe like Django's: its only caller, connect(), is.
