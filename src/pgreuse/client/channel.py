@@ -37,6 +37,7 @@ HELLO_TIMEOUT = 10.0
 CHECK_AFTER_NS = 10_000_000
 _FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)  # room for a few fds: extra ones are closed
 MAX_OUTBOX = 10_000  # packets a broker that reads nothing may owe us before the channel is given up
+SEND_TIMEOUT = 30.0  # a broker that reads nothing from a (sync) worker for this long is wedged
 
 
 class ChannelBase:
@@ -161,6 +162,8 @@ class ChannelBase:
         table = self.table
         if table is None or table.slots is None or self.dead:
             return None
+        if self._outbox:
+            self._flush()  # (a dirty or broken end the broker must hear of)
         words = table.slots
         claim = words.claim
         with self._lock:
@@ -304,6 +307,11 @@ class ChannelBase:
                 self._dead = f"the broker read nothing from this process for {MAX_OUTBOX} messages"
                 raise self.dead_error()
             outbox.append(data)
+            self._stuck()
+
+    def _stuck(self) -> None:
+        """The socket is full (the broker reads nothing for now): the outbox waits. The async
+        channel sends it with its next packet or claim; the sync one waits here (bounded)."""
 
     def _flush(self) -> None:
         outbox = self._outbox
@@ -335,6 +343,20 @@ class ChannelBase:
 
 class Channel(ChannelBase):
     """The channel of :class:`pgreuse.Connection` (any thread)."""
+
+    def _stuck(self) -> None:
+        # A thread may wait: a Release that sat in the outbox while this process went quiet would
+        # keep its backend out of the pool.
+        deadline = time.monotonic() + SEND_TIMEOUT
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLOUT)
+        while self._outbox:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._dead = f"the broker read nothing from this process for {SEND_TIMEOUT:g}s"
+                raise self.dead_error()
+            poller.poll(min(remaining, 1.0) * 1000)
+            self._flush()
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
