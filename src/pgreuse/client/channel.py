@@ -37,6 +37,7 @@ HELLO_TIMEOUT = 10.0
 CHECK_AFTER_NS = 10_000_000
 _FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)  # room for a few fds: extra ones are closed
 MAX_OUTBOX = 10_000  # packets a broker that reads nothing may owe us before the channel is given up
+_POKE = control.encode(control.Poke())
 SEND_TIMEOUT = 30.0  # a broker that reads nothing from a (sync) worker for this long is wedged
 
 
@@ -210,8 +211,11 @@ class ChannelBase:
             return
         pending = table.slots.release(slot, self.holder, generation & slots.GEN_MASK)
         self._given_back[slot] = time.monotonic_ns()
-        if pending > 0:
-            self._send(control.Poke())
+        if pending > 0 and not self._dead:
+            # Never waited for: a poke the full socket cannot take now is dropped, and the broker's
+            # janitor hands idle shared slots to its waiters on its next tick anyway.
+            with contextlib.suppress(errors.BrokerUnavailable):
+                self._try_send(_POKE)
 
     def report(self, slot: int, generation: int, outcome: control.Outcome) -> None:
         """A dirty or broken end: the broker resets or replaces the backend (the slot stays ours
