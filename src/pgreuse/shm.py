@@ -86,10 +86,8 @@ _REASONS_OFF = _COUNTERS_OFF + len(COUNTERS) * 8
 # Byte offset of each counter: add()/set() run on every lease, a tuple.index() per call would scan.
 _COUNTER_OFFSETS: dict[str, int] = {name: _COUNTERS_OFF + i * 8 for i, name in enumerate(COUNTERS)}
 _LEASES_OFF = _COUNTER_OFFSETS["leases"]
-# leases, waits and wait_ns are adjacent: flush() reads and writes them as one ...
-assert COUNTERS[:3] == ("leases", "waits", "wait_ns")
-assert COUNTERS[3] == "use_ns"  # ... and use_ns follows them: add_lease_counts() writes all four
-_LEASE_COUNTERS = struct.Struct("<QQQQ")
+# add_lease_counts() finds waits, wait_ns and use_ns at 8, 16 and 24 bytes after leases
+assert COUNTERS[:4] == ("leases", "waits", "wait_ns", "use_ns")
 _SLOT_SIZE = _SLOT.size
 # The bounds in ns: wait_ns counts in bucket bisect_left(WAIT_BOUNDS_NS, wait_ns).
 WAIT_BOUNDS_NS = tuple(round(b * 1e9) for b in WAIT_BUCKETS)
@@ -298,10 +296,6 @@ class Table:
         fields and the lease counts are not the broker's to write then)."""
         off = _SLOTS_OFF + index * _SLOT_SIZE + _SLOT_TAIL_OFF
         _SLOT_TAIL.pack_into(self._mm, off, backend_pid, generation, close_reason, dirty, opened_at)
-
-    def set_parking(self, index: int, parking: int) -> None:
-        """The parking key a lease of slot ``index`` serves (its holder writes it)."""
-        _I32.pack_into(self._mm, _SLOTS_OFF + index * _SLOT_SIZE + _SLOT_HOLDER_OFF, parking)
 
     def lease_counts(self, index: int) -> tuple[int, int]:
         """Slot ``index``'s lease count and lent ns (workers add theirs while they hold it)."""

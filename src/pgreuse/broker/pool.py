@@ -313,31 +313,11 @@ class Pool(TableMirror, Upkeep, SharedSlots, _PoolBase):
                 return
         # Already granted or denied: the worker handles the late answer itself.
 
-    def release(
-        self,
-        client: Client,
-        index: int,
-        generation: int,
-        outcome: control.Outcome,
-        *,
-        unread_checked: bool = False,
-    ) -> None:
-        """A holder gives a backend back. ``unread_checked``: an in-process holder read the socket up
-        to ReadyForQuery ``I`` and found nothing after it, so the poll for unread bytes is skipped
-        (whatever arrives later is caught by the idle watch)."""
-        if not 0 <= index < len(self.slots):
-            logger.warning("pid %d released slot %d, which does not exist", client.pid, index)
-            return
-        b = self.slots[index]
-        if b.generation != generation:
-            logger.debug("pid %d released stale slot %d gen %d", client.pid, index, generation)
-            return
-        self.give_back(b, client, outcome, unread_checked=unread_checked)
-
     def give_back(
         self, b: Backend, client: Client, outcome: control.Outcome, *, unread_checked: bool = False
     ) -> None:
-        """:meth:`release` for a holder that has the :class:`Backend` itself (the proxy)."""
+        """A proxy session gives ``b`` back (a worker's dirty or broken end of a claimed slot goes
+        through ``sharing.worker_release``; its clean end never reaches the broker)."""
         if b.holder is not client or b.state is not _LENT:
             # The broker already took this backend back (it died while lent, or was revoked).
             logger.debug("pid %d gave back slot %d, which it no longer holds", client.pid, b.index)

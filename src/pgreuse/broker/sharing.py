@@ -257,11 +257,11 @@ class SharedSlots(PoolFields):
             word = self.table.word(b.index)
             lent = slots.state_of(word) is _LENT
             if lent and limit_ns:
-                started = self.table.holder_fields(b.index)[2]
+                _parking, holder_pid, started = self.table.holder_fields(b.index)
                 if started and now_ns - started > limit_ns and self._own(b, word):
                     logger.warning(
                         "slot %d: pid %d held backend pid %d for %.1fs (--max-lease-time %g); revoking",
-                        b.index, self.table.holder_fields(b.index)[1], b.pid, (now_ns - started) / 1e9,
+                        b.index, holder_pid, b.pid, (now_ns - started) / 1e9,
                         self.config.max_lease_time,
                     )  # fmt: skip
                     self._count_worker_lease(b)

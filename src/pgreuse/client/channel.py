@@ -239,11 +239,6 @@ class ChannelBase:
 
     # -- reading ----------------------------------------------------------------------------------
 
-    def drain(self) -> None:
-        """File every message that has arrived (the broker's fds)."""
-        with self._lock:
-            self._drain_locked()
-
     def _drain_locked(self) -> None:
         with contextlib.suppress(errors.BrokerUnavailable, errors.ProtocolMismatch):
             while (got := self._read_one()) is not None:
