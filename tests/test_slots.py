@@ -1,8 +1,9 @@
 """The slot words: the C module (pgreuse._slots) against its Python reference (slots.PySlots).
 
-Both run the same random scripts of claims, releases, compare-and-swaps, stores, queue lengths and
-counter adds on two tables of the same layout; after every step the results and the tables' bytes
-must be equal (lease starts and lent times are clock readings: compared as zero or not). Planted
+Both run the same random scripts of claims, releases, compare-and-swaps, stores, queue lengths,
+counter adds and the wait queue's steps (enqueue, hand over, rescue, wait with a zero timeout so it
+never blocks, cancel, skip) on two tables of the same layout; after every step the results and the
+tables' bytes must be equal (clock readings are compared as zero or not). Planted
 bugs in the reference (a flipped comparison, a dropped step) must make the comparison fail, or it
 proves nothing.
 """
@@ -26,22 +27,25 @@ _SLOT_TIME_FIELDS = (slots.REC_LEASE_START, slots.REC_USE_NS)
 
 
 def _table(tmp_path: Any, name: str) -> shm.Table:
-    return shm.Table.create(
+    table = shm.Table.create(
         str(tmp_path / name), max_size=N, min_size=1, wait_timeout=1.0, database="d", user="u", claims=True
     )
+    table.set_wait_limits(0.0, 3)  # wait() never blocks; a small ring fills up
+    return table
 
 
 def _reference(table: shm.Table, kind: type[slots.PySlots] = slots.PySlots) -> slots.PySlots:
     off = shm._COUNTER_OFFSETS
     return kind(table._mm, shm._SLOTS_OFF, shm._SLOT_SIZE, N, off["pending"], shm._LEASES_OFF,
-                off["use_ns"], shm._HIST_OFF)  # fmt: skip
+                off["use_ns"], shm._HIST_OFF, shm._queue_off(N))  # fmt: skip
 
 
 def _normalised(table: shm.Table) -> bytes:
     """The table's bytes, with each clock reading replaced by whether it is zero."""
     data = bytearray(table._mm[:])
     times = [shm._SLOTS_OFF + i * shm._SLOT_SIZE + f for i in range(N) for f in _SLOT_TIME_FIELDS]
-    times.append(shm._COUNTER_OFFSETS["use_ns"])
+    times += [shm._COUNTER_OFFSETS["use_ns"], shm._COUNTER_OFFSETS["wait_ns"]]
+    times += [shm._queue_off(N) + slots.Q_RING + k * slots.Q_ENTRY + 8 for k in range(slots.QR)]
     for off in times:
         (value,) = struct.unpack_from("<q", data, off)
         struct.pack_into("<q", data, off, int(value != 0))
@@ -62,8 +66,11 @@ def _step(rng: random.Random, words: slots.SlotsAPI, peer: slots.SlotsAPI) -> tu
     i = rng.randrange(N)
     current = peer.load(i)
     op = rng.choice(
-        ["store", "cas", "cas", "pending", "claim", "claim", "claim", "release", "release", "add"]
-    )
+        ["store", "cas", "cas", "pending", "claim", "claim", "claim", "release", "release", "add",
+         "enqueue", "enqueue", "hand_over", "rescue", "wait", "wait", "cancel_waiters", "skip",
+         "proxy_oldest"]
+    )  # fmt: skip
+    tail = _qget(peer, slots.Q_TAIL)
     if op == "store":
         return op, words.store(i, _word(rng))
     if op == "cas":
@@ -77,8 +84,38 @@ def _step(rng: random.Random, words: slots.SlotsAPI, peer: slots.SlotsAPI) -> tu
     if op == "release":
         holder = slots.holder_of(current) if rng.random() < 0.8 else rng.choice([2, 3])
         gen = slots.gen_of(current) if rng.random() < 0.8 else 2
-        return op, words.release(i, holder, gen)
+        return op, words.release(i, holder, gen, rng.choice([0, 0, 3, 16]))
+    if op == "enqueue":
+        return op, words.enqueue(rng.choice([2, 3, 4]))
+    if op == "hand_over":
+        owned = current if rng.random() < 0.8 else _word(rng)
+        return op, words.hand_over(i, owned)
+    if op == "rescue":
+        return op, words.rescue(rng.choice([2, 3]))
+    if op == "wait":
+        ticket = max(0, tail - rng.randrange(4))
+        return op, words.wait(ticket, rng.choice([2, 3, 4]), 5, 77, -1)[0]
+    if op == "cancel_waiters":
+        return op, words.cancel_waiters(rng.choice([0, 2, 3]))
+    if op == "skip":
+        return op, words.skip(_qget(peer, slots.Q_HEAD))
+    if op == "proxy_oldest":
+        _qset(peer, slots.Q_PROXY_OLDEST, rng.choice([0, 1, 1 << 62]))
+        return op, None
     return op, words.add(shm._COUNTER_OFFSETS[rng.choice(["leases", "timeouts", "resets"])], rng.randrange(5))
+
+
+def _qget(words: Any, off: int) -> int:
+    mm = words._mm if isinstance(words, slots.PySlots) else _MAPS[id(words)]
+    return int(struct.unpack_from("<Q", mm, shm._queue_off(N) + off)[0])
+
+
+def _qset(words: Any, off: int, value: int) -> None:
+    mm = words._mm if isinstance(words, slots.PySlots) else _MAPS[id(words)]
+    struct.pack_into("<Q", mm, shm._queue_off(N) + off, value)
+
+
+_MAPS: dict[int, Any] = {}  # id(C Slots) -> its table's mmap
 
 
 def _first_difference(
@@ -88,6 +125,7 @@ def _first_difference(
     c_table, py_table = _table(tmp_path, f"c{seed}"), _table(tmp_path, f"py{seed}")
     assert c_table.slots is not None
     c, py = c_table.slots, _reference(py_table, reference)
+    _MAPS[id(c)] = c_table._mm
     try:
         for n in range(steps):
             got_c = _step(random.Random(seed * 1000 + n), c, c)
@@ -128,17 +166,49 @@ class _ClaimsAnyGeneration(slots.PySlots):
 
 
 class _KeepsParking(slots.PySlots):
-    def release(self, index: int, holder: int, generation: int) -> int:
+    def release(self, index: int, holder: int, generation: int, bucket: int) -> int:
         parking = self._mm[self._rec(index) + slots.REC_PARKING : self._rec(index) + slots.REC_PARKING + 4]
-        result = super().release(index, holder, generation)
+        result = super().release(index, holder, generation, bucket)
         self._mm[self._rec(index) + slots.REC_PARKING : self._rec(index) + slots.REC_PARKING + 4] = parking
         return result  # a dropped step: the parking key outlives the lease (a cancel would follow it)
 
 
 class _ReleasesAnyHolder(slots.PySlots):
-    def release(self, index: int, holder: int, generation: int) -> int:
+    def release(self, index: int, holder: int, generation: int, bucket: int) -> int:
         # a dropped check: a release by someone who does not hold the slot is taken
-        return super().release(index, slots.holder_of(self.load(index)), generation)
+        return super().release(index, slots.holder_of(self.load(index)), generation, bucket)
+
+
+class _GrantsTheGone(slots.PySlots):
+    def _first(self) -> tuple[int, int]:
+        # a dropped check: a cancelled waiter at the head is granted a slot nobody will use
+        h = self._qget(slots.Q_HEAD)
+        e = self._entry(h)
+        if self._published(e, h) and e & 0xFF == slots.QE_CANCELLED:
+            return slots.entry(slots.QE_WAITING, 2, h), h
+        return super()._first()
+
+
+class _ProxyLast(slots.PySlots):
+    def pending(self) -> int:
+        # a flipped comparison: the table's waiters go first even when the proxy's waited longer
+        return 0 if self._releasing else super().pending()
+
+    _releasing = False
+
+    def release(self, index: int, holder: int, generation: int, bucket: int) -> int:
+        self._releasing = True
+        try:
+            return super().release(index, holder, generation, bucket)
+        finally:
+            self._releasing = False
+
+
+class _NoCap(slots.PySlots):
+    def enqueue(self, holder: int) -> int:
+        # a dropped limit: more wait than --max-waiting allows
+        self._qset(slots.Q_CAP, slots.QR)
+        return super().enqueue(holder)
 
 
 MUTANTS: list[Callable[..., slots.PySlots]] = [
@@ -146,6 +216,9 @@ MUTANTS: list[Callable[..., slots.PySlots]] = [
     _ClaimsAnyGeneration,
     _KeepsParking,
     _ReleasesAnyHolder,
+    _GrantsTheGone,
+    _ProxyLast,
+    _NoCap,
 ]
 
 

@@ -111,7 +111,7 @@ def test_spans_and_metrics_after_leases_a_wait_and_a_timeout(make_broker, otel):
     spans = otel.spans.get_finished_spans()
     leases = [s for s in spans if s.name == t.SPAN_NAME]
     assert len(leases) == 5  # the request, the transaction before the wait, the waiter, the
-    # transaction before the timeout, and the timeout: three claimed, two through the proxy
+    # transaction before the timeout, and the timeout: four granted (one after a wait in the table)
     first, second, queued, _third, timed_out = sorted(leases, key=lambda s: s.start_time)
 
     # The lease span is a child of the application's span, and carries the lease's identity.
@@ -130,10 +130,11 @@ def test_spans_and_metrics_after_leases_a_wait_and_a_timeout(make_broker, otel):
     assert [e.name for e in first.events] == [t.GRANTED_EVENT]
     assert second.attributes[t.OUTCOME] == t.OUTCOME_GRANTED and second.parent is None
 
-    # Nothing was idle: the waiter's transaction went through the broker's proxy, which queued it
-    # until `a` committed; its span covers that wait.
-    assert queued.attributes[t.OUTCOME] == t.OUTCOME_PROXIED
-    assert t.SLOT not in queued.attributes
+    # Nothing was idle: the waiter waited in the table's queue until `a` committed and handed it the
+    # backend; its span starts at the request and says how long it waited.
+    assert queued.attributes[t.OUTCOME] == t.OUTCOME_GRANTED
+    assert queued.attributes[t.SLOT] == slot
+    assert queued.attributes[t.LEASE_WAIT] >= 0.1
     assert queued.end_time - queued.start_time >= 100_000_000
     assert queued.status.status_code is StatusCode.UNSET
 
@@ -162,8 +163,9 @@ def test_spans_and_metrics_after_leases_a_wait_and_a_timeout(make_broker, otel):
     assert _value(m, t.PENDING_REQUESTS, pool).value == 0
     assert _value(m, t.TIMEOUTS, pool).value == 1
     wait = _value(m, t.WAIT_TIME, pool)
-    assert wait.count == 3  # claimed leases (they never wait); the proxy's waits are the table's
-    assert _value(m, t.USE_TIME, pool).count == 3
+    assert wait.count == 4  # the leases granted, one of them after a wait
+    assert wait.max >= 0.1
+    assert _value(m, t.USE_TIME, pool).count == 4
     assert {name: unit for name, (unit, _) in m.items()} == {
         t.CONNECTION_COUNT: "{connection}", t.CONNECTION_MAX: "{connection}",
         t.CONNECTION_IDLE_MIN: "{connection}", t.PENDING_REQUESTS: "{request}", t.TIMEOUTS: "{timeout}",

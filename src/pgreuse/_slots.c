@@ -10,17 +10,19 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "_slotword.h"
-
-#include <poll.h>
+#include "_slotqueue.h"
 
 typedef struct {
     PyObject_HEAD
     Py_buffer view;
     int has_view;
     char *base;
-    Py_ssize_t slots_off, slot_size, n, pending_off, leases_off, use_ns_off, hist0_off;
+    Py_ssize_t slots_off, slot_size, n, pending_off, leases_off, use_ns_off, hist0_off, queue_off;
+    sq_table t;
 } SlotsObject;
+
+#define CLOSED_GATE (1ull << 32) /* shm.CLOSED_GATE: in ``pending`` while paused or closing */
+#define N_BUCKETS 17             /* shm.WAIT_BUCKETS and its open-ended bucket */
 
 static uint64_t *
 word_at(SlotsObject *self, Py_ssize_t off)
@@ -54,9 +56,9 @@ Slots_init(SlotsObject *self, PyObject *args, PyObject *kwds)
     PyObject *buf;
     Py_ssize_t need;
 
-    if (!PyArg_ParseTuple(args, "Onnnnnnn", &buf, &self->slots_off, &self->slot_size, &self->n,
+    if (!PyArg_ParseTuple(args, "Onnnnnnnn", &buf, &self->slots_off, &self->slot_size, &self->n,
                           &self->pending_off, &self->leases_off, &self->use_ns_off,
-                          &self->hist0_off))
+                          &self->hist0_off, &self->queue_off))
         return -1;
     if (self->has_view) {
         PyErr_SetString(PyExc_RuntimeError, "Slots is already initialised");
@@ -67,18 +69,28 @@ Slots_init(SlotsObject *self, PyObject *args, PyObject *kwds)
     self->has_view = 1;
     self->base = self->view.buf;
     need = self->slots_off + self->n * self->slot_size;
-    if (self->n < 0 || self->slot_size < 40 || self->view.len < need ||
+    if (self->queue_off < need)
+        need = -1;
+    else
+        need = self->queue_off + Q_BYTES;
+    if (self->n < 0 || self->slot_size < 40 || need < 0 || self->view.len < need ||
         ((uintptr_t)self->base | (uintptr_t)self->slots_off | (uintptr_t)self->slot_size |
          (uintptr_t)self->pending_off | (uintptr_t)self->leases_off | (uintptr_t)self->use_ns_off |
-         (uintptr_t)self->hist0_off) % 8) {
+         (uintptr_t)self->hist0_off | (uintptr_t)self->queue_off) % 8) {
         PyBuffer_Release(&self->view);
         self->has_view = 0;
         PyErr_Format(PyExc_ValueError,
-                     "a table of %zd bytes cannot hold %zd slots of %zd bytes at offset %zd "
-                     "(or an offset is not 8-aligned)",
-                     self->view.len, self->n, self->slot_size, self->slots_off);
+                     "a table of %zd bytes cannot hold %zd slots of %zd bytes at offset %zd and "
+                     "its wait queue at %zd (or an offset is not 8-aligned)",
+                     self->view.len, self->n, self->slot_size, self->slots_off, self->queue_off);
         return -1;
     }
+    self->t.base = self->base;
+    self->t.slots_off = self->slots_off;
+    self->t.slot_size = self->slot_size;
+    self->t.n = self->n;
+    self->t.pending_off = self->pending_off;
+    self->t.queue_off = self->queue_off;
     return 0;
 }
 
@@ -192,14 +204,16 @@ Slots_add(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* claim(holder, start, generations, parking, pid): take an IDLE slot nobody holds whose generation
  * this process has the fd of (generations[i]: that generation's low 24 bits, or -1), starting the
- * scan at ``start``. Returns the slot index; -1 if no slot is idle; -2 if the proxy has waiters
- * (they go first); -3 - i if slot i is idle but its fd is missing here (and no other could be
- * claimed). The winner writes the parking key it serves and its lease start into the record. */
+ * scan at ``start``. Returns the slot index; -1 if no slot is idle or workers wait in the table's
+ * queue (the caller queues behind them); -2 if the proxy has waiters (they go first); -3 - i if
+ * slot i is idle but its fd is missing here (and no other could be claimed). The winner writes the
+ * parking key it serves and its lease start into the record. */
 static PyObject *
 Slots_claim(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned long holder, parking, pid;
     Py_ssize_t start, k, missing = -1;
+    uint64_t ticket;
     PyObject *gens;
 
     if (nargs != 5 || !PyList_Check(args[2])) {
@@ -222,6 +236,8 @@ Slots_claim(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
                             PyList_GET_SIZE(gens), self->n);
     if (sw_load(word_at(self, self->pending_off)) != 0)
         return PyLong_FromLong(-2);
+    if (sq_first(&self->t, &ticket))
+        return PyLong_FromLong(-1);
     for (k = 0; k < self->n; k++) {
         Py_ssize_t i = (start + k) % self->n;
         char *rec = record(self, i);
@@ -248,28 +264,33 @@ Slots_claim(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(missing < 0 ? -1 : -3 - missing);
 }
 
-/* release(index, holder, generation): the holder gives a clean slot back. Counts the lease in the
- * record and the pool's counters, clears the holder's fields, and CASes LENT(holder) -> IDLE(0).
- * Returns the proxy's queue length after the release (the caller pokes the broker when it is not
- * 0), or -1 when the slot was no longer this holder's (the broker revoked it). */
+/* release(index, holder, generation, bucket): the holder gives a clean slot back. Counts the lease
+ * in the record and the pool's counters (its wait in histogram bucket ``bucket``), clears the
+ * holder's fields, then hands the slot to the first worker waiting in the table, or CASes it back to
+ * IDLE(0) when nobody waits there or the proxy's oldest waiter came first. Returns the proxy's queue
+ * length when the slot went idle while the proxy has waiters (the caller pokes the broker), 0 when
+ * it is idle or granted, -1 when the slot was no longer this holder's (the broker revoked it). */
 static PyObject *
 Slots_release(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t i;
+    Py_ssize_t i, bucket;
     unsigned long holder, gen;
-    uint64_t lent;
+    uint64_t lent, pending, ticket, first;
     int64_t used;
     char *rec;
 
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "release(index, holder, generation)");
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "release(index, holder, generation, bucket)");
         return NULL;
     }
     i = PyLong_AsSsize_t(args[0]);
     holder = PyLong_AsUnsignedLong(args[1]);
     gen = PyLong_AsUnsignedLong(args[2]);
+    bucket = PyLong_AsSsize_t(args[3]);
     if (PyErr_Occurred() || check(self, i) < 0)
         return NULL;
+    if (bucket < 0 || bucket >= N_BUCKETS)
+        return PyErr_Format(PyExc_ValueError, "histogram bucket %zd does not exist", bucket);
     rec = record(self, i);
     lent = SW_MAKE(SW_LENT, gen, holder);
     if (sw_load((uint64_t *)(rec + REC_WORD)) != lent)
@@ -277,19 +298,171 @@ Slots_release(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     used = sw_now_ns() - *(int64_t *)(rec + REC_LEASE_START);
     if (used < 0)
         used = 0;
-    /* the record is the holder's alone until the CAS below */
+    /* the record is the holder's alone until it hands the slot on */
     *(uint64_t *)(rec + REC_LEASES) += 1;
     *(uint64_t *)(rec + REC_USE_NS) += (uint64_t)used;
     *(uint32_t *)(rec + REC_PARKING) = 0;
     *(uint32_t *)(rec + REC_HOLDER_PID) = 0;
     *(int64_t *)(rec + REC_LEASE_START) = 0;
-    /* the pool's counters are everyone's: atomic adds (a claim never waits: histogram bucket 0) */
+    /* the pool's counters are everyone's: atomic adds */
     sw_add(word_at(self, self->leases_off), 1);
     sw_add(word_at(self, self->use_ns_off), (uint64_t)used);
-    sw_add(word_at(self, self->hist0_off), 1);
-    if (!sw_cas((uint64_t *)(rec + REC_WORD), lent, SW_MAKE(SW_IDLE, gen, 0)))
-        return PyLong_FromLong(-1);
-    return PyLong_FromUnsignedLongLong(sw_load(word_at(self, self->pending_off)));
+    sw_add(word_at(self, self->hist0_off + bucket * 8), 1);
+    pending = sw_load(word_at(self, self->pending_off));
+    if (pending) {
+        /* FIFO across both queues: the proxy's oldest waiter against the table's first */
+        int64_t oldest = (int64_t)sw_load(sq_q(&self->t, Q_PROXY_OLDEST));
+        first = sq_first(&self->t, &ticket);
+        if (!first || (pending & CLOSED_GATE) || oldest == 0 ||
+            oldest <= (int64_t)sw_load(sq_entry(&self->t, ticket) + 1)) {
+            if (!sw_cas((uint64_t *)(rec + REC_WORD), lent, SW_MAKE(SW_IDLE, gen, 0)))
+                return PyLong_FromLong(-1);
+            return PyLong_FromUnsignedLongLong(pending);
+        }
+    }
+    return PyLong_FromLong(sq_hand_over(&self->t, i, lent) < 0 ? -1 : 0);
+}
+
+/* hand_over(index, owned) -> holder: slot ``index`` (whose word the caller owns as ``owned``) goes
+ * to the first worker waiting in the table (its holder id), else back to IDLE (0); -1 if the word
+ * was not ``owned``. */
+static PyObject *
+Slots_hand_over(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    Py_ssize_t i;
+    unsigned long long owned;
+
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "hand_over(index, owned)");
+        return NULL;
+    }
+    i = PyLong_AsSsize_t(args[0]);
+    owned = PyLong_AsUnsignedLongLong(args[1]);
+    if (PyErr_Occurred() || check(self, i) < 0)
+        return NULL;
+    return PyLong_FromLongLong(sq_hand_over(&self->t, i, owned));
+}
+
+static int
+worker_holder(SlotsObject *self, PyObject *arg, unsigned long *holder)
+{
+    *holder = PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred())
+        return -1;
+    if (!self->has_view) {
+        PyErr_SetString(PyExc_ValueError, "the slot table is closed");
+        return -1;
+    }
+    if (*holder < 2 || *holder > 0xFFFFFFFFul) {
+        PyErr_Format(PyExc_ValueError, "holder id %lu is not a worker's", *holder);
+        return -1;
+    }
+    return 0;
+}
+
+/* enqueue(holder) -> ticket (>= 0), -1 (full: go through the proxy) or -2 (cancelled) */
+static PyObject *
+Slots_enqueue(SlotsObject *self, PyObject *arg)
+{
+    unsigned long holder;
+    if (worker_holder(self, arg, &holder) < 0)
+        return NULL;
+    return PyLong_FromLongLong(sq_enqueue(&self->t, (uint32_t)holder, sw_now_ns()));
+}
+
+/* rescue(holder): hand the idle slots to the first waiters (after enqueue) */
+static PyObject *
+Slots_rescue(SlotsObject *self, PyObject *arg)
+{
+    unsigned long holder;
+    if (worker_holder(self, arg, &holder) < 0)
+        return NULL;
+    sq_rescue(&self->t, (uint32_t)holder);
+    Py_RETURN_NONE;
+}
+
+/* wait(ticket, holder, parking, pid, control_fd) -> (slot or a negative code, waited ns). Blocks
+ * without the GIL until the ticket is granted, cancelled or times out (--wait-timeout from the
+ * table). The winner writes its parking key, pid and lease start, and counts its wait; a timeout
+ * is counted too. */
+static PyObject *
+Slots_wait(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    unsigned long holder, parking, pid;
+    long long ticket;
+    long control_fd;
+    int64_t got, since, deadline, now;
+    char *rec;
+
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "wait(ticket, holder, parking, pid, control_fd)");
+        return NULL;
+    }
+    if (worker_holder(self, args[1], &holder) < 0)
+        return NULL;
+    ticket = PyLong_AsLongLong(args[0]);
+    parking = PyLong_AsUnsignedLong(args[2]);
+    pid = PyLong_AsUnsignedLong(args[3]);
+    control_fd = PyLong_AsLong(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (ticket < 0)
+        return PyErr_Format(PyExc_ValueError, "ticket %lld is not a ticket", ticket);
+    since = (int64_t)sw_load(sq_entry(&self->t, (uint64_t)ticket) + 1);
+    deadline = since + (int64_t)sw_load(sq_q(&self->t, Q_TIMEOUT));
+    Py_BEGIN_ALLOW_THREADS
+    got = sq_wait(&self->t, (uint64_t)ticket, (uint32_t)holder, deadline, (int)control_fd);
+    Py_END_ALLOW_THREADS
+    now = sw_now_ns();
+    if (got >= 0) {
+        rec = record(self, (Py_ssize_t)got);
+        *(uint32_t *)(rec + REC_PARKING) = (uint32_t)parking;
+        *(uint32_t *)(rec + REC_HOLDER_PID) = (uint32_t)pid;
+        *(int64_t *)(rec + REC_LEASE_START) = now;
+        sw_add(word_at(self, self->leases_off + 8), 1);                         /* waits */
+        sw_add(word_at(self, self->leases_off + 16), (uint64_t)(now - since)); /* wait_ns */
+    } else if (got == SQ_TIMEOUT) {
+        sw_add(word_at(self, self->leases_off + 32), 1); /* timeouts */
+    }
+    return Py_BuildValue("(LL)", (long long)got, (long long)(now - since));
+}
+
+/* cancel_waiters(holder) -> n: cancel (and wake) every waiter of the table (holder 0) or one
+ * holder's */
+static PyObject *
+Slots_cancel_waiters(SlotsObject *self, PyObject *arg)
+{
+    unsigned long holder = PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!self->has_view)
+        return PyErr_Format(PyExc_ValueError, "the slot table is closed");
+    return PyLong_FromLong(sq_cancel_all(&self->t, (uint32_t)holder));
+}
+
+/* waiting() -> n: workers waiting in the queue now, or about to (tickets taken, from the first
+ * still waiting) */
+static PyObject *
+Slots_waiting(SlotsObject *self, PyObject *unused)
+{
+    uint64_t head;
+    if (!self->has_view)
+        return PyErr_Format(PyExc_ValueError, "the slot table is closed");
+    if (!sq_first(&self->t, &head))
+        head = sw_load(sq_q(&self->t, Q_HEAD));
+    return PyLong_FromUnsignedLongLong(sw_load(sq_q(&self->t, Q_TAIL)) - head);
+}
+
+/* skip(ticket) -> bool: the janitor's way past a ticket whose process died before publishing it */
+static PyObject *
+Slots_skip(SlotsObject *self, PyObject *arg)
+{
+    unsigned long long ticket = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    if (!self->has_view)
+        return PyErr_Format(PyExc_ValueError, "the slot table is closed");
+    return PyBool_FromLong(sq_skip(&self->t, ticket));
 }
 
 /* check(backend_fd, control_fd) -> int: one poll() with no wait, before a claimed backend is used.
@@ -345,6 +518,13 @@ static PyMethodDef Slots_methods[] = {
      "add(offset, n): atomically add n to the counter at byte offset."},
     {"claim", (PyCFunction)(void (*)(void))Slots_claim, METH_FASTCALL, NULL},
     {"release", (PyCFunction)(void (*)(void))Slots_release, METH_FASTCALL, NULL},
+    {"hand_over", (PyCFunction)(void (*)(void))Slots_hand_over, METH_FASTCALL, NULL},
+    {"enqueue", (PyCFunction)Slots_enqueue, METH_O, NULL},
+    {"rescue", (PyCFunction)Slots_rescue, METH_O, NULL},
+    {"wait", (PyCFunction)(void (*)(void))Slots_wait, METH_FASTCALL, NULL},
+    {"cancel_waiters", (PyCFunction)Slots_cancel_waiters, METH_O, NULL},
+    {"skip", (PyCFunction)Slots_skip, METH_O, NULL},
+    {"waiting", (PyCFunction)Slots_waiting, METH_NOARGS, NULL},
     {"close", (PyCFunction)Slots_close, METH_NOARGS, "Release the table's buffer."},
     {NULL},
 };

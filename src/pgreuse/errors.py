@@ -71,6 +71,12 @@ _PROXY_REFUSALS: tuple[tuple[str, str, type[psycopg.OperationalError]], ...] = (
 _SHUTTING_DOWN = "pgreuse broker: the broker is shutting down"
 
 
+def wait_timeout_message(timeout: float, max_size: int) -> str:
+    """What a transaction that waited ``timeout`` seconds for a backend is told (the broker's proxy
+    and the table's queue say the same)."""
+    return f"no backend free within {timeout:g}s (--wait-timeout; all {max_size} of --max-size are in use)"
+
+
 def from_proxy_refusal(exc: psycopg.Error) -> psycopg.OperationalError | None:
     """The pool error for the broker proxy's refusal ``exc``, or ``None`` if it is not one."""
     if exc.sqlstate is None and _SHUTTING_DOWN in str(exc):

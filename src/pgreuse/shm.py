@@ -7,7 +7,9 @@ wants the pool's truth (read-only): ``pgreuse stats``, the telemetry of every wo
   broker is a new table), pool limits and identity;
 * pool-wide counters (monotonic totals and a few gauges) and a wait-time histogram;
 * one record per slot: the slot word (state, generation, holder id), the parking key the holder
-  serves, holder pid, lease start, per-slot totals, backend pid, full generation.
+  serves, holder pid, lease start, per-slot totals, backend pid, full generation;
+* the wait queue where workers wait for a slot when none is idle (its layout is
+  :mod:`pgreuse.slots`'s ``Q_*``: two tickets, the proxy's oldest wait, the wait limits, a ring).
 
 This module is the only one that knows offsets. Each slot record starts with its *slot word*
 (:mod:`pgreuse.slots`): the state, generation and holder, changed only by compare-and-swap. That word
@@ -30,17 +32,19 @@ from collections.abc import Sequence
 
 import attrs
 
+from . import slots as _slots
 from .slots import BROKER, Slots, SlotsAPI, holder_of, state_of
 from .slots import make as slot_word
 from .wire.states import CloseReason, SlotState
 
 MAGIC = b"PGREUSE\0"
-# 2: counters "resets", "too_many"; 3: close reason "revoked"; 4: slot words, parking key, flags
-LAYOUT_VERSION = 4
+# 2: counters "resets", "too_many"; 3: close reason "revoked"; 4: slot words, parking key, flags;
+# 5: the wait queue after the slots
+LAYOUT_VERSION = 5
 FLAG_CLAIMS = 1  # header flags: workers may claim idle slots (the broker has the atomics)
 # Added to the ``pending`` word while the pool is paused or closing: a worker claims only while the
 # word is 0, so nobody claims then; readers see the queue length alone (the low 32 bits).
-CLOSED_GATE = 1 << 32
+CLOSED_GATE = _slots.CLOSED_GATE
 
 # Upper bounds (seconds) of the wait-time histogram buckets; the last bucket is open-ended.
 WAIT_BUCKETS: tuple[float, ...] = (
@@ -86,8 +90,9 @@ _REASONS_OFF = _COUNTERS_OFF + len(COUNTERS) * 8
 # Byte offset of each counter: add()/set() run on every lease, a tuple.index() per call would scan.
 _COUNTER_OFFSETS: dict[str, int] = {name: _COUNTERS_OFF + i * 8 for i, name in enumerate(COUNTERS)}
 _LEASES_OFF = _COUNTER_OFFSETS["leases"]
-# add_lease_counts() finds waits, wait_ns and use_ns at 8, 16 and 24 bytes after leases
-assert COUNTERS[:4] == ("leases", "waits", "wait_ns", "use_ns")
+# add_lease_counts() finds waits, wait_ns and use_ns at 8, 16 and 24 bytes after leases, and the
+# table queue's wait (_slots.c) waits, wait_ns and timeouts at 8, 16 and 32
+assert COUNTERS[:5] == ("leases", "waits", "wait_ns", "use_ns", "timeouts")  # (and _slots.c)
 _SLOT_SIZE = _SLOT.size
 # The bounds in ns: wait_ns counts in bucket bisect_left(WAIT_BOUNDS_NS, wait_ns).
 WAIT_BOUNDS_NS = tuple(round(b * 1e9) for b in WAIT_BUCKETS)
@@ -105,6 +110,10 @@ def table_path(socket_dir: str, port: int) -> str:
 
 
 def table_size(max_size: int) -> int:
+    return _queue_off(max_size) + _slots.Q_BYTES
+
+
+def _queue_off(max_size: int) -> int:
     return _SLOTS_OFF + max_size * _SLOT.size
 
 
@@ -169,6 +178,7 @@ class Table:
                 _LEASES_OFF,
                 _COUNTER_OFFSETS["use_ns"],
                 _HIST_OFF,
+                _queue_off(max_size),
             )
             if writable
             else None
@@ -202,6 +212,7 @@ class Table:
             FLAG_CLAIMS if claims else 0, 0,
         )  # fmt: skip
         table = cls(path, mm, max_size, writable=True)
+        table.set_wait_limits(wait_timeout, 0)
         for i in range(max_size):
             table.write_slot_values(i, SlotState.CLOSED, CloseReason.NONE, False, 0, 0, 0, 0, 0, 0, 0.0)
         table.retired = retire(path)
@@ -351,6 +362,46 @@ class Table:
         assert self.slots is not None
         self.slots.set_pending(n)
 
+    def set_wait_limits(self, wait_timeout: float, max_waiting: int) -> None:
+        """The table's wait queue: how long a worker waits in it, how many at once (0: as many as
+        the ring holds); more go through the proxy, which refuses them."""
+        q = _queue_off(self.max_size)
+        cap = _slots.QR if not max_waiting else min(max_waiting, _slots.QR)
+        _COUNTER.pack_into(self._mm, q + _slots.Q_TIMEOUT, int(wait_timeout * 1e9))
+        _COUNTER.pack_into(self._mm, q + _slots.Q_CAP, cap)
+
+    def table_waiters(self) -> int:
+        """Workers waiting in the table's queue now (its ring's entries that say so)."""
+        ring = _queue_off(self.max_size) + _slots.Q_RING
+        return sum(
+            1
+            for k in range(_slots.QR)
+            if self._mm[ring + k * _slots.Q_ENTRY] == _slots.QE_WAITING  # (the state: low byte)
+        )
+
+    def room_to_grow(self) -> bool:
+        """The broker has fewer than --max-size backends open (a waiter then tells it so)."""
+        opened = _COUNTER.unpack_from(self._mm, _COUNTER_OFFSETS["backends_opened"])[0]
+        closed = _COUNTER.unpack_from(self._mm, _COUNTER_OFFSETS["backends_closed"])[0]
+        return bool(opened - closed < self.max_size)
+
+    def wait_limit(self) -> float:
+        """--wait-timeout, seconds, as the table's queue applies it."""
+        return int(_COUNTER.unpack_from(self._mm, _queue_off(self.max_size) + _slots.Q_TIMEOUT)[0]) / 1e9
+
+    def set_proxy_oldest(self, enqueued_ns: int) -> None:
+        """When the proxy's first waiter queued (0: none): a worker that frees a slot gives it to
+        whichever of that waiter and the table's first waited longer."""
+        _COUNTER.pack_into(self._mm, _queue_off(self.max_size) + _slots.Q_PROXY_OLDEST, enqueued_ns)
+
+    def queue_tickets(self) -> tuple[int, int]:
+        """The wait queue's (head, tail): ``tail - head`` workers wait or are about to."""
+        q = _queue_off(self.max_size)
+        return (
+            int(_COUNTER.unpack_from(self._mm, q + _slots.Q_HEAD)[0]),
+            int(_COUNTER.unpack_from(self._mm, q + _slots.Q_TAIL)[0]),
+        )
+
     def count_close(self, reason: CloseReason) -> None:
         self.add_at(_REASONS_OFF + int(reason) * 8)
 
@@ -375,7 +426,8 @@ class Table:
         counters = {
             name: _COUNTER.unpack_from(mm, _COUNTERS_OFF + i * 8)[0] for i, name in enumerate(COUNTERS)
         }
-        counters["pending"] &= CLOSED_GATE - 1
+        # The gauge: requests queued in the proxy, and workers waiting in the table's queue.
+        counters["pending"] = (counters["pending"] & (CLOSED_GATE - 1)) + self.table_waiters()
         reasons = {
             r.name.lower(): _COUNTER.unpack_from(mm, _REASONS_OFF + int(r) * 8)[0]
             for r in CloseReason
@@ -422,6 +474,7 @@ def retire(path: str) -> list[tuple[int, float]]:
         pids = []
         slots = old.slots
         assert slots is not None
+        slots.cancel_waiters(0)  # its waiters go through the proxy (where they learn it is gone)
         for i in range(old.max_size):
             word = slots.load(i)
             slots.store(i, slot_word(SlotState.CLOSED, word >> 8, BROKER))

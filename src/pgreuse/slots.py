@@ -31,8 +31,24 @@ GEN_MASK = 0xFFFFFF
 NOT_HELD = -1  # in a generations list: this process has no fd for the slot
 
 # claim() results besides a slot index
-NONE_IDLE = -1
+NONE_IDLE = -1  # nothing idle, or workers wait in the table's queue: queue behind them
 PROXY_FIRST = -2  # the proxy has waiters: they go first
+
+# The table's wait queue (_slotqueue.h has the same): a block after the slot records.
+Q_HEAD, Q_TAIL, Q_PROXY_OLDEST, Q_TIMEOUT, Q_CAP, Q_RING = 0, 8, 16, 24, 32, 64
+QR = 256  # ring entries: at most this many workers wait in the table at once
+Q_ENTRY = 16  # entry word, since_ns
+Q_BYTES = Q_RING + QR * Q_ENTRY
+QE_FREE, QE_WAITING, QE_GRANTED, QE_CANCELLED = 0, 1, 2, 3
+STAMP_MASK = 0xFFFFFF
+# enqueue() and wait() results besides a ticket or a slot index
+Q_FULL = -1  # cap workers wait already: this transaction goes through the proxy
+Q_CANCELLED = -2  # the broker cancelled the wait (pause, shutdown, a ticket left unpublished)
+Q_TIMEOUT_PASSED = -5  # --wait-timeout passed
+Q_CONTROL = -6  # the control channel has something to read (the broker's end?)
+Q_LOST = -7  # granted a slot the broker took back before it reached the waiter
+CLOSED_GATE = 1 << 32  # shm.CLOSED_GATE (shm imports this module)
+_PENDING = -8  # poll_turn(): granted, but the releaser has not stored the word yet
 
 
 def make(state: SlotState | int, generation: int, holder: int) -> int:
@@ -51,10 +67,15 @@ def holder_of(word: int) -> int:
     return word >> 32
 
 
+def entry(state: int, value: int, ticket: int) -> int:
+    """A wait-queue entry word: state, value (holder while waiting, slot once granted), stamp."""
+    return (state & 0xFF) | ((value & 0xFFFFFFFF) << 8) | ((ticket & STAMP_MASK) << 40)
+
+
 class SlotsAPI(Protocol):
     def __init__(  # noqa: PLR0917 - the C type's signature
         self, table: mmap.mmap, slots_off: int, slot_size: int, n: int, pending_off: int,
-        leases_off: int, use_ns_off: int, hist0_off: int, /,
+        leases_off: int, use_ns_off: int, hist0_off: int, queue_off: int, /,
     ) -> None: ...  # fmt: skip
     def load(self, index: int, /) -> int: ...
     def cas(self, index: int, expected: int, desired: int, /) -> bool: ...
@@ -63,7 +84,16 @@ class SlotsAPI(Protocol):
     def set_pending(self, n: int, /) -> None: ...
     def add(self, offset: int, n: int, /) -> None: ...
     def claim(self, holder: int, start: int, generations: list[int], parking: int, pid: int, /) -> int: ...
-    def release(self, index: int, holder: int, generation: int, /) -> int: ...
+    def release(self, index: int, holder: int, generation: int, bucket: int, /) -> int: ...
+    def hand_over(self, index: int, owned: int, /) -> int: ...
+    def enqueue(self, holder: int, /) -> int: ...
+    def rescue(self, holder: int, /) -> None: ...
+    def wait(
+        self, ticket: int, holder: int, parking: int, pid: int, control_fd: int, /
+    ) -> tuple[int, int]: ...
+    def cancel_waiters(self, holder: int, /) -> int: ...
+    def skip(self, ticket: int, /) -> bool: ...
+    def waiting(self) -> int: ...
     def close(self) -> None: ...
 
 
@@ -79,7 +109,7 @@ class PySlots:
 
     def __init__(  # noqa: PLR0917 - the C type's signature
         self, mm: mmap.mmap, slots_off: int, slot_size: int, n: int, pending_off: int,
-        leases_off: int, use_ns_off: int, hist0_off: int,
+        leases_off: int, use_ns_off: int, hist0_off: int, queue_off: int,
     ) -> None:  # fmt: skip
         self._mm = mm
         self._slots_off = slots_off
@@ -89,6 +119,7 @@ class PySlots:
         self._leases_off = leases_off
         self._use_ns_off = use_ns_off
         self._hist0_off = hist0_off
+        self._q = queue_off
 
     def _rec(self, index: int) -> int:
         if not 0 <= index < self.n:
@@ -121,6 +152,8 @@ class PySlots:
             raise ValueError(f"holder id {holder} is not a worker's")
         if self.pending():
             return PROXY_FIRST
+        if self._first()[0]:
+            return NONE_IDLE
         missing = -1
         for k in range(self.n):
             i = (start + k) % self.n
@@ -140,7 +173,9 @@ class PySlots:
             return i
         return NONE_IDLE if missing < 0 else -3 - missing
 
-    def release(self, index: int, holder: int, generation: int) -> int:
+    def release(self, index: int, holder: int, generation: int, bucket: int) -> int:
+        if not 0 <= bucket < 17:
+            raise ValueError(f"histogram bucket {bucket} does not exist")
         rec = self._rec(index)
         lent = make(SlotState.LENT, generation, holder)
         if self.load(index) != lent:
@@ -153,10 +188,173 @@ class PySlots:
         _q.pack_into(self._mm, rec + REC_LEASE_START, 0)
         self.add(self._leases_off, 1)
         self.add(self._use_ns_off, used)
-        self.add(self._hist0_off, 1)
-        if not self.cas(index, lent, make(SlotState.IDLE, generation, NOBODY)):
-            return -1
-        return self.pending()
+        self.add(self._hist0_off + bucket * 8, 1)
+        pending = self.pending()
+        if pending:
+            # FIFO across both queues: the proxy's oldest waiter against the table's first
+            first, ticket = self._first()
+            oldest = self._qget(Q_PROXY_OLDEST)
+            if not first or pending & CLOSED_GATE or oldest == 0 or oldest <= self._since(ticket):
+                if not self.cas(index, lent, make(SlotState.IDLE, generation, NOBODY)):
+                    return -1
+                return pending
+        return -1 if self.hand_over(index, lent) < 0 else 0
+
+    # -- the wait queue (_slotqueue.h) -------------------------------------------------------------
+
+    def _qget(self, off: int) -> int:
+        return int(_Q.unpack_from(self._mm, self._q + off)[0])
+
+    def _qset(self, off: int, value: int) -> None:
+        _Q.pack_into(self._mm, self._q + off, value & (2**64 - 1))
+
+    def _entry_off(self, ticket: int) -> int:
+        return self._q + Q_RING + (ticket % QR) * Q_ENTRY
+
+    def _entry(self, ticket: int) -> int:
+        return int(_Q.unpack_from(self._mm, self._entry_off(ticket))[0])
+
+    def _since(self, ticket: int) -> int:
+        return int(_q.unpack_from(self._mm, self._entry_off(ticket) + 8)[0])
+
+    @staticmethod
+    def _published(e: int, ticket: int) -> bool:
+        return e & 0xFF != QE_FREE and e >> 40 == ticket & STAMP_MASK
+
+    def _first(self) -> tuple[int, int]:
+        """The first waiter's entry word (0 if nobody waits at the head) and the head ticket."""
+        while True:
+            h = self._qget(Q_HEAD)
+            e = self._entry(h)
+            if not self._published(e, h):
+                return 0, h
+            if e & 0xFF == QE_WAITING:
+                return e, h
+            self._qset(Q_HEAD, h + 1)  # granted or cancelled: skip it
+
+    def hand_over(self, index: int, owned: int) -> int:
+        gen = gen_of(owned)
+        idle = make(SlotState.IDLE, gen, NOBODY)
+        while True:
+            e, h = self._first()
+            if e:
+                if self.load(index) != owned:
+                    return -1
+                who = (e >> 8) & 0xFFFFFFFF
+                _Q.pack_into(self._mm, self._entry_off(h), entry(QE_GRANTED, index, h))
+                self._qset(Q_HEAD, h + 1)
+                self.store(index, make(SlotState.LENT, gen, who))
+                return who
+            if not self.cas(index, owned, idle):
+                return -1
+            if not self._first()[0]:
+                return 0
+            if not self.cas(index, idle, owned):
+                return 0
+
+    def enqueue(self, holder: int) -> int:
+        if holder < FIRST_WORKER:
+            raise ValueError(f"holder id {holder} is not a worker's")
+        tail, head = self._qget(Q_TAIL), self._qget(Q_HEAD)
+        if tail - head >= min(self._qget(Q_CAP), QR):
+            return Q_FULL
+        self._qset(Q_TAIL, tail + 1)
+        if self._published(self._entry(tail), tail):
+            return Q_CANCELLED
+        off = self._entry_off(tail)
+        _q.pack_into(self._mm, off + 8, time.monotonic_ns())
+        _Q.pack_into(self._mm, off, entry(QE_WAITING, holder, tail))
+        return tail
+
+    def rescue(self, holder: int) -> None:
+        if holder < FIRST_WORKER:
+            raise ValueError(f"holder id {holder} is not a worker's")
+        for i in range(self.n):
+            w = self.load(i)
+            mine = make(SlotState.LENT, gen_of(w), holder)
+            if not self._first()[0]:
+                return
+            if state_of(w) is not SlotState.IDLE or holder_of(w) != NOBODY or not self.cas(i, w, mine):
+                continue
+            self.hand_over(i, mine)
+
+    def poll_turn(self, ticket: int, holder: int) -> int:
+        """What wait() would return now without blocking: a slot, Q_CANCELLED, Q_LOST, or
+        NONE_IDLE while still waiting."""
+        e = self._entry(ticket)
+        if e == entry(QE_GRANTED, (e >> 8) & 0xFFFFFFFF, ticket):
+            i = (e >> 8) & 0xFFFFFFFF
+            w = self.load(i)
+            if holder_of(w) == holder and state_of(w) is SlotState.LENT:
+                return i
+            # (the releaser stores the word right after the grant: wait() waits for it, but
+            # not past the deadline, nor once the broker took the slot)
+            return Q_LOST if holder_of(w) <= BROKER or state_of(w) is not SlotState.LENT else _PENDING
+        return NONE_IDLE if e == entry(QE_WAITING, holder, ticket) else Q_CANCELLED
+
+    def cancel(self, ticket: int, holder: int) -> bool:
+        if self._entry(ticket) != entry(QE_WAITING, holder, ticket):
+            return False
+        _Q.pack_into(self._mm, self._entry_off(ticket), entry(QE_CANCELLED, 0, ticket))
+        return True
+
+    def wait(self, ticket: int, holder: int, parking: int, pid: int, control_fd: int) -> tuple[int, int]:
+        """Polls (this reference serves one process: nobody else can grant while it sleeps)."""
+        since = self._since(ticket)
+        deadline = since + self._qget(Q_TIMEOUT)
+        while True:
+            got = self.poll_turn(ticket, holder)
+            if got not in (NONE_IDLE, _PENDING):
+                break
+            now = time.monotonic_ns()
+            if got == _PENDING and now > deadline:
+                got = Q_LOST
+                break
+            if got == NONE_IDLE and now >= deadline:
+                if self.cancel(ticket, holder):
+                    got = Q_TIMEOUT_PASSED
+                    break
+                continue
+            time.sleep(0.001)
+            if self.poll_turn(ticket, holder) == NONE_IDLE:
+                self.rescue(holder)
+        now = time.monotonic_ns()
+        if got >= 0:
+            rec = self._rec(got)
+            _I.pack_into(self._mm, rec + REC_PARKING, parking)
+            _I.pack_into(self._mm, rec + REC_HOLDER_PID, pid)
+            _q.pack_into(self._mm, rec + REC_LEASE_START, now)
+            self.add(self._leases_off + 8, 1)
+            self.add(self._leases_off + 16, now - since)
+        elif got == Q_TIMEOUT_PASSED:
+            self.add(self._leases_off + 32, 1)
+        return got, now - since
+
+    def cancel_waiters(self, holder: int) -> int:
+        n = 0
+        for k in range(QR):
+            off = self._q + Q_RING + k * Q_ENTRY
+            e = int(_Q.unpack_from(self._mm, off)[0])
+            if e & 0xFF != QE_WAITING or (holder and (e >> 8) & 0xFFFFFFFF != holder):
+                continue
+            _Q.pack_into(self._mm, off, (e & ~0xFFFFFFFFFF) | QE_CANCELLED)
+            n += 1
+        return n
+
+    def waiting(self) -> int:
+        _e, head = self._first()
+        return max(0, self._qget(Q_TAIL) - head)
+
+    def skip(self, ticket: int) -> bool:
+        if (
+            self._qget(Q_HEAD) != ticket
+            or self._qget(Q_TAIL) <= ticket
+            or self._published(self._entry(ticket), ticket)
+        ):
+            return False
+        _Q.pack_into(self._mm, self._entry_off(ticket), entry(QE_CANCELLED, 0, ticket))
+        self._qset(Q_HEAD, ticket + 1)
+        return True
 
     def close(self) -> None:
         pass

@@ -41,6 +41,7 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
+from .. import errors
 from ..shm import WAIT_BOUNDS_NS, Table
 from ..wire import control
 from ..wire.states import TRANSITIONS, CloseReason, SlotState, check_transition
@@ -195,11 +196,11 @@ class Pool(TableMirror, Upkeep, SharedSlots, _PoolBase):
                 counter="unavailable",
             )
             return
-        if self._max_waiting and len(self.waiters) >= self._max_waiting:
+        if self._max_waiting and (queued := len(self.waiters) + self.table_waiting()) >= self._max_waiting:
             self._deny(
                 w,
                 control.DenyCode.TOO_MANY,
-                f"{len(self.waiters)} requests already wait for a backend (--max-waiting "
+                f"{queued} requests already wait for a backend (--max-waiting "
                 f"{self.config.max_waiting}); try again later, or raise --max-waiting/--max-size",
                 counter="too_many",
             )
@@ -294,8 +295,7 @@ class Pool(TableMirror, Upkeep, SharedSlots, _PoolBase):
                 self._deny(
                     w,
                     control.DenyCode.TIMEOUT,
-                    f"no backend free within {timeout:g}s (--wait-timeout; all "
-                    f"{self.config.max_size} of --max-size are in use){detail}",
+                    errors.wait_timeout_message(timeout, self.config.max_size) + detail,
                     counter="timeouts",
                 )
             except Exception:

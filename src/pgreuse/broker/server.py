@@ -194,6 +194,7 @@ class Broker:
                 user=self.target.user,
                 claims=slots.ATOMIC,
             )
+            self.table.set_wait_limits(cfg.wait_timeout, cfg.max_waiting)
         except BaseException as exc:
             self._close_listeners()
             if isinstance(exc, OSError):
@@ -696,7 +697,7 @@ class Broker:
                 else:
                     self._spawn(self._welcome_when_known(client))
             case control.Poke():
-                self.pool.take_back_for_waiters()
+                self.pool.poked()
             case control.Release(slot, generation, outcome):
                 self.pool.worker_release(client, slot, generation, outcome)
             case control.Want(slot):

@@ -11,6 +11,13 @@ same compare-and-swap (:meth:`SharedSlots._own`): to lend it to a proxy client, 
 a worker's dirty end, to close it when its holder died, its lease ran over ``--max-lease-time``, or
 PostgreSQL hung up on it.
 
+When no slot is idle, a worker's transaction waits in the table's queue (``slots.Q_*``), and a slot
+a worker gives back goes straight to the first waiter there: the broker is not on that path either.
+Its part is to share its own idle backends with that queue at once (:meth:`SharedSlots.share_idle`
+hands each to the first waiter), to cancel the waits of a worker that died (or all of them when it
+pauses or shuts down: they go through the proxy then), and to publish when its own proxy's oldest
+waiter queued, so a worker that frees a slot serves whichever queue waited longer.
+
 Every worker process holds a copy of every shared backend's socket (sent with ``Fd`` when its
 control channel opens and for each new generation), so closing the broker's copy ends nothing:
 :meth:`Pool._close` ends a backend with ``shutdown()``, which reaches every copy.
@@ -37,6 +44,7 @@ logger = logging.getLogger("pgreuse.broker")
 SHARE_LAG = 0.001
 _RDHUP = getattr(select, "POLLRDHUP", 0x2000)
 _SHARED, _IDLE, _LENT = SlotState.SHARED, SlotState.IDLE, SlotState.LENT
+STUCK_TICKET = 1.0  # seconds the queue's head may stand on a ticket nobody published
 MAX_FD_BACKLOG = 64  # Fd messages owed to a worker that reads nothing: later ones it asks for
 
 
@@ -52,6 +60,7 @@ class SharedSlots(PoolFields):
         self.shared: list[Backend] = []
         self._leases_seen: dict[int, int] = {}  # slot -> its lease count at the last share_idle
         self.workers: set[Client] = set()
+        self._stuck_head = (-1, 0)  # (the queue's head, since when): see _skip_unpublished_ticket
 
     @property
     def sharing(self) -> bool:
@@ -70,26 +79,50 @@ class SharedSlots(PoolFields):
     def share_idle(self) -> None:
         """Share the backends of the idle stack that the proxy did not lend since the last call
         (a flush, every :data:`SHARE_LAG` while there are some): a proxy under load keeps its
-        backends, and a backend the proxy no longer needs goes to the workers."""
+        backends, and a backend the proxy no longer needs goes to the workers. Workers waiting in
+        the table get them at once."""
         if not self.sharing or self.waiters:
             return
+        words = self.table.slots
+        assert words is not None
+        queued = self.table_waiting() > 0
         kept = []
         while self.idle:
             b = self.idle.pop()
-            if self._leases_seen.get(b.index, 0) != b.leases:
+            if self._leases_seen.get(b.index, 0) != b.leases and not queued:
                 self._leases_seen[b.index] = b.leases  # lent since: look again next time
                 kept.append(b)
                 continue
+            self._leases_seen[b.index] = b.leases
             self._unwatch(b)  # a worker may use the socket from now on
             self._transition(b, _SHARED, "shared", publish=False)
             # The whole record first (it may lag, see TABLE_LAG), then the word that lets workers in.
             self.table.write_slot_values(b.index, _IDLE, b.close_reason, b.dirty, b.generation, b.pid,
                                          0, 0, b.leases, b.use_ns, b.opened_at)  # fmt: skip
-            self.table.slots.store(b.index, slots.make(_IDLE, b.generation, slots.NOBODY))  # type: ignore[union-attr]
+            words.hand_over(b.index, slots.make(_IDLE, b.generation, slots.BROKER))
             self.shared.append(b)
         if kept:
             self.idle.extend(reversed(kept))  # (the same order: a stack)
             self._flush_soon()
+
+    def poked(self) -> None:
+        """A worker gave a slot back while the proxy has waiters, or queued in the table while
+        the pool has room to grow."""
+        self.take_back_for_waiters()
+        self.grow_for_table()
+
+    def grow_for_table(self) -> None:
+        """Workers wait in the table's queue: open backends for them, up to --max-size (each goes
+        to the first of them when the broker shares it)."""
+        if not self.claims or self.closing or time.monotonic() < self._retry_at:
+            return
+        need = self.table_waiting() - self._count(SlotState.CONNECTING) - len(self.idle)
+        while need > 0 and self._open_one():
+            need -= 1
+
+    def table_waiting(self) -> int:
+        """Workers waiting in the table's queue now (or about to)."""
+        return self.table.slots.waiting() if self.claims else 0  # type: ignore[union-attr]
 
     def _own(self, b: Backend, word: int) -> bool:
         """Take shared slot ``b`` back if its word is still ``word``; its holder becomes the broker.
@@ -130,12 +163,20 @@ class SharedSlots(PoolFields):
     def publish_pending(self) -> None:
         """The proxy's queue length, at once: a worker that sees it claims nothing (FIFO), and one
         that gives a slot back while it is not 0 pokes the broker. While the pool is paused or
-        closing, :data:`shm.CLOSED_GATE` is added: nobody claims, everything queues in the proxy."""
+        closing, or PostgreSQL cannot be reached and no backend is left, :data:`shm.CLOSED_GATE`
+        is added and the table's waiters are cancelled: nobody claims or waits in the table,
+        everything goes through the proxy (which queues it, or says why it cannot)."""
         n = len(self.waiters)
-        if self.paused or self.closing:
+        if self.paused or self.closing or (self.last_connect_error and not self._alive()):
+            # (PostgreSQL unreachable with no backend left: the proxy gives the reason at once)
             n += CLOSED_GATE
         if self.claims:
+            self.table.set_proxy_oldest(self.waiters[0].enqueued_ns if self.waiters else 0)
             self.table.set_pending(n)
+            if n >= CLOSED_GATE:
+                # The table's waiters go through the proxy too (it queues them while paused, and
+                # refuses them while closing).
+                self.table.slots.cancel_waiters(0)  # type: ignore[union-attr]
         else:
             self.table.set("pending", n)
 
@@ -215,6 +256,9 @@ class SharedSlots(PoolFields):
         holder = getattr(client, "holder", 0)
         if holder < slots.FIRST_WORKER:
             return
+        # Its waits first: nobody grants it a slot from now on (a grant that came first is among
+        # its held slots below, or the janitor's, see tick_shared).
+        self.table.slots.cancel_waiters(holder)  # type: ignore[union-attr]
         for b in list(self.shared):
             word = slots.make(_LENT, b.generation, holder)
             if self._own(b, word):
@@ -253,9 +297,19 @@ class SharedSlots(PoolFields):
     def tick_shared(self, now_ns: int) -> None:
         """The janitor's part for shared slots: overdue leases, backends PostgreSQL hung up on."""
         limit_ns = int(self.config.max_lease_time * 1e9)
+        live = {getattr(c, "holder", 0) for c in self.workers}
+        self._skip_unpublished_ticket(now_ns)
         for b in list(self.shared):
             word = self.table.word(b.index)
             lent = slots.state_of(word) is _LENT
+            holder = slots.holder_of(word)
+            if lent and holder >= slots.FIRST_WORKER and holder not in live and self._own(b, word):
+                # Granted from the table's queue to a worker that died as it was handed over.
+                logger.warning("slot %d: its holder went away holding backend pid %d; closing it",
+                               b.index, b.pid)  # fmt: skip
+                self._count_worker_lease(b)
+                self._close(b, CloseReason.HOLDER_EXITED, graceful=False)
+                continue
             if lent and limit_ns:
                 _parking, holder_pid, started = self.table.holder_fields(b.index)
                 if started and now_ns - started > limit_ns and self._own(b, word):
@@ -280,6 +334,21 @@ class SharedSlots(PoolFields):
                             graceful=False)  # fmt: skip
         if self.waiters:
             self.take_back_for_waiters()  # a poke lost to a full channel costs one tick at most
+        self.grow_for_table()
+
+    def _skip_unpublished_ticket(self, now_ns: int) -> None:
+        """A ticket taken but never published (its process died between the two steps) would stop
+        the table's queue: once the head has stood on one for :data:`STUCK_TICKET`, skip it."""
+        head, tail = self.table.queue_tickets()
+        if tail <= head:
+            self._stuck_head = (-1, 0)
+            return
+        seen, since = self._stuck_head
+        if seen != head:
+            self._stuck_head = (head, now_ns)
+        elif now_ns - since > STUCK_TICKET * 1e9 and self.table.slots.skip(head):  # type: ignore[union-attr]
+            logger.warning("the table's wait queue stood on ticket %d for %.1fs: skipped it", head,
+                           (now_ns - since) / 1e9)  # fmt: skip
 
     def close_shared(self, *, force: bool) -> bool:
         """Shutdown: close the shared backends nobody holds (``force``: held ones too). True when

@@ -157,9 +157,14 @@ class ChannelBase:
 
     # -- claims -----------------------------------------------------------------------------------
 
-    def claim_into(self, parking: int, fd_number: int) -> tuple[int, int, int] | None:
-        """Claim an idle slot and ``dup2`` its socket onto ``fd_number``: ``(slot, generation,
-        backend_pid)``, or ``None`` when the transaction should go through the proxy."""
+    # A sync connection's thread may wait in the table's queue (the C wait lets go of the GIL); an
+    # event loop must not block, so an async connection's transaction goes through the proxy.
+    waits_in_table = False
+
+    def claim_into(self, parking: int, fd_number: int) -> tuple[int, int, int, int] | None:
+        """Claim an idle slot, or wait in the table's queue for one, and ``dup2`` its socket onto
+        ``fd_number``: ``(slot, generation, backend_pid, waited ns)``, or ``None`` when the
+        transaction should go through the proxy."""
         table = self.table
         if table is None or table.slots is None or self.dead:
             return None
@@ -179,7 +184,7 @@ class ChannelBase:
                 if got < 0:
                     if got <= -3:
                         self._want(-3 - got)
-                    return None
+                    break
                 fd, gen = self._fds[got], self._gens[got]
                 fresh = time.monotonic_ns() - self._given_back[got] < CHECK_AFTER_NS
                 seen = 0 if fresh else slots.check(fd, self.sock.fileno())
@@ -187,29 +192,74 @@ class ChannelBase:
                     self._drain_locked()  # new fds, or the broker's end
                     if self.dead:
                         # The broker died: this table and its backends are not ours to use.
-                        words.release(got, self.holder, gen)
+                        words.release(got, self.holder, gen, 0)
                         return None
                 if seen & slots.BACKEND_UNFIT:
                     # PostgreSQL ended that session while it sat idle in the table (a restart, a
                     # terminate): the broker replaces it; this transaction tries another slot.
                     self.report(got, self._full[got], control.Outcome.BROKEN)
                     continue
-                try:
-                    os.dup2(fd, fd_number, inheritable=False)
-                except BaseException:
-                    # Nothing was sent on it: it goes back as it was.
-                    words.release(got, self.holder, gen)
-                    raise
-                return got, self._full[got], self._pids[got]
-            return None
+                return self._swap_in(words, got, fd_number, 0)
+            else:
+                return None
+        if got == slots.NONE_IDLE and self.waits_in_table:
+            return self._wait_turn(words, parking, fd_number)
+        return None
 
-    def give_back(self, slot: int, generation: int) -> None:
-        """A clean end: the slot goes back idle in the table; the broker hears of it only when its
-        proxy has waiters (they get the slot now)."""
+    def _swap_in(
+        self, words: slots.SlotsAPI, got: int, fd_number: int, waited_ns: int
+    ) -> tuple[int, int, int, int]:
+        try:
+            os.dup2(self._fds[got], fd_number, inheritable=False)
+        except BaseException:
+            # Nothing was sent on it: it goes back as it was.
+            words.release(got, self.holder, self._gens[got], 0)
+            raise
+        return got, self._full[got], self._pids[got], waited_ns
+
+    def _wait_turn(
+        self, words: slots.SlotsAPI, parking: int, fd_number: int
+    ) -> tuple[int, int, int, int] | None:
+        """Wait in the table's queue (FIFO) until a worker that frees a slot hands it here: no
+        broker in between. ``None``: the queue is full or the broker cancelled the wait (pause,
+        shutdown): the proxy takes the transaction."""
+        while True:
+            ticket = words.enqueue(self.holder)
+            if ticket < 0:
+                return None
+            words.rescue(self.holder)  # a slot freed as this ticket was published
+            if self.table is not None and self.table.room_to_grow():
+                # The broker opens backends for the table's waiters when it hears of them.
+                with contextlib.suppress(errors.BrokerUnavailable):
+                    self._try_send(_POKE)
+            got, waited_ns = words.wait(ticket, self.holder, parking, self.pid, self.sock.fileno())
+            if got == slots.Q_TIMEOUT_PASSED:
+                limit = self.table.wait_limit() if self.table is not None else waited_ns / 1e9
+                raise errors.PoolTimeout(errors.wait_timeout_message(limit, self.max_size))
+            if got == slots.Q_CONTROL:
+                with self._lock:
+                    self._drain_locked()  # a new fd, or the broker's end
+                if self.dead:
+                    return None
+                continue
+            if got < 0:
+                return None
+            with self._lock:
+                if self._gens[got] != slots.gen_of(words.load(got)):
+                    # A backend newer than the fd this process holds: on to the next waiter.
+                    words.release(got, self.holder, slots.gen_of(words.load(got)), 0)
+                    self._want(got)
+                    return None
+                return self._swap_in(words, got, fd_number, waited_ns)
+
+    def give_back(self, slot: int, generation: int, bucket: int = 0) -> None:
+        """A clean end: the slot goes to the first worker waiting in the table, or back idle; the
+        broker hears of it only when its proxy has waiters (they get the slot now). ``bucket``:
+        the lease's wait in the histogram."""
         table = self.table
         if table is None or table.slots is None:
             return
-        pending = table.slots.release(slot, self.holder, generation & slots.GEN_MASK)
+        pending = table.slots.release(slot, self.holder, generation & slots.GEN_MASK, bucket)
         self._given_back[slot] = time.monotonic_ns()
         if pending > 0 and not self._dead:
             # Never waited for: a poke the full socket cannot take now is dropped, and the broker's
@@ -228,6 +278,12 @@ class ChannelBase:
         """The next statement of parking connection ``parking`` goes through the proxy and leaves
         session state: the broker resets that backend before lending it again."""
         self._send(control.Dirty(parking))
+
+    def notice_end(self) -> None:
+        """Read what waits on the channel (an fd, or the broker's end) without blocking."""
+        if select.select([self.sock], [], [], 0)[0]:
+            with self._lock:
+                self._drain_locked()
 
     def _want(self, slot: int) -> None:
         word = self.table.word(slot) if self.table is not None else 0
@@ -343,6 +399,8 @@ class ChannelBase:
 class Channel(ChannelBase):
     """The channel of :class:`pgreuse.Connection` (any thread)."""
 
+    waits_in_table = True
+
     def _stuck(self) -> None:
         # A thread may wait: a Release that sat in the outbox while this process went quiet would
         # keep its backend out of the pool.
@@ -448,6 +506,8 @@ def channel_for(path: str) -> Channel:
     key = (os.getpid(), path)
     with _channels_lock:
         ch = _channels.get(key)
+        if ch is not None and not ch.dead:
+            ch.notice_end()  # (a broker that restarted since: its channel ended unread)
         if ch is None or ch.dead:
             if ch is not None:
                 ch.close()

@@ -11,6 +11,7 @@ session parameters.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import enum
 import logging
@@ -26,6 +27,7 @@ from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict
 
 from .. import errors, telemetry
+from ..shm import WAIT_BOUNDS_NS
 from ..wire import control
 from .channel import ChannelBase
 from .guard import WITH_HOLD_REFUSED, broker_socket_dir_and_port, check_prepare_threshold, guarded
@@ -59,7 +61,7 @@ class Lease:
     slot: int
     generation: int
     backend_pid: int  # the real PostgreSQL backend pid; conn.info.backend_pid is the parking key
-    waited: float  # seconds spent waiting for it (0: a claim never waits)
+    waited: float  # seconds it waited in the table's queue (0: it found one idle)
     started: float  # time.monotonic() when claimed
 
 
@@ -72,12 +74,13 @@ class _Held:
     backend_pid: int
     started: float
     fd_number: int  # libpq's socket fd, now pointing at the backend
+    waited: float = 0.0  # seconds in the table's queue (telemetry.LeaseInfo); 0 for a claim
+    bucket: int = 0  # the wait's bucket in the table's histogram
     span: telemetry.LeaseSpan | None = None
-    waited = 0.0  # a claim never waits (telemetry.LeaseInfo)
 
     @property
     def lease(self) -> Lease:
-        return Lease(self.slot, self.generation, self.backend_pid, 0.0, self.started)
+        return Lease(self.slot, self.generation, self.backend_pid, self.waited, self.started)
 
 
 class AfterWait(enum.Enum):
@@ -243,12 +246,19 @@ class LeaseCore:
         return bool(self.pgconn.status == pq.ConnStatus.OK)
 
     def _claim(self) -> None:
-        """Claim an idle slot for this transaction (DESIGN.md §4), or let it go through the proxy:
-        TLS backends (rule 10), nothing idle, or the proxy has waiters, who go first."""
+        """Claim an idle slot for this transaction (DESIGN.md §4), or wait in the table for one
+        (sync connections), or let it go through the proxy: TLS backends (rule 10), the proxy has
+        waiters (who go first), the table's queue is full, or an asyncio connection found nothing
+        idle."""
         channel = self._channel
         assert channel is not None
         fd_number = self.pgconn.socket
-        got = channel.claim_into(self.pgconn.backend_pid, fd_number) if channel.claims else None
+        try:
+            got = channel.claim_into(self.pgconn.backend_pid, fd_number) if channel.claims else None
+        except errors.PoolTimeout as exc:
+            limit = channel.table.wait_limit() if channel.table is not None else 0.0
+            telemetry.lease_denied(self._telemetry(), exc, limit)
+            raise
         if channel.dead:
             # The broker that parked this connection is gone (its channel ended): it can never
             # lease again, and its parking socket is dead too.
@@ -263,8 +273,11 @@ class LeaseCore:
                 self._session_dirty = False
                 channel.dirty(self.pgconn.backend_pid)
             return
-        slot, generation, backend_pid = got
+        slot, generation, backend_pid, waited_ns = got
         held = _Held(slot, generation, backend_pid, time.monotonic(), fd_number)
+        if waited_ns:
+            held.waited = waited_ns / 1e9
+            held.bucket = bisect.bisect_left(WAIT_BOUNDS_NS, waited_ns)
         held.span = telemetry.lease_granted(self._telemetry(), held)
         self._held = held
 
@@ -372,7 +385,7 @@ class LeaseCore:
             # the broker runs DISCARD ALL before lending it again
             channel.report(lease.slot, lease.generation, control.Outcome.DIRTY)
         else:
-            channel.give_back(lease.slot, lease.generation)
+            channel.give_back(lease.slot, lease.generation, lease.bucket)
         telemetry.lease_released(self._telemetry(), lease, held.span, broken=broken, dirty=dirty)
 
     def _proxied_over(self, refused: BaseException | None) -> None:
