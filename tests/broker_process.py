@@ -16,8 +16,9 @@ from psycopg.rows import dict_row
 
 import pgreuse
 from pgreuse.client.channel import broker_accepts
-from pgreuse.shm import Snapshot, Table, TableError, table_path
+from pgreuse.shm import Table, TableError, table_path
 from pgreuse.slots import ATOMIC, NOBODY
+from pgreuse.snapshot import Snapshot
 from pgreuse.wire.states import SlotState
 
 

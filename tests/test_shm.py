@@ -7,7 +7,8 @@ import struct
 
 import pytest
 
-from pgreuse.shm import LAYOUT_VERSION, Table, TableError, histogram_quantile, table_path
+from pgreuse.shm import LAYOUT_VERSION, Table, TableError, table_path
+from pgreuse.snapshot import histogram_quantile
 from pgreuse.wire.states import CloseReason, SlotState
 
 

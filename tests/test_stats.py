@@ -18,7 +18,8 @@ import pytest
 import pgreuse.__main__ as cli
 from broker_process import broker, make_broker  # noqa: F401 - fixtures
 from pgreuse import stats
-from pgreuse.shm import COUNTERS, WAIT_BUCKETS, SlotRecord, Snapshot, table_path
+from pgreuse.shm import COUNTERS, table_path
+from pgreuse.snapshot import WAIT_BUCKETS, SlotRecord, Snapshot
 from pgreuse.wire.states import CloseReason, SlotState
 
 NOW_NS = 5_000_000_000_000

@@ -2,7 +2,8 @@
  * pgreuse._slots: the slot words of a mapped shared-memory table (see _slotword.h), for workers
  * (claim and release a backend with one compare-and-swap) and the broker (share, take back, revoke).
  *
- * Slots(table_buffer, slots_off, slot_size, n, pending_off, leases_off, use_ns_off, hist0_off)
+ * Slots(table_buffer, slots_off, slot_size, n, pending_off, leases_off, use_ns_off, hist0_off,
+ * queue_off)
  * keeps the table's buffer exported (the mmap cannot be closed or resized under it) until close().
  * The Python reference of what is not a bare atomic is pgreuse.slots.PySlots; the differential test
  * (tests/test_slots.py) runs both on the same scripts.
@@ -10,45 +11,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "_slotqueue.h"
-
-typedef struct {
-    PyObject_HEAD
-    Py_buffer view;
-    int has_view;
-    char *base;
-    Py_ssize_t slots_off, slot_size, n, pending_off, leases_off, use_ns_off, hist0_off, queue_off;
-    sq_table t;
-} SlotsObject;
-
-#define CLOSED_GATE (1ull << 32) /* shm.CLOSED_GATE: in ``pending`` while paused or closing */
-#define N_BUCKETS 17             /* shm.WAIT_BUCKETS and its open-ended bucket */
-
-static uint64_t *
-word_at(SlotsObject *self, Py_ssize_t off)
-{
-    return (uint64_t *)(self->base + off);
-}
-
-static char *
-record(SlotsObject *self, Py_ssize_t i)
-{
-    return self->base + self->slots_off + i * self->slot_size;
-}
-
-static int
-check(SlotsObject *self, Py_ssize_t i)
-{
-    if (!self->has_view) {
-        PyErr_SetString(PyExc_ValueError, "the slot table is closed");
-        return -1;
-    }
-    if (i < 0 || i >= self->n) {
-        PyErr_Format(PyExc_IndexError, "slot %zd does not exist (the table has %zd)", i, self->n);
-        return -1;
-    }
-    return 0;
-}
+#include "_slotsobj.h"
 
 static int
 Slots_init(SlotsObject *self, PyObject *args, PyObject *kwds)
@@ -321,148 +284,6 @@ Slots_release(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
     }
     return PyLong_FromLong(sq_hand_over(&self->t, i, lent) < 0 ? -1 : 0);
-}
-
-/* hand_over(index, owned) -> holder: slot ``index`` (whose word the caller owns as ``owned``) goes
- * to the first worker waiting in the table (its holder id), else back to IDLE (0); -1 if the word
- * was not ``owned``. */
-static PyObject *
-Slots_hand_over(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    Py_ssize_t i;
-    unsigned long long owned;
-
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "hand_over(index, owned)");
-        return NULL;
-    }
-    i = PyLong_AsSsize_t(args[0]);
-    owned = PyLong_AsUnsignedLongLong(args[1]);
-    if (PyErr_Occurred() || check(self, i) < 0)
-        return NULL;
-    return PyLong_FromLongLong(sq_hand_over(&self->t, i, owned));
-}
-
-static int
-worker_holder(SlotsObject *self, PyObject *arg, unsigned long *holder)
-{
-    *holder = PyLong_AsUnsignedLong(arg);
-    if (PyErr_Occurred())
-        return -1;
-    if (!self->has_view) {
-        PyErr_SetString(PyExc_ValueError, "the slot table is closed");
-        return -1;
-    }
-    if (*holder < 2 || *holder > 0xFFFFFFFFul) {
-        PyErr_Format(PyExc_ValueError, "holder id %lu is not a worker's", *holder);
-        return -1;
-    }
-    return 0;
-}
-
-/* enqueue(holder) -> ticket (>= 0), -1 (full: go through the proxy) or -2 (cancelled) */
-static PyObject *
-Slots_enqueue(SlotsObject *self, PyObject *arg)
-{
-    unsigned long holder;
-    if (worker_holder(self, arg, &holder) < 0)
-        return NULL;
-    return PyLong_FromLongLong(sq_enqueue(&self->t, (uint32_t)holder, sw_now_ns()));
-}
-
-/* rescue(holder): hand the idle slots to the first waiters (after enqueue) */
-static PyObject *
-Slots_rescue(SlotsObject *self, PyObject *arg)
-{
-    unsigned long holder;
-    if (worker_holder(self, arg, &holder) < 0)
-        return NULL;
-    sq_rescue(&self->t, (uint32_t)holder);
-    Py_RETURN_NONE;
-}
-
-/* wait(ticket, holder, parking, pid, control_fd) -> (slot or a negative code, waited ns). Blocks
- * without the GIL until the ticket is granted, cancelled or times out (--wait-timeout from the
- * table). The winner writes its parking key, pid and lease start, and counts its wait; a timeout
- * is counted too. */
-static PyObject *
-Slots_wait(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    unsigned long holder, parking, pid;
-    long long ticket;
-    long control_fd;
-    int64_t got, since, deadline, now;
-    char *rec;
-
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "wait(ticket, holder, parking, pid, control_fd)");
-        return NULL;
-    }
-    if (worker_holder(self, args[1], &holder) < 0)
-        return NULL;
-    ticket = PyLong_AsLongLong(args[0]);
-    parking = PyLong_AsUnsignedLong(args[2]);
-    pid = PyLong_AsUnsignedLong(args[3]);
-    control_fd = PyLong_AsLong(args[4]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (ticket < 0)
-        return PyErr_Format(PyExc_ValueError, "ticket %lld is not a ticket", ticket);
-    since = (int64_t)sw_load(sq_entry(&self->t, (uint64_t)ticket) + 1);
-    deadline = since + (int64_t)sw_load(sq_q(&self->t, Q_TIMEOUT));
-    Py_BEGIN_ALLOW_THREADS
-    got = sq_wait(&self->t, (uint64_t)ticket, (uint32_t)holder, deadline, (int)control_fd);
-    Py_END_ALLOW_THREADS
-    now = sw_now_ns();
-    if (got >= 0) {
-        rec = record(self, (Py_ssize_t)got);
-        *(uint32_t *)(rec + REC_PARKING) = (uint32_t)parking;
-        *(uint32_t *)(rec + REC_HOLDER_PID) = (uint32_t)pid;
-        *(int64_t *)(rec + REC_LEASE_START) = now;
-        sw_add(word_at(self, self->leases_off + 8), 1);                         /* waits */
-        sw_add(word_at(self, self->leases_off + 16), (uint64_t)(now - since)); /* wait_ns */
-    } else if (got == SQ_TIMEOUT) {
-        sw_add(word_at(self, self->leases_off + 32), 1); /* timeouts */
-    }
-    return Py_BuildValue("(LL)", (long long)got, (long long)(now - since));
-}
-
-/* cancel_waiters(holder) -> n: cancel (and wake) every waiter of the table (holder 0) or one
- * holder's */
-static PyObject *
-Slots_cancel_waiters(SlotsObject *self, PyObject *arg)
-{
-    unsigned long holder = PyLong_AsUnsignedLong(arg);
-    if (PyErr_Occurred())
-        return NULL;
-    if (!self->has_view)
-        return PyErr_Format(PyExc_ValueError, "the slot table is closed");
-    return PyLong_FromLong(sq_cancel_all(&self->t, (uint32_t)holder));
-}
-
-/* waiting() -> n: workers waiting in the queue now, or about to (tickets taken, from the first
- * still waiting) */
-static PyObject *
-Slots_waiting(SlotsObject *self, PyObject *unused)
-{
-    uint64_t head;
-    if (!self->has_view)
-        return PyErr_Format(PyExc_ValueError, "the slot table is closed");
-    if (!sq_first(&self->t, &head))
-        head = sw_load(sq_q(&self->t, Q_HEAD));
-    return PyLong_FromUnsignedLongLong(sw_load(sq_q(&self->t, Q_TAIL)) - head);
-}
-
-/* skip(ticket) -> bool: the janitor's way past a ticket whose process died before publishing it */
-static PyObject *
-Slots_skip(SlotsObject *self, PyObject *arg)
-{
-    unsigned long long ticket = PyLong_AsUnsignedLongLong(arg);
-    if (PyErr_Occurred())
-        return NULL;
-    if (!self->has_view)
-        return PyErr_Format(PyExc_ValueError, "the slot table is closed");
-    return PyBool_FromLong(sq_skip(&self->t, ticket));
 }
 
 /* check(backend_fd, control_fd) -> int: one poll() with no wait, before a claimed backend is used.

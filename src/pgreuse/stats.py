@@ -1,4 +1,4 @@
-"""What ``python -m pgreuse stats`` shows: pure functions of a :class:`~pgreuse.shm.Snapshot`.
+"""What ``python -m pgreuse stats`` shows: pure functions of a :class:`~pgreuse.snapshot.Snapshot`.
 
 :func:`summarize` turns a snapshot into plain data (the ``--json`` output, stable keys); :func:`render`
 turns the same data into the text table. Neither reads a clock, a file or a process: the caller passes
@@ -17,7 +17,8 @@ from typing import Any
 
 import attrs
 
-from .shm import COUNTERS, WAIT_BUCKETS, Snapshot, histogram_quantile
+from .shm import COUNTERS
+from .snapshot import WAIT_BUCKETS, Snapshot, histogram_quantile
 from .wire.states import SlotState
 
 QUANTILES = (0.5, 0.9, 0.99)

@@ -44,7 +44,8 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.trace import Span, Status, StatusCode, Tracer
 
 from . import errors
-from .shm import WAIT_BUCKETS, Snapshot, Table, TableError, table_path
+from .shm import Table, TableError, table_path
+from .snapshot import WAIT_BUCKETS, Snapshot
 from .wire.states import SlotState
 
 # -- names (OpenTelemetry database semantic conventions, connection pools) -------------------------

@@ -11,7 +11,7 @@ import pytest
 
 import pgreuse
 from broker_process import BrokerProcess, needs_claims
-from pgreuse.client.channel import CHECK_AFTER_NS
+from pgreuse.client.claims import CHECK_AFTER_NS
 from pgreuse.wire.states import SlotState
 
 

@@ -1,16 +1,14 @@
 """The worker side of the control channel: one per process and broker, shared by all its connections.
 
-A worker never waits on this channel for a backend (DESIGN.md §4). It claims an idle slot in the
-shared-memory table with one compare-and-swap (:meth:`ChannelBase.claim_into`), with the holder id
-the broker gave this channel, and swaps the slot's socket, which it already holds, onto libpq's fd
-number; or, when nothing is idle or the broker's proxy has waiters, it claims nothing and the
-transaction goes through the proxy on its parking connection.
+A worker never waits on this channel for a backend (DESIGN.md §4): it claims slots in the
+shared-memory table, or waits for one there (``claims.py``), with the holder id the broker gave this
+channel in its ``Welcome``.
 
 The broker sends every open slot's fd when the channel opens and each new generation's fd later
 (``Fd`` messages). Nothing reads the channel in the background: a claim that finds an idle slot whose
-generation it has no fd for reads what has arrived (:meth:`ChannelBase.drain`), and asks for the fd
-once (``Want``) if it is still missing. What a worker tells the broker (a dirty or broken end, a
-poke, a proxied statement that leaves session state) are small packets sent without blocking; one
+generation it has no fd for reads what has arrived (:meth:`ChannelBase._drain_locked`), and asks for
+the fd once (``Want``) if it is still missing. What a worker tells the broker (a dirty or broken end,
+a poke, a proxied statement that leaves session state) are small packets sent without blocking; one
 the socket cannot take now waits in an outbox, sent before the next one.
 """
 
@@ -29,20 +27,17 @@ import weakref
 from .. import errors, shm, slots
 from ..credentials import peer_credentials, trusted_uids
 from ..wire import control
+from .claims import TableClaims
 
 HELLO_TIMEOUT = 10.0
-# A claimed backend this process gave back less than this long ago is used without a look at its
-# socket (and at the control channel): it was fine then. Older ones are checked first, one poll()
-# for both: PostgreSQL may have ended the session meanwhile, or the broker may have died.
-CHECK_AFTER_NS = 10_000_000
 _FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)  # room for a few fds: extra ones are closed
 MAX_OUTBOX = 10_000  # packets a broker that reads nothing may owe us before the channel is given up
-_POKE = control.encode(control.Poke())
 SEND_TIMEOUT = 30.0  # a broker that reads nothing from a (sync) worker for this long is wedged
 
 
-class ChannelBase:
-    """Socket set-up, the fd cache and claims, without any waiting."""
+class ChannelBase(TableClaims):
+    """Socket set-up, the fd cache and the messages to the broker; claims come from
+    :class:`TableClaims`."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -143,130 +138,6 @@ class ChannelBase:
             self._open_table()
             self.holder = msg.holder if self.table is not None else 0
 
-    def _open_table(self) -> None:
-        sock_dir, name = os.path.split(self.path)
-        path = shm.table_path(sock_dir, int(name.rsplit(".", 1)[-1]))
-        try:
-            table = shm.Table.open(path, writable=True)
-        except (OSError, shm.TableError):
-            return  # no claims: every transaction goes through the proxy
-        if table.broker_pid != self.broker_pid or not table.claims or table.max_size != self.max_size:
-            table.close()  # a table left by another broker, or one without atomics
-            return
-        self.table = table
-
-    # -- claims -----------------------------------------------------------------------------------
-
-    # A sync connection's thread may wait in the table's queue (the C wait lets go of the GIL); an
-    # event loop must not block, so an async connection's transaction goes through the proxy.
-    waits_in_table = False
-
-    def claim_into(self, parking: int, fd_number: int) -> tuple[int, int, int, int] | None:
-        """Claim an idle slot, or wait in the table's queue for one, and ``dup2`` its socket onto
-        ``fd_number``: ``(slot, generation, backend_pid, waited ns)``, or ``None`` when the
-        transaction should go through the proxy."""
-        table = self.table
-        if table is None or table.slots is None or self.dead:
-            return None
-        if self._outbox:
-            self._flush()  # (a dirty or broken end the broker must hear of)
-        words = table.slots
-        claim = words.claim
-        with self._lock:
-            for _attempt in range(len(self._fds)):
-                got = claim(self.holder, self._start, self._gens, parking, self.pid)
-                if got <= -3:
-                    # An idle slot of a generation whose fd has not been read yet: read, retry.
-                    self._drain_locked()
-                    if self.dead:
-                        return None
-                    got = claim(self.holder, self._start, self._gens, parking, self.pid)
-                if got < 0:
-                    if got <= -3:
-                        self._want(-3 - got)
-                    break
-                fd, gen = self._fds[got], self._gens[got]
-                fresh = time.monotonic_ns() - self._given_back[got] < CHECK_AFTER_NS
-                seen = 0 if fresh else slots.check(fd, self.sock.fileno())
-                if seen & slots.CONTROL_READABLE:
-                    self._drain_locked()  # new fds, or the broker's end
-                    if self.dead:
-                        # The broker died: this table and its backends are not ours to use.
-                        words.release(got, self.holder, gen, 0)
-                        return None
-                if seen & slots.BACKEND_UNFIT:
-                    # PostgreSQL ended that session while it sat idle in the table (a restart, a
-                    # terminate): the broker replaces it; this transaction tries another slot.
-                    self.report(got, self._full[got], control.Outcome.BROKEN)
-                    continue
-                return self._swap_in(words, got, fd_number, 0)
-            else:
-                return None
-        if got == slots.NONE_IDLE and self.waits_in_table:
-            return self._wait_turn(words, parking, fd_number)
-        return None
-
-    def _swap_in(
-        self, words: slots.SlotsAPI, got: int, fd_number: int, waited_ns: int
-    ) -> tuple[int, int, int, int]:
-        try:
-            os.dup2(self._fds[got], fd_number, inheritable=False)
-        except BaseException:
-            # Nothing was sent on it: it goes back as it was.
-            words.release(got, self.holder, self._gens[got], 0)
-            raise
-        return got, self._full[got], self._pids[got], waited_ns
-
-    def _wait_turn(
-        self, words: slots.SlotsAPI, parking: int, fd_number: int
-    ) -> tuple[int, int, int, int] | None:
-        """Wait in the table's queue (FIFO) until a worker that frees a slot hands it here: no
-        broker in between. ``None``: the queue is full or the broker cancelled the wait (pause,
-        shutdown): the proxy takes the transaction."""
-        while True:
-            ticket = words.enqueue(self.holder)
-            if ticket < 0:
-                return None
-            words.rescue(self.holder)  # a slot freed as this ticket was published
-            if self.table is not None and self.table.room_to_grow():
-                # The broker opens backends for the table's waiters when it hears of them.
-                with contextlib.suppress(errors.BrokerUnavailable):
-                    self._try_send(_POKE)
-            got, waited_ns = words.wait(ticket, self.holder, parking, self.pid, self.sock.fileno())
-            if got == slots.Q_TIMEOUT_PASSED:
-                limit = self.table.wait_limit() if self.table is not None else waited_ns / 1e9
-                raise errors.PoolTimeout(errors.wait_timeout_message(limit, self.max_size))
-            if got == slots.Q_CONTROL:
-                with self._lock:
-                    self._drain_locked()  # a new fd, or the broker's end
-                if self.dead:
-                    return None
-                continue
-            if got < 0:
-                return None
-            with self._lock:
-                if self._gens[got] != slots.gen_of(words.load(got)):
-                    # A backend newer than the fd this process holds: on to the next waiter.
-                    words.release(got, self.holder, slots.gen_of(words.load(got)), 0)
-                    self._want(got)
-                    return None
-                return self._swap_in(words, got, fd_number, waited_ns)
-
-    def give_back(self, slot: int, generation: int, bucket: int = 0) -> None:
-        """A clean end: the slot goes to the first worker waiting in the table, or back idle; the
-        broker hears of it only when its proxy has waiters (they get the slot now). ``bucket``:
-        the lease's wait in the histogram."""
-        table = self.table
-        if table is None or table.slots is None:
-            return
-        pending = table.slots.release(slot, self.holder, generation & slots.GEN_MASK, bucket)
-        self._given_back[slot] = time.monotonic_ns()
-        if pending > 0 and not self._dead:
-            # Never waited for: a poke the full socket cannot take now is dropped, and the broker's
-            # janitor hands idle shared slots to its waiters on its next tick anyway.
-            with contextlib.suppress(errors.BrokerUnavailable):
-                self._try_send(_POKE)
-
     def report(self, slot: int, generation: int, outcome: control.Outcome) -> None:
         """A dirty or broken end: the broker resets or replaces the backend (the slot stays ours
         in the table until it does)."""
@@ -284,14 +155,6 @@ class ChannelBase:
         if select.select([self.sock], [], [], 0)[0]:
             with self._lock:
                 self._drain_locked()
-
-    def _want(self, slot: int) -> None:
-        word = self.table.word(slot) if self.table is not None else 0
-        key = (slot, slots.gen_of(word))
-        if key not in self._wanted:
-            self._wanted.add(key)
-            with contextlib.suppress(errors.BrokerUnavailable):
-                self._send(control.Want(slot))
 
     # -- reading ----------------------------------------------------------------------------------
 

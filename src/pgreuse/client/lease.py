@@ -31,7 +31,8 @@ from ..shm import WAIT_BOUNDS_NS
 from ..wire import control
 from .channel import ChannelBase
 from .guard import WITH_HOLD_REFUSED, broker_socket_dir_and_port, check_prepare_threshold, guarded
-from .session import LISTEN_REFUSED, REPORTED_PARAMETERS, Verdict, changed_parameters, classify_sql
+from .session import LISTEN_REFUSED
+from .session_state import SessionState
 
 logger = logging.getLogger("pgreuse.client")
 
@@ -99,10 +100,7 @@ def _pid() -> int:
     return _pids[0]
 
 
-_REPORTED_RAW = tuple(name.encode() for name in REPORTED_PARAMETERS)
-
-
-class LeaseCore:
+class LeaseCore(SessionState):
     """Mixin for psycopg connection classes: the lease state and the swap."""
 
     if TYPE_CHECKING:
@@ -117,9 +115,6 @@ class LeaseCore:
     _proxying: bool = False  # the current transaction goes through the broker's proxy
     _proxy_span: telemetry.LeaseSpan | None = None
     _lease_timeout: float = DEFAULT_LEASE_TIMEOUT
-    _session_dirty: bool = False
-    _baseline: dict[str, str | None]
-    _baseline_raw: tuple[bytes | None, ...] = ()  # the same, as libpq reports them (compared per lease)
     _pool_telemetry: telemetry.PoolTelemetry | None = None
 
     def _init_lease(self) -> None:
@@ -404,60 +399,6 @@ class LeaseCore:
         if self._proxying:
             self._proxied_over(mapped)
         return mapped
-
-    def _take_dirty(self) -> bool:
-        dirty, self._session_dirty = self._session_dirty, False
-        return dirty
-
-    # -- session state (DESIGN.md §6) -------------------------------------------------------------
-
-    def _reported(self) -> dict[str, str | None]:
-        out: dict[str, str | None] = {}
-        for name in REPORTED_PARAMETERS:
-            value = self.pgconn.parameter_status(name.encode())
-            out[name] = value.decode() if value is not None else None
-        return out
-
-    def _reported_raw(self) -> tuple[bytes | None, ...]:
-        return tuple(map(self.pgconn.parameter_status, _REPORTED_RAW))
-
-    def _note_statement(self, query: bytes) -> None:
-        verdict = classify_sql(query)
-        if verdict is Verdict.DIRTY:
-            if self._proxying and self._channel is not None:
-                # Mid-way through a proxied transaction: tell the broker before the statement goes.
-                self._channel.dirty(self.pgconn.backend_pid)
-            else:
-                self._session_dirty = True  # the lease's end says it, or _claim if it proxies
-        elif verdict is Verdict.REFUSE:
-            raise errors.NotSupported(LISTEN_REFUSED)
-
-    def _restore_statements(self) -> list[sql.SQL | sql.Composed]:
-        """Statements that put back the reported parameters a statement changed (usually none).
-
-        They run while the backend is still leased, so PostgreSQL's ParameterStatus answers bring
-        libpq's cache (which psycopg's adapters read: TimeZone, DateStyle, client_encoding) back to
-        the values every backend of the pool has.
-        """
-        if self._reported_raw() == self._baseline_raw:
-            return []  # (the usual case, without decoding ten values)
-        changed = changed_parameters(self._baseline, self._reported())
-        if not changed:
-            return []
-        logger.debug("restoring session parameters %s after a lease", changed)
-        statements: list[sql.SQL | sql.Composed] = []
-        if "session_authorization" in changed or "is_superuser" in changed:
-            statements.append(sql.SQL("RESET SESSION AUTHORIZATION"))
-        settable = [n for n in changed if n not in ("session_authorization", "is_superuser")]
-        if settable:
-            calls = sql.SQL(", ").join(
-                sql.SQL("pg_catalog.set_config({}, {}, false)").format(
-                    sql.Literal(n), sql.Literal(self._baseline.get(n) or "")
-                )
-                for n in settable
-            )
-            statements.append(sql.SQL("SELECT {}").format(calls))
-        return statements
 
     # -- fork -------------------------------------------------------------------------------------
 

@@ -1,0 +1,60 @@
+/*
+ * The Slots object of pgreuse._slots, shared by its two files: _slots.c (the type, the slot words,
+ * claim and release) and _slotwait.c (the table's wait queue, see _slotqueue.h).
+ */
+#ifndef PGREUSE_SLOTSOBJ_H
+#define PGREUSE_SLOTSOBJ_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "_slotqueue.h"
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int has_view;
+    char *base;
+    Py_ssize_t slots_off, slot_size, n, pending_off, leases_off, use_ns_off, hist0_off, queue_off;
+    sq_table t;
+} SlotsObject;
+
+#define CLOSED_GATE (1ull << 32) /* shm.CLOSED_GATE: in ``pending`` while paused or closing */
+#define N_BUCKETS 17             /* snapshot.WAIT_BUCKETS and its open-ended bucket */
+
+static inline uint64_t *
+word_at(SlotsObject *self, Py_ssize_t off)
+{
+    return (uint64_t *)(self->base + off);
+}
+
+static inline char *
+record(SlotsObject *self, Py_ssize_t i)
+{
+    return self->base + self->slots_off + i * self->slot_size;
+}
+
+static inline int
+check(SlotsObject *self, Py_ssize_t i)
+{
+    if (!self->has_view) {
+        PyErr_SetString(PyExc_ValueError, "the slot table is closed");
+        return -1;
+    }
+    if (i < 0 || i >= self->n) {
+        PyErr_Format(PyExc_IndexError, "slot %zd does not exist (the table has %zd)", i, self->n);
+        return -1;
+    }
+    return 0;
+}
+
+/* _slotwait.c: the wait queue's methods */
+PyObject *Slots_hand_over(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *Slots_enqueue(SlotsObject *self, PyObject *arg);
+PyObject *Slots_rescue(SlotsObject *self, PyObject *arg);
+PyObject *Slots_wait(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *Slots_cancel_waiters(SlotsObject *self, PyObject *arg);
+PyObject *Slots_waiting(SlotsObject *self, PyObject *unused);
+PyObject *Slots_skip(SlotsObject *self, PyObject *arg);
+
+#endif
