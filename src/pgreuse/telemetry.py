@@ -110,6 +110,7 @@ class _Providers:
         meter_provider: metrics.MeterProvider | None,
     ) -> None:
         self.traced = tracer_provider is not None
+        self.metered = meter_provider is not None
         self.recheck_at = 0.0
         self.tracer: Tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(SCOPE)
         meter: Meter = (meter_provider or metrics.get_meter_provider()).get_meter(SCOPE)
@@ -151,15 +152,39 @@ class _Providers:
         hooks' cost. Asking the API costs over a microsecond (it reads ``os.environ``), so a "no" is
         kept for a second; a "yes" is kept for good, since a global provider cannot be unset.
         """
-        if self.traced:
-            return True
+        if not self.traced:
+            self._recheck()
+        return self.traced
+
+    def metering(self) -> bool:
+        """False while the global meter provider is the API's placeholder: a histogram record then
+        goes nowhere, and costs a microsecond per lease for nothing. Kept as :meth:`tracing` is
+        (a record made in the second after an SDK is installed may be lost)."""
+        if not self.metered:
+            self._recheck()
+        return self.metered
+
+    def quiet(self) -> bool:
+        """Neither traces nor the lease histograms go anywhere (the usual case without an SDK)."""
+        if self.traced or self.metered:
+            return False
+        self._recheck()
+        return not (self.traced or self.metered)
+
+    def _recheck(self) -> None:
         now = time.monotonic()
         if now < self.recheck_at:
-            return False
+            return
         self.recheck_at = now + 1.0
-        placeholder = trace.ProxyTracerProvider | trace.NoOpTracerProvider
-        self.traced = not isinstance(trace.get_tracer_provider(), placeholder)
-        return self.traced
+        if not self.traced:
+            self.traced = not isinstance(trace.get_tracer_provider(), _TRACE_PLACEHOLDERS)
+        if not self.metered:
+            # The API's own providers (the proxy, the no-op) live in the API package; an SDK's do not.
+            provider = metrics.get_meter_provider()
+            self.metered = not type(provider).__module__.startswith("opentelemetry.metrics")
+
+
+_TRACE_PLACEHOLDERS = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
 
 
 def _histogram(meter: Meter, name: str, description: str) -> metrics.Histogram:
@@ -416,8 +441,11 @@ def lease_granted(pool: PoolTelemetry | None, lease: LeaseInfo) -> LeaseSpan | N
     """A lease was granted: record its wait, and open its span (backdated to the request)."""
     if pool is None:
         return None
-    p = _get()
-    p.wait_time.record(lease.waited, pool.attributes)
+    p = _providers or _get()
+    if p.quiet():
+        return None
+    if p.metered:
+        p.wait_time.record(lease.waited, pool.attributes)
     if not p.tracing():
         return None
     now = time.time_ns()
@@ -470,8 +498,9 @@ def lease_released(
     """The lease went back: record how long it was held, and close its span."""
     if pool is None:
         return
-    p = _get()
-    p.use_time.record(max(0.0, time.monotonic() - lease.started), pool.attributes)
+    p = _providers or _get()
+    if p.metering():
+        p.use_time.record(max(0.0, time.monotonic() - lease.started), pool.attributes)
     if lease_span is None:
         return
     span = lease_span.span

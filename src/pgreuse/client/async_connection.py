@@ -69,7 +69,7 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
         return conn
 
     async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._needs_lease(gen):
+        if self._held is None and not self._proxying and self._needs_lease(gen):
             self._claim()  # (never waits: a claim in the table, or the proxy)
         try:
             return await super().wait(gen, *args, **kwargs)
@@ -79,7 +79,8 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
                 raise
             raise mapped from exc
         finally:
-            await self._after_wait()
+            if self._held is not None or self._proxying:
+                await self._after_wait()
 
     async def _after_wait(self) -> None:
         if self._after_wait_done():

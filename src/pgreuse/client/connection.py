@@ -74,8 +74,9 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
     # -- the swap point ---------------------------------------------------------------------------
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._needs_lease(gen):
-            self._claim()  # (never waits: a claim in the table, or the proxy)
+        # (This runs for every statement: the checks on the attributes spare calls when idle.)
+        if self._held is None and not self._proxying and self._needs_lease(gen):
+            self._claim()  # (a claim in the table, a wait there, or the proxy)
         try:
             return super().wait(gen, *args, **kwargs)
         except psycopg.Error as exc:
@@ -84,7 +85,8 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
                 raise
             raise mapped from exc
         finally:
-            self._after_wait()
+            if self._held is not None or self._proxying:
+                self._after_wait()
 
     def _after_wait(self) -> None:
         if self._after_wait_done():

@@ -217,9 +217,8 @@ class LeaseCore(SessionState):
     # -- before a wait ----------------------------------------------------------------------------
 
     def _needs_lease(self, gen: Any) -> bool:
-        """This ``wait()`` starts a transaction: claim a backend for it, or send it to the proxy."""
-        if self._held is not None or self._proxying:
-            return False
+        """This ``wait()`` starts a transaction (the caller checked that nothing is held and nothing
+        goes through the proxy now): claim a backend for it, or send it to the proxy."""
         name = getattr(getattr(gen, "gi_code", None), "co_name", "")
         state_only = (
             name in STATE_ONLY_GENERATORS
@@ -249,7 +248,7 @@ class LeaseCore(SessionState):
         assert channel is not None
         fd_number = self.pgconn.socket
         try:
-            got = channel.claim_into(self.pgconn.backend_pid, fd_number) if channel.claims else None
+            got = channel.claim_into(self.pgconn.backend_pid, fd_number)
         except errors.PoolTimeout as exc:
             limit = channel.table.wait_limit() if channel.table is not None else 0.0
             telemetry.lease_denied(self._telemetry(), exc, limit)
@@ -273,7 +272,7 @@ class LeaseCore(SessionState):
         if waited_ns:
             held.waited = waited_ns / 1e9
             held.bucket = bisect.bisect_left(WAIT_BOUNDS_NS, waited_ns)
-        held.span = telemetry.lease_granted(self._telemetry(), held)
+        held.span = telemetry.lease_granted(self._pool_telemetry or self._telemetry(), held)
         self._held = held
 
     def _lost_broker(self) -> None:
@@ -381,7 +380,9 @@ class LeaseCore(SessionState):
             channel.report(lease.slot, lease.generation, control.Outcome.DIRTY)
         else:
             channel.give_back(lease.slot, lease.generation, lease.bucket)
-        telemetry.lease_released(self._telemetry(), lease, held.span, broken=broken, dirty=dirty)
+        telemetry.lease_released(
+            self._pool_telemetry or self._telemetry(), lease, held.span, broken=broken, dirty=dirty
+        )
 
     def _proxied_over(self, refused: BaseException | None) -> None:
         """The transaction that went through the proxy is over (``refused``: the proxy said why)."""
