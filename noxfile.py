@@ -135,3 +135,14 @@ def bench(session: nox.Session) -> None:
     args = list(session.posargs)
     name = args.pop(0) if args and args[0] in BENCHMARKS else "coordinator"
     session.run("python", f"bench/{name}.py", *args, env=_passthrough_env())
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """tests/integration/test_chaos.py for 10 minutes (CI runs it for 60 s): money moving through
+    a pool of 4 while workers, backends, the broker and PostgreSQL are killed and restarted.
+    ``nox -s chaos -- <seconds>`` sets the length."""
+    session.install("-e", ".[test,binary]")
+    seconds = session.posargs[0] if session.posargs else "600"
+    env = {**_passthrough_env(), "PGREUSE_CHAOS_SECONDS": seconds}
+    session.run("pytest", "-s", "tests/integration/test_chaos.py", env=env)

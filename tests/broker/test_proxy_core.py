@@ -390,6 +390,7 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
     for session, outer in sessions:
         session.sock.close()
         outer.close()
+    pool.drop_exits()  # (a closed backend waits for its end otherwise)
     pool.table.close()
     # What each client received is exactly the server's answers, in order, and the broker's
     # ErrorResponse and ReadyForQuery for each refusal.

@@ -411,6 +411,7 @@ def test_an_empty_parse_refused_at_once_is_answered_like_a_server(short_tmp):
         session.close()
         for sock in (session.sock, outer):
             sock.close()
+        pool.drop_exits()
         pool.table.close()
 
     asyncio.run(run())
@@ -449,6 +450,7 @@ def test_a_failing_refusal_does_not_strand_the_other_waiters(short_tmp):
         assert [type(m) for m in good.got] == [control.Deny]
         assert [type(m) for m in late.got] == [control.Deny]
         assert not pool.waiters
+        pool.drop_exits()
         pool.table.close()
 
     asyncio.run(run())
@@ -477,6 +479,7 @@ def test_a_queued_proxy_request_opens_another_backend_if_a_slot_is_free(short_tm
             if sock is not None:
                 sock.close()
         await asyncio.gather(*pool._tasks)  # the connect attempt (no server here: it fails)
+        pool.drop_exits()
         pool.table.close()
 
     asyncio.run(run())
@@ -507,6 +510,7 @@ def test_a_query_is_not_lost_when_the_bookkeeping_after_its_lease_fails(short_tm
         for sock in (session.sock, outer, backend_end, b.sock):
             if sock is not None:
                 sock.close()
+        pool.drop_exits()
         pool.table.close()
 
     asyncio.run(run())

@@ -263,3 +263,36 @@ def test_a_restarted_broker_ends_the_dead_brokers_backends(make_broker, pg):
     conn.close()
     with broker.connect(autocommit=True) as fresh:
         assert fresh.execute("select 1").fetchone() == (1,)
+
+
+@needs_claims
+def test_a_killed_holders_running_statement_ends_with_it(make_broker, pg):
+    # A holder SIGKILLed in the middle of a statement: its backend ends at PostgreSQL's next client
+    # connection check (pgreuse sets client_connection_check_interval on its backends), so the row
+    # it locked is free in a fraction of a second, not when the statement would have ended; and the
+    # slot gets its new backend only once the old one is gone (PostgreSQL never sees two).
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute("drop table if exists locked_t; create table locked_t (id int primary key, v int)")
+        admin.execute("insert into locked_t values (1, 0)")
+    broker = make_broker("--max-size", "1", "--min-size", "1")
+
+    def child(w: int) -> None:
+        conn = broker.connect()
+        conn.execute("update locked_t set v = 1 where id = 1")  # holds the row lock
+        os.write(w, str(conn.lease.backend_pid).encode())
+        conn.execute("select pg_sleep(60)")
+
+    pid, r = _fork(child)
+    victim = int(os.read(r, 32))
+    time.sleep(0.3)  # (inside pg_sleep)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    t0 = time.monotonic()
+    with broker.connect(autocommit=True) as conn:
+        conn.execute("update locked_t set v = 2 where id = 1")  # waits for the backend, then the lock
+        waited = time.monotonic() - t0
+        assert conn.execute("select v from locked_t").fetchone() == (2,)  # the dead one's never was
+    assert waited < 5, f"the row stayed locked {waited:.1f}s after its holder died"
+    assert _alive_backends(pg, [victim]) == []
+    with broker.connect(autocommit=True) as conn:
+        assert conn.execute("show client_connection_check_interval").fetchone() == ("500ms",)

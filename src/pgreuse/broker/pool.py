@@ -55,6 +55,7 @@ from .backends import (  # noqa: F401 - Client, InProcessHolder, C_FIELDS: the p
 )
 from .config import BrokerConfig
 from .connector import BackendTarget, send_cancel
+from .exits import BackendExits
 from .mirror import TableMirror
 from .sharing import SharedSlots
 from .upkeep import CHECKED_PARAMETERS, PINNED_PARAMETERS, Upkeep  # noqa: F401 - server.py's names
@@ -71,7 +72,7 @@ _SHARED = SlotState.SHARED
 _CLEAN = control.Outcome.CLEAN
 
 
-class Pool(TableMirror, Upkeep, SharedSlots, _PoolBase):
+class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, _PoolBase):
     def __init__(
         self,
         config: BrokerConfig,
@@ -124,6 +125,7 @@ class Pool(TableMirror, Upkeep, SharedSlots, _PoolBase):
         self._attempt_done = asyncio.Event()  # set after every connect attempt (for parking)
         self._tasks: set[asyncio.Task[None]] = set()
         self._init_sharing()
+        self._init_exits()
         for b in self.slots:
             self._publish(b)
 

@@ -20,6 +20,13 @@ from .connector import BackendConnectError, BackendQueryError, open_backend, run
 
 logger = logging.getLogger("pgreuse.broker")
 
+# client_connection_check_interval (ms) of every backend (PostgreSQL >= 14; 0: not set).
+CHECK_INTERVAL_MS = 500
+# The application_name of the one connection a new broker opens to end a dead broker's backends,
+# and how long it waits for them to be gone before it opens its own.
+RETIRING_APP = "pgreuse-ending-previous-backends"
+RETIRE_WAIT = 5.0
+
 # Parameters that change how values are encoded or parsed by the client (DESIGN.md §3 rule 7): every
 # backend of a pool must report the same values, because parked clients cached them at startup.
 PINNED_PARAMETERS = ("client_encoding", "DateStyle", "IntervalStyle", "TimeZone")
@@ -35,6 +42,8 @@ _RDHUP = getattr(select, "POLLRDHUP", 0x2000)
 class Upkeep(PoolFields):
     """Opening, checking, resetting, closing and replacing backends."""
 
+    _no_check_interval = False  # the server refused client_connection_check_interval
+
     async def end_retired(self, backends: list[tuple[int, float]]) -> None:
         """End the backends of a dead broker (its table named them, with when each was opened):
         worker processes that still hold copies of their sockets keep them connected, past
@@ -46,7 +55,8 @@ class Upkeep(PoolFields):
         wanted = ",".join(str(int(p)) for p, _opened in backends)
         opened_at = ",".join(repr(float(t)) for _pid, t in backends)
         try:
-            opened = await open_backend(self.target)
+            # Named, so an operator counting connections can tell it from the pool's backends.
+            opened = await open_backend(self.target, extra_options=f"-c application_name={RETIRING_APP}")
         except BackendConnectError as exc:
             logger.warning("could not end the previous broker's backends %s: %s", wanted, exc)
             return
@@ -60,6 +70,18 @@ class Upkeep(PoolFields):
                 timeout=10.0,
             )
             logger.info("ended the previous broker's backends %s (%s)", wanted, q.error or "done")
+            # pg_terminate_backend() only signals: the pool opens its own once they are gone, so
+            # that PostgreSQL never sees both (a few milliseconds; at most RETIRE_WAIT).
+            deadline = time.monotonic() + RETIRE_WAIT
+            while time.monotonic() < deadline:
+                left = await run_simple_query(
+                    opened.stream,
+                    f"select count(*) from pg_stat_activity where pid in ({wanted})",
+                    timeout=5.0,
+                )
+                if left.error or not left.rows or left.rows[0][0] == "0":
+                    break
+                await asyncio.sleep(0.01)
         except BackendQueryError as exc:
             logger.warning("could not end the previous broker's backends %s: %s", wanted, exc)
         finally:
@@ -85,7 +107,8 @@ class Upkeep(PoolFields):
     def _open_one(self) -> bool:
         if self.closing or not self._states[SlotState.CLOSED]:
             return False
-        b = next((s for s in self.slots if s.state is SlotState.CLOSED), None)
+        # (not one whose last backend has not ended yet: PostgreSQL would see both)
+        b = next((s for s in self.slots if s.state is SlotState.CLOSED and s.index not in self.exiting), None)
         if b is None:
             return False
         b.generation += 1
@@ -97,6 +120,11 @@ class Upkeep(PoolFields):
 
     def _startup_options(self) -> str | None:
         opts = []
+        if CHECK_INTERVAL_MS and not self._no_check_interval:
+            # A backend whose client (a worker) died in the middle of a statement ends at the next
+            # check instead of when the statement is done: its row locks go, and its slot can take
+            # a new backend (exits.py waits for the old one to end).
+            opts.append(f"-c client_connection_check_interval={CHECK_INTERVAL_MS}")
         if self.config.idle_transaction_timeout > 0:
             ms = max(1, int(self.config.idle_transaction_timeout * 1000))
             opts.append(f"-c idle_in_transaction_session_timeout={ms}")
@@ -118,6 +146,14 @@ class Upkeep(PoolFields):
                 plaintext_first=self.proxy_only is False,
             )
         except BackendConnectError as exc:
+            if "client_connection_check_interval" in str(exc) and not self._no_check_interval:
+                # PostgreSQL < 14 has no such setting: open it again without.
+                logger.info("PostgreSQL has no client_connection_check_interval: backends go without")
+                self._no_check_interval = True
+                b.close_reason = CloseReason.CONNECT_FAILED
+                self._transition(b, SlotState.CLOSED, "connect failed")
+                self._open_one()
+                return
             self.last_connect_error = str(exc)
             self.table.add("connect_failures")
             self._backoff = min(5.0, max(0.25, self._backoff * 2))
@@ -275,11 +311,12 @@ class Upkeep(PoolFields):
                     b.stream.send(terminate())
                 # shutdown() acts on the socket itself, not on this fd: every worker that cached
                 # a dup of it sees the connection end too, and PostgreSQL ends the session
-                # (rolling back whatever a dead holder left half done).
-                b.sock.shutdown(socket.SHUT_RDWR)
+                # (rolling back whatever a dead holder left half done). Only the sending side:
+                # the slot is refilled once PostgreSQL closes its end (exits.py).
+                b.sock.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
-            b.sock.close()
+            self.await_exit(b, b.sock)
             b.sock = None
             b.tls = None
             had_socket = True
@@ -342,6 +379,7 @@ class Upkeep(PoolFields):
                     )  # fmt: skip
                     self._close(b, CloseReason.DIED_WHILE_LENT, graceful=False)
         self.tick_shared(now_ns)
+        self.check_exits(time.monotonic())
         if not self.closing and time.monotonic() >= self._retry_at:
             self._refill()
 
@@ -365,6 +403,7 @@ class Upkeep(PoolFields):
                 self._close(b, CloseReason.SHUTDOWN, graceful=b.state is SlotState.IDLE)
         for t in list(self._tasks):
             t.cancel()
+        self.drop_exits()
         self.flush_table()  # the last batch (the table outlives the loop for readers)
         pid = os.getpid()
         logger.info("pool closed (broker pid %d)", pid)
