@@ -55,8 +55,19 @@ def make(state: SlotState | int, generation: int, holder: int) -> int:
     return (int(state) & 0xFF) | ((generation & GEN_MASK) << 8) | (holder << 32)
 
 
+# Set by the broker in a LENT word while a cancel it forwarded to that backend may still land: the
+# holder's release then fails (the word is not the one it wrote), it tells the broker, and the broker
+# resets the backend once the cancel is done, before anyone else gets it (PgBouncer's PR #717).
+CANCEL_FLAG = 0x80
+
+
 def state_of(word: int) -> SlotState:
-    return SlotState(word & 0xFF)
+    return SlotState(word & 0x7F)
+
+
+def canceling(word: int) -> bool:
+    """A cancel the broker forwarded to this slot's backend may still land."""
+    return bool(word & CANCEL_FLAG)
 
 
 def gen_of(word: int) -> int:

@@ -13,6 +13,7 @@ through the restarts commit again without being restarted.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import multiprocessing
 import os
 import random
@@ -53,6 +54,9 @@ def _mover(conninfo: str, out_dir: str, errors: Any) -> None:  # pragma: no cove
     me = os.getpid()
     lock = threading.Lock()
     out = open(os.path.join(out_dir, f"{me}.txt"), "a")  # noqa: SIM115 - lives until killed
+    # SIGUSR1: every thread's stack, for a survivor that stopped committing
+    stacks = open(os.path.join(out_dir, f"{me}.stacks"), "w")  # noqa: SIM115 - lives until killed
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
 
     def run(t: int) -> None:
         rng = random.Random(me * 100 + t)
@@ -202,6 +206,9 @@ def test_money_survives_chaos(pg_private, short_tmp, tmp_path):
                 faults["worker SIGKILLed"] += 1
                 procs[i] = spawn()
         time.sleep(3)  # the survivors commit again after the last fault
+        for pid in survivors:
+            os.kill(pid, signal.SIGUSR1)  # (their stacks now, in case one stopped committing)
+        time.sleep(0.2)
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -213,6 +220,8 @@ def test_money_survives_chaos(pg_private, short_tmp, tmp_path):
     committed: dict[int, float] = {}
     by_process: dict[int, list[float]] = {}
     for name in os.listdir(tmp_path):
+        if not name.endswith(".txt"):
+            continue
         with open(tmp_path / name) as f:
             for line in f.read().splitlines():
                 parts = line.split()
@@ -250,4 +259,6 @@ def test_money_survives_chaos(pg_private, short_tmp, tmp_path):
     )
     # The workers that were never killed committed again after the last restart, on their own.
     for pid in survivors:
-        assert any(t > restarts_done_at + 1 for t in by_process.get(pid, [])), f"pid {pid} stopped committing"
+        if not any(t > restarts_done_at + 1 for t in by_process.get(pid, [])):
+            with open(tmp_path / f"{pid}.stacks") as f:
+                raise AssertionError(f"pid {pid} stopped committing; its threads:\n{f.read()}")

@@ -54,7 +54,7 @@ from .backends import (  # noqa: F401 - Client, InProcessHolder, C_FIELDS: the p
     _PoolBase,
 )
 from .config import BrokerConfig
-from .connector import BackendTarget, send_cancel
+from .connector import BackendConnectError, BackendTarget, send_cancel
 from .exits import BackendExits
 from .mirror import TableMirror
 from .sharing import SharedSlots
@@ -478,9 +478,19 @@ class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, _PoolBase):
         return self._count(state)
 
     def cancel(self, parking: int) -> None:
-        """Forward a CancelRequest for the lease that parking connection ``parking`` holds."""
+        """Forward a CancelRequest for the lease that parking connection ``parking`` holds.
+
+        The backend is not lent to anyone else until PostgreSQL is done with the cancel (it closes
+        the cancel connection once it has signalled the backend): a proxy session's lease ends
+        dirty, a worker's claimed slot gets the cancel flag in its word, and either way the backend
+        is reset after the cancel before it is lent again (``_reset`` waits for it)."""
         held = next((b for b in self.slots if b.state is SlotState.LENT and b.parking == parking), None)
-        held = held or self.shared_lease_of(parking)
+        if held is not None:
+            mark_dirty = getattr(held.holder, "mark_dirty", None)
+            if mark_dirty is not None:
+                mark_dirty()  # (its give-back then goes through the reset)
+        else:
+            held = self.flag_shared_lease(parking)
         if held is None:
             # Still waiting for a backend: what was sent never reached PostgreSQL; answer it the way
             # PostgreSQL answers a cancelled statement (a client such as psycopg waits for that).
@@ -494,6 +504,17 @@ class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, _PoolBase):
                        "(it was waiting for a backend)")  # fmt: skip
             return
         logger.info("forwarding cancel to backend pid %d (slot %d)", held.pid, held.index)
-        self._spawn(send_cancel(self.target, held.pid, held.secret, tls=held.tls is not None))
+        held.cancels += 1
+        self._spawn(self._forward_cancel(held, held.generation))
+
+    async def _forward_cancel(self, b: Backend, generation: int) -> None:
+        try:
+            await send_cancel(self.target, b.pid, b.secret, tls=b.tls is not None)
+        except BackendConnectError as exc:
+            logger.warning("slot %d: %s", b.index, exc)
+        finally:
+            b.cancels -= 1
+            if b.cancels == 0 and b.generation == generation:
+                self.cancel_done(b)
 
     # -- janitor ----------------------------------------------------------------------------------

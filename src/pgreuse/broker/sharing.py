@@ -223,6 +223,8 @@ class SharedSlots(PoolFields):
         b = self.slots[index]
         holder = getattr(client, "holder", 0)
         word = slots.make(_LENT, generation, holder)
+        if b.state is _SHARED and self.table.word(index) == word | slots.CANCEL_FLAG:
+            word |= slots.CANCEL_FLAG  # (its release failed on the flag: this is its clean end)
         if b.generation != generation or b.state is not _SHARED or not self._own(b, word):
             logger.debug("pid %d released slot %d gen %d, which it does not hold", client.pid, index,
                          generation)  # fmt: skip
@@ -231,11 +233,13 @@ class SharedSlots(PoolFields):
         if outcome is control.Outcome.BROKEN:
             self._close(b, CloseReason.CLIENT_REPORTED_BROKEN, graceful=False)
             return
-        if outcome is control.Outcome.CLEAN:  # (a clean end needs no message: see Channel.give_back)
+        if outcome is control.Outcome.CLEAN and not b.cancels and not slots.canceling(word):
+            # (a clean end needs no message, see claims.give_back, unless a cancel made it fail)
             self._transition(b, _IDLE, "clean (told)")
             self._watch(b)
             self._make_idle(b)
             return
+        # Dirty, or a cancel was forwarded to it: reset (after the cancel is done, see _reset).
         self._transition(b, SlotState.RESETTING, outcome.name.lower())
         b.dirty = True
         self._spawn(self._reset(b))
@@ -261,7 +265,7 @@ class SharedSlots(PoolFields):
         self.table.slots.cancel_waiters(holder)  # type: ignore[union-attr]
         for b in list(self.shared):
             word = slots.make(_LENT, b.generation, holder)
-            if self._own(b, word):
+            if self._own(b, word) or self._own(b, word | slots.CANCEL_FLAG):
                 logger.warning(
                     "slot %d: holder pid %d went away holding backend pid %d; closing it",
                     b.index, client.pid, b.pid,
@@ -269,13 +273,26 @@ class SharedSlots(PoolFields):
                 self._count_worker_lease(b)
                 self._close(b, CloseReason.HOLDER_EXITED, graceful=False)
 
-    def shared_lease_of(self, parking: int) -> Backend | None:
-        """The shared slot a worker claimed for parking connection ``parking`` (for a cancel)."""
+    def flag_shared_lease(self, parking: int) -> Backend | None:
+        """The shared slot a worker claimed for parking connection ``parking``, with the cancel
+        flag set in its word (a cancel is about to be forwarded to it); None if none is, or if the
+        worker gave it back as we looked (the cancel is then dropped: it has nothing to cancel)."""
         for b in self.shared:
             word = self.table.word(b.index)
-            if slots.state_of(word) is _LENT and self.table.holder_fields(b.index)[0] == parking:
+            if slots.state_of(word) is not _LENT or self.table.holder_fields(b.index)[0] != parking:
+                continue
+            if slots.canceling(word) or self.table.slots.cas(b.index, word, word | slots.CANCEL_FLAG):  # type: ignore[union-attr]
                 return b
+            return None
         return None
+
+    def cancel_done(self, b: Backend) -> None:
+        """Every cancel forwarded to ``b`` is done: a worker that still holds it may give it back as
+        usual (the flag goes); one that gave it back left it to the broker, whose reset runs now."""
+        if b.state is _SHARED:
+            word = self.table.word(b.index)
+            if slots.canceling(word):
+                self.table.slots.cas(b.index, word, word & ~slots.CANCEL_FLAG)  # type: ignore[union-attr]
 
     def seen(self, b: Backend) -> tuple[SlotState, int, str | None, int, int, int]:
         """Slot ``b`` as the admin console shows it, shared or not: state, holder pid, holder kind

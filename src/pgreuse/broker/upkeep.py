@@ -267,6 +267,12 @@ class Upkeep(PoolFields):
 
     async def _reset(self, b: Backend) -> None:
         assert b.sock is not None
+        while b.cancels:
+            # A cancel forwarded to this backend may still land: not before it is done (the cancel
+            # connection's own timeout bounds this), and the reset below then clears what it did.
+            await asyncio.sleep(0.002)
+        if b.sock is None or b.state is not SlotState.RESETTING:
+            return  # closed meanwhile
         try:
             q = await run_simple_query(b.stream, self.config.reset_query, timeout=10.0)
         except BackendQueryError as exc:

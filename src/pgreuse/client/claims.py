@@ -176,7 +176,12 @@ class TableClaims:
             return
         pending = table.slots.release(slot, self.holder, generation & slots.GEN_MASK, bucket)
         self._given_back[slot] = time.monotonic_ns()
-        if pending > 0 and not self._dead:
+        if pending < 0:
+            # The word is not the one this process wrote: the broker flagged it (a cancel it
+            # forwarded may still land: it resets the backend first) or took the slot back. Either
+            # way it must hear that this lease is over.
+            self.report(slot, generation, control.Outcome.CLEAN)
+        elif pending > 0 and not self._dead:
             # Never waited for: a poke the full socket cannot take now is dropped, and the broker's
             # janitor hands idle shared slots to its waiters on its next tick anyway.
             with contextlib.suppress(errors.BrokerUnavailable):
