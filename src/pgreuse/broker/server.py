@@ -20,7 +20,6 @@ import contextlib
 import errno
 import logging
 import os
-import secrets
 import signal
 import socket
 from collections.abc import Callable, Coroutine
@@ -33,6 +32,7 @@ from ..wire import control, frames, scan
 from . import admin, proxy
 from .config import BrokerConfig, ConfigError, parse_listen_addr
 from .connector import BackendConnectError, BackendTarget, parse_target
+from .greeting import Greeting, ParkingSecrets
 from .hangups import HangupWatch
 from .login import (
     OVER_LIMIT_GRACE,
@@ -158,6 +158,8 @@ class Broker:
         self.admission = Admission(config.max_client_conn)
         self.parkings: dict[int, Parking] = {}
         self._next_key = PARKING_KEY_BASE
+        self.greeting = Greeting()
+        self.parking_secrets = ParkingSecrets()
         self._stop = asyncio.Event()
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -569,23 +571,21 @@ class Broker:
         self._next_key += 1
         parking = Parking(
             self._next_key,
-            secrets.randbits(31),
+            self.parking_secrets.next(),
             peer_pid,
             params.get("application_name", ""),
         )
         self.parkings[parking.key] = parking
         assert self.table is not None
         self.table.set("parked", len(self.parkings))
-        out = [frames.auth_ok()]
+        negotiate = b""
         if packet.version_minor > 0:
             unrecognized = [k for k in params if k.startswith("_pq_.")]
-            out.insert(0, frames.negotiate_protocol_version(0, unrecognized))
-        for name, value in pool_params.items():
-            shown = parking.application_name if name == "application_name" else value
-            out.append(frames.parameter_status(name, shown))
-        out.append(frames.backend_key_data(parking.key, parking.secret))
-        out.append(frames.ready_for_query(b"I"))
-        return b"".join(out), parking
+            negotiate = frames.negotiate_protocol_version(0, unrecognized)
+        reply = self.greeting.reply(
+            pool_params, parking.application_name, parking.key, parking.secret, negotiate
+        )
+        return reply, parking
 
     def _cancel(self, key: int, secret: int) -> None:
         assert self.pool is not None
