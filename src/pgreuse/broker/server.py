@@ -56,6 +56,8 @@ HARMLESS_PARAMETERS = frozenset({"application_name", "fallback_application_name"
 # Startup parameters that change encoding/parsing: must equal the pool's (DESIGN.md §3 rule 7).
 MATCHED_PARAMETERS = ("client_encoding", "DateStyle", "IntervalStyle", "TimeZone",
                       "standard_conforming_strings")  # fmt: skip
+# Connections a listener accepts per wake-up; more wait for the next loop turn, after other events.
+_ACCEPT_BATCH = 64
 PARKING_KEY_BASE = 1 << 30  # above any real pid (pid_max <= 2**22): a parking key is never a pid
 
 
@@ -245,7 +247,9 @@ class Broker:
             self.table.close()
 
     def _close_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
         for s in self._listeners:
+            loop.remove_reader(s.fileno())  # (registered by _accept) never left on a closed fd
             if s.family == socket.AF_UNIX:
                 with contextlib.suppress(OSError):
                     os.unlink(s.getsockname())
@@ -338,21 +342,42 @@ class Broker:
     async def _accept(
         self, lsock: socket.socket, handler: Callable[[socket.socket], Coroutine[Any, Any, None]]
     ) -> None:
+        """Serve ``lsock`` until the broker stops (this task is cancelled).
+
+        One reader for the listener's life, and every pending connection (up to _ACCEPT_BATCH)
+        accepted per wake-up: ``sock_accept()`` registered and removed a reader, and cost a loop
+        turn and a future, for each connection. _close_listeners() removes the reader.
+        """
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(lsock)
-            except OSError as exc:
-                if lsock.fileno() < 0:
-                    return  # the listener was closed: shutting down
-                # One failed accept (a client that hung up first, the open-files limit) must not
-                # stop the listener: log it and go on.
-                hint = "; raise the open-files limit" if exc.errno in (errno.EMFILE, errno.ENFILE) else ""
-                logger.error("accept on %s failed: %s%s", lsock.getsockname(), exc, hint)
-                await asyncio.sleep(0.1)
-                continue
-            conn.setblocking(False)
-            self._spawn(handler(conn))
+        fd = lsock.fileno()
+
+        def resume() -> None:
+            if lsock.fileno() >= 0:  # not closed meanwhile (shutting down)
+                loop.add_reader(fd, ready)
+
+        def ready() -> None:
+            for _ in range(_ACCEPT_BATCH):  # the reader is level-triggered: the rest come next turn
+                try:
+                    conn, _ = lsock.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    # One failed accept (a client that hung up first, the open-files limit) must
+                    # not stop the listener: log it, pause, and go on.
+                    hint = "; raise the open-files limit" if exc.errno in (errno.EMFILE, errno.ENFILE) else ""
+                    logger.error("accept on %s failed: %s%s", lsock.getsockname(), exc, hint)
+                    loop.remove_reader(fd)
+                    loop.call_later(0.1, resume)
+                    return
+                conn.setblocking(False)
+                self._spawn(handler(conn))
+
+        loop.add_reader(fd, ready)
+        try:
+            await loop.create_future()  # never set: the reader does the work
+        finally:
+            if lsock.fileno() >= 0:
+                loop.remove_reader(fd)
 
     async def _janitor(self) -> None:
         assert self.pool is not None
