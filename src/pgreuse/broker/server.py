@@ -350,6 +350,9 @@ class Broker:
         """
         loop = asyncio.get_running_loop()
         fd = lsock.fileno()
+        # socket.accept() converts the listener's family and type to enums for every connection
+        # (a sixth of the broker's Python time per connect): they are read once, as ints.
+        family, kind, proto = int(lsock.family), int(lsock.type), lsock.proto
 
         def resume() -> None:
             if lsock.fileno() >= 0:  # not closed meanwhile (shutting down)
@@ -358,7 +361,9 @@ class Broker:
         def ready() -> None:
             for _ in range(_ACCEPT_BATCH):  # the reader is level-triggered: the rest come next turn
                 try:
-                    conn, _ = lsock.accept()
+                    # _socket.socket._accept(): socket.accept() calls it and wraps the fd; typeshed
+                    # does not list it.
+                    conn_fd, _ = lsock._accept()  # type: ignore[attr-defined]
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError as exc:
@@ -369,6 +374,7 @@ class Broker:
                     loop.remove_reader(fd)
                     loop.call_later(0.1, resume)
                     return
+                conn = socket.socket(family, kind, proto, fileno=conn_fd)
                 conn.setblocking(False)
                 self._spawn(handler(conn))
 
