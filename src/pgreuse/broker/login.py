@@ -37,6 +37,7 @@ logger = logging.getLogger("pgreuse.broker")
 # answer after it is read (an answer sent before it, then a close, could reach the client as a
 # reset instead). Short, because these connections are the ones the limit is meant to bound.
 OVER_LIMIT_GRACE = 2.0
+_RECV = 16384  # bytes per read of a startup (MAX_STARTUP is 10000)
 
 
 class LoginTimeout(Exception):
@@ -78,18 +79,35 @@ async def read_startup(
     """
     loop = asyncio.get_running_loop()
     reader = frames.StartupReader()
+    packet: frames.StartupPacket | None = None
+    # Most clients send their StartupMessage as they connect, and it is often here already: then it
+    # is taken without the deadline's timer and the wait's future and reader registration below,
+    # which cost more than the rest of a startup.
+    try:
+        data = sock.recv(_RECV)
+    except BlockingIOError:
+        pass
+    else:
+        if not data:
+            return None
+        reader.feed(data)
+        packet = reader.next_packet()
+        if isinstance(packet, frames.StartupMessage):
+            return packet, reader.rest()
     try:
         async with asyncio.timeout(timeout or None):
             while True:
-                packet = reader.next_packet()
                 if packet is None:
-                    data = await loop.sock_recv(sock, 16384)
+                    packet = reader.next_packet()
+                if packet is None:
+                    data = await loop.sock_recv(sock, _RECV)
                     if not data:
                         return None
                     reader.feed(data)
                     continue
                 if isinstance(packet, frames.SSLRequest | frames.GSSENCRequest):
                     await loop.sock_sendall(sock, b"N")
+                    packet = None
                     continue
                 if isinstance(packet, frames.CancelRequest):
                     cancel(packet.pid, packet.secret)

@@ -20,7 +20,6 @@ import contextlib
 import errno
 import logging
 import os
-import secrets
 import signal
 import socket
 from collections.abc import Callable, Coroutine
@@ -33,6 +32,7 @@ from ..wire import control, frames, scan
 from . import admin, proxy
 from .config import BrokerConfig, ConfigError, parse_listen_addr
 from .connector import BackendConnectError, BackendTarget, parse_target
+from .greeting import Greeting, ParkingSecrets
 from .hangups import HangupWatch
 from .login import (
     OVER_LIMIT_GRACE,
@@ -56,6 +56,8 @@ HARMLESS_PARAMETERS = frozenset({"application_name", "fallback_application_name"
 # Startup parameters that change encoding/parsing: must equal the pool's (DESIGN.md §3 rule 7).
 MATCHED_PARAMETERS = ("client_encoding", "DateStyle", "IntervalStyle", "TimeZone",
                       "standard_conforming_strings")  # fmt: skip
+# Connections a listener accepts per wake-up; more wait for the next loop turn, after other events.
+_ACCEPT_BATCH = 64
 PARKING_KEY_BASE = 1 << 30  # above any real pid (pid_max <= 2**22): a parking key is never a pid
 
 
@@ -158,6 +160,8 @@ class Broker:
         self.admission = Admission(config.max_client_conn)
         self.parkings: dict[int, Parking] = {}
         self._next_key = PARKING_KEY_BASE
+        self.greeting = Greeting()
+        self.parking_secrets = ParkingSecrets()
         self._stop = asyncio.Event()
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -243,7 +247,9 @@ class Broker:
             self.table.close()
 
     def _close_listeners(self) -> None:
+        loop = asyncio.get_running_loop()
         for s in self._listeners:
+            loop.remove_reader(s.fileno())  # (registered by _accept) never left on a closed fd
             if s.family == socket.AF_UNIX:
                 with contextlib.suppress(OSError):
                     os.unlink(s.getsockname())
@@ -336,21 +342,48 @@ class Broker:
     async def _accept(
         self, lsock: socket.socket, handler: Callable[[socket.socket], Coroutine[Any, Any, None]]
     ) -> None:
+        """Serve ``lsock`` until the broker stops (this task is cancelled).
+
+        One reader for the listener's life, and every pending connection (up to _ACCEPT_BATCH)
+        accepted per wake-up: ``sock_accept()`` registered and removed a reader, and cost a loop
+        turn and a future, for each connection. _close_listeners() removes the reader.
+        """
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(lsock)
-            except OSError as exc:
-                if lsock.fileno() < 0:
-                    return  # the listener was closed: shutting down
-                # One failed accept (a client that hung up first, the open-files limit) must not
-                # stop the listener: log it and go on.
-                hint = "; raise the open-files limit" if exc.errno in (errno.EMFILE, errno.ENFILE) else ""
-                logger.error("accept on %s failed: %s%s", lsock.getsockname(), exc, hint)
-                await asyncio.sleep(0.1)
-                continue
-            conn.setblocking(False)
-            self._spawn(handler(conn))
+        fd = lsock.fileno()
+        # socket.accept() converts the listener's family and type to enums for every connection
+        # (a sixth of the broker's Python time per connect): they are read once, as ints.
+        family, kind, proto = int(lsock.family), int(lsock.type), lsock.proto
+
+        def resume() -> None:
+            if lsock.fileno() >= 0:  # not closed meanwhile (shutting down)
+                loop.add_reader(fd, ready)
+
+        def ready() -> None:
+            for _ in range(_ACCEPT_BATCH):  # the reader is level-triggered: the rest come next turn
+                try:
+                    # _socket.socket._accept(): socket.accept() calls it and wraps the fd; typeshed
+                    # does not list it.
+                    conn_fd, _ = lsock._accept()  # type: ignore[attr-defined]
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    # One failed accept (a client that hung up first, the open-files limit) must
+                    # not stop the listener: log it, pause, and go on.
+                    hint = "; raise the open-files limit" if exc.errno in (errno.EMFILE, errno.ENFILE) else ""
+                    logger.error("accept on %s failed: %s%s", lsock.getsockname(), exc, hint)
+                    loop.remove_reader(fd)
+                    loop.call_later(0.1, resume)
+                    return
+                conn = socket.socket(family, kind, proto, fileno=conn_fd)
+                conn.setblocking(False)
+                self._spawn(handler(conn))
+
+        loop.add_reader(fd, ready)
+        try:
+            await loop.create_future()  # never set: the reader does the work
+        finally:
+            if lsock.fileno() >= 0:
+                loop.remove_reader(fd)
 
     async def _janitor(self) -> None:
         assert self.pool is not None
@@ -569,23 +602,21 @@ class Broker:
         self._next_key += 1
         parking = Parking(
             self._next_key,
-            secrets.randbits(31),
+            self.parking_secrets.next(),
             peer_pid,
             params.get("application_name", ""),
         )
         self.parkings[parking.key] = parking
         assert self.table is not None
         self.table.set("parked", len(self.parkings))
-        out = [frames.auth_ok()]
+        negotiate = b""
         if packet.version_minor > 0:
             unrecognized = [k for k in params if k.startswith("_pq_.")]
-            out.insert(0, frames.negotiate_protocol_version(0, unrecognized))
-        for name, value in pool_params.items():
-            shown = parking.application_name if name == "application_name" else value
-            out.append(frames.parameter_status(name, shown))
-        out.append(frames.backend_key_data(parking.key, parking.secret))
-        out.append(frames.ready_for_query(b"I"))
-        return b"".join(out), parking
+            negotiate = frames.negotiate_protocol_version(0, unrecognized)
+        reply = self.greeting.reply(
+            pool_params, parking.application_name, parking.key, parking.secret, negotiate
+        )
+        return reply, parking
 
     def _cancel(self, key: int, secret: int) -> None:
         assert self.pool is not None
