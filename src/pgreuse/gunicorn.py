@@ -6,7 +6,8 @@ One line in ``gunicorn.conf.py``::
 
 or, with the settings in the environment (``PGREUSE_DSN``, ``PGREUSE_SOCKET_DIR``, ``PGREUSE_PORT``,
 ``PGREUSE_MAX_SIZE``, ``PGREUSE_MIN_SIZE``, ``PGREUSE_WAIT_TIMEOUT``,
-``PGREUSE_IDLE_TRANSACTION_TIMEOUT``)::
+``PGREUSE_IDLE_TRANSACTION_TIMEOUT``, ``PGREUSE_MAX_LEASE_TIME``, ``PGREUSE_MAX_LIFETIME``,
+``PGREUSE_MAX_IDLE``, ``PGREUSE_MAX_WAITING``)::
 
     from pgreuse.gunicorn import *  # noqa: F403
 
@@ -50,6 +51,8 @@ def config_from_env(**overrides: Any) -> BrokerConfig:
         "log_level": env.get("PGREUSE_LOG_LEVEL", "INFO").upper(),
         "max_waiting": int(env.get("PGREUSE_MAX_WAITING", "0")),
         "max_lease_time": float(env.get("PGREUSE_MAX_LEASE_TIME", "0")),
+        "max_lifetime": float(env.get("PGREUSE_MAX_LIFETIME", "0")),
+        "max_idle": float(env.get("PGREUSE_MAX_IDLE", "0")),
         "reset_every_lease": env.get("PGREUSE_RESET_EVERY_LEASE", "") not in ("", "0", "false"),
     }
     values.update(overrides)

@@ -77,6 +77,8 @@ class BrokerConfig:
     no_handoff: bool = False  # workers claim nothing: every transaction goes through the proxy
     max_waiting: int = 0  # requests allowed to queue for a backend at once; 0: no limit
     max_lease_time: float = 0.0  # a lease held longer is revoked; 0: no limit
+    max_lifetime: float = 0.0  # a backend open longer is replaced while idle (with jitter); 0: never
+    max_idle: float = 0.0  # a backend unused longer is closed, down to min_size; 0: never
 
     def __attrs_post_init__(self) -> None:
         if not self.dsn:
@@ -120,6 +122,11 @@ class BrokerConfig:
             )
         if self.max_lease_time < 0:
             raise ConfigError(f"--max-lease-time {self.max_lease_time} must be >= 0 seconds (0: no limit)")
+        for flag, value in (("--max-lifetime", self.max_lifetime), ("--max-idle", self.max_idle)):
+            if not 0 <= value <= MAX_WAIT_TIMEOUT:
+                raise ConfigError(
+                    f"{flag} {value} must be between 0 (never) and {MAX_WAIT_TIMEOUT:.0f} seconds"
+                )
         if not 0 <= self.max_waiting <= MAX_WAITING:
             raise ConfigError(
                 f"--max-waiting {self.max_waiting} must be between 0 (no limit) and {MAX_WAITING}"
@@ -280,6 +287,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a client may hold one backend (one transaction, or one statement in "
         "autocommit); a longer lease is revoked: the broker closes that backend, PostgreSQL rolls "
         "back, the holder gets a lost-connection error (default: %(default)s, no limit)",
+    )
+    p.add_argument(
+        "--max-lifetime",
+        type=float,
+        default=0.0,
+        help="seconds a backend may stay open; an older one is closed and replaced when it is idle "
+        "(never while lent), each at a random point of the last tenth of its lifetime so that they "
+        "do not all go at once (default: %(default)s, never)",
+    )
+    p.add_argument(
+        "--max-idle",
+        type=float,
+        default=0.0,
+        help="seconds a backend may go unused; one unused longer is closed, down to --min-size "
+        "(default: %(default)s, never)",
     )
     p.add_argument(
         "--max-waiting",

@@ -57,6 +57,7 @@ from .config import BrokerConfig
 from .connector import BackendConnectError, BackendTarget, send_cancel
 from .exits import BackendExits
 from .mirror import TableMirror
+from .recycling import Recycling
 from .sharing import SharedSlots
 from .upkeep import CHECKED_PARAMETERS, PINNED_PARAMETERS, Upkeep  # noqa: F401 - server.py's names
 
@@ -72,7 +73,7 @@ _SHARED = SlotState.SHARED
 _CLEAN = control.Outcome.CLEAN
 
 
-class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, _PoolBase):
+class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, Recycling, _PoolBase):
     def __init__(
         self,
         config: BrokerConfig,
@@ -126,6 +127,7 @@ class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, _PoolBase):
         self._tasks: set[asyncio.Task[None]] = set()
         self._init_sharing()
         self._init_exits()
+        self._init_recycling()
         for b in self.slots:
             self._publish(b)
 

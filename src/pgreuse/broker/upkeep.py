@@ -386,6 +386,7 @@ class Upkeep(PoolFields):
                     self._close(b, CloseReason.DIED_WHILE_LENT, graceful=False)
         self.tick_shared(now_ns)
         self.check_exits(time.monotonic())
+        self.tick_recycle(time.monotonic())
         if not self.closing and time.monotonic() >= self._retry_at:
             self._refill()
 

@@ -50,6 +50,8 @@ class CloseReason(enum.IntEnum):
     PARAMETER_MISMATCH = 8  # a new backend reported encoding-relevant parameters unlike the pool's
     SHUTDOWN = 9
     REVOKED = 10  # held longer than --max-lease-time: taken back with shutdown()
+    MAX_LIFETIME = 11  # open longer than --max-lifetime: closed while idle, and replaced
+    MAX_IDLE = 12  # unused longer than --max-idle, above --min-size: closed while idle
 
 
 class InvalidTransition(RuntimeError):
