@@ -146,3 +146,12 @@ def chaos(session: nox.Session) -> None:
     seconds = session.posargs[0] if session.posargs else "600"
     env = {**_passthrough_env(), "PGREUSE_CHAOS_SECONDS": seconds}
     session.run("pytest", "-s", "tests/integration/test_chaos.py", env=env)
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """bench/soak.py: 10 minutes of handoff, proxy and connect-per-request load through one broker,
+    with a fault every 10 s; prints and draws (docs/soak.png) transactions, errors, backends, the
+    broker's RSS and fds over time. ``nox -s soak -- --minutes 2`` for less. Not in CI."""
+    session.install("-e", ".[binary,bench]")
+    session.run("python", "bench/soak.py", *session.posargs, env=_passthrough_env())
