@@ -45,14 +45,16 @@ class BrokerProcess:
 
     def start(self, timeout: float = 60.0) -> BrokerProcess:
         cmd = [
-            *self.wrapper, sys.executable, "-m", "pgreuse.broker", "--dsn", self.dsn,
+            *self.wrapper, sys.executable, "-m", "pgreuse.broker",
             "--socket-dir", self.socket_dir, "--port", str(self.port), "--log-level", "DEBUG",
             # A test process killed mid-run (a timeout) must not leave brokers behind.
             "--parent-pid", str(os.getpid()),
             *self.args,
         ]  # fmt: skip
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        # The DSN in the environment, as the Gunicorn hook passes it: a command line is public.
+        env = dict(os.environ, PGREUSE_DSN=self.dsn)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -11,6 +11,8 @@ import os
 from collections.abc import Sequence
 
 import attrs
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 DEFAULT_PORT = 6432
 DEFAULT_SOCKET_DIR = "/run/pgreuse"
@@ -339,4 +341,17 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
 def parse_argv(argv: Sequence[str] | None = None) -> tuple[BrokerConfig, bool]:
     """Parse the command line; return the config and whether to supervise."""
     args = build_parser().parse_args(argv)
+    if args.dsn != os.environ.get("PGREUSE_DSN", "") and _has_password(args.dsn):
+        # A command line is public: ps shows it to every user of the machine.
+        raise ConfigError(
+            "--dsn holds a password, which every user of this machine could read with ps: pass "
+            "the DSN in PGREUSE_DSN instead, or leave the password out of it and set PGPASSWORD"
+        )
     return config_from_args(args), bool(args.supervise)
+
+
+def _has_password(dsn: str) -> bool:
+    try:
+        return bool(conninfo_to_dict(dsn).get("password"))
+    except psycopg.ProgrammingError:
+        return False  # (not a conninfo: parse_target says why, with the value)
