@@ -128,4 +128,8 @@ def test_gunicorn_workers_share_the_brokers_backends(worker_class, pg, short_tmp
     while _broker_pids(short_tmp) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _broker_pids(short_tmp) == []
-    assert not any(n.startswith(".s.") for n in os.listdir(short_tmp))
+    left = [n for n in os.listdir(short_tmp) if n.startswith(".s.")]
+    if left:
+        with open(os.path.join(short_tmp, "gunicorn.log"), errors="replace") as f:
+            tail = f.read()[-6000:]
+        raise AssertionError(f"the broker left {left} behind; the log ends with:\n{tail}")

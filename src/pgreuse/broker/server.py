@@ -247,9 +247,16 @@ class Broker:
             self.table.close()
 
     def _close_listeners(self) -> None:
-        loop = asyncio.get_running_loop()
+        # Nothing here may raise before every socket file is gone: a broker that leaves one behind
+        # looks alive to the next one and to clients.
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
         for s in self._listeners:
-            loop.remove_reader(s.fileno())  # (registered by _accept) never left on a closed fd
+            if loop is not None:
+                with contextlib.suppress(OSError, ValueError, RuntimeError):
+                    loop.remove_reader(s.fileno())  # (registered by _accept) never left on a closed fd
             if s.family == socket.AF_UNIX:
                 with contextlib.suppress(OSError):
                     os.unlink(s.getsockname())
@@ -383,7 +390,8 @@ class Broker:
             await loop.create_future()  # never set: the reader does the work
         finally:
             if lsock.fileno() >= 0:
-                loop.remove_reader(fd)
+                with contextlib.suppress(OSError, ValueError, RuntimeError):
+                    loop.remove_reader(fd)
 
     async def _janitor(self) -> None:
         assert self.pool is not None
