@@ -227,7 +227,7 @@ sq_cancel_all(const sq_table *t, uint32_t holder)
         uint64_t e = sw_load(entry);
         if (QE_STATE(e) != QE_WAITING || (holder && QE_VALUE(e) != holder))
             continue;
-        if (sw_cas(entry, e, (e & ~(uint64_t)0xFFFFFFFFFFull) | QE_CANCELLED)) {
+        if (sw_cas(entry, e, QE_MAKE(QE_CANCELLED, 0, QE_STAMP(e)))) {
             sq_wake(entry);
             n++;
         }

@@ -183,16 +183,13 @@ Slots_claim(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "claim(holder, start, generations: list, parking, pid)");
         return NULL;
     }
-    holder = PyLong_AsUnsignedLong(args[0]);
+    if (worker_holder(self, args[0], &holder) < 0)
+        return NULL;
     start = PyLong_AsSsize_t(args[1]);
     parking = PyLong_AsUnsignedLong(args[3]);
     pid = PyLong_AsUnsignedLong(args[4]);
     if (PyErr_Occurred())
         return NULL;
-    if (!self->has_view)
-        return PyErr_Format(PyExc_ValueError, "the slot table is closed");
-    if (holder < 2 || holder > 0xFFFFFFFFul) /* 0 and 1 are nobody and the broker */
-        return PyErr_Format(PyExc_ValueError, "holder id %lu is not a worker's", holder);
     gens = args[2];
     if (PyList_GET_SIZE(gens) < self->n)
         return PyErr_Format(PyExc_ValueError, "generations has %zd entries, the table %zd slots",

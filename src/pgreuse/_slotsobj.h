@@ -48,6 +48,25 @@ check(SlotsObject *self, Py_ssize_t i)
     return 0;
 }
 
+/* Parse a worker's holder id (0 and 1 are nobody and the broker) of an open table: 0, or -1 with
+ * the error set. */
+static inline int
+worker_holder(SlotsObject *self, PyObject *arg, unsigned long *holder)
+{
+    *holder = PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred())
+        return -1;
+    if (!self->has_view) {
+        PyErr_SetString(PyExc_ValueError, "the slot table is closed");
+        return -1;
+    }
+    if (*holder < 2 || *holder > 0xFFFFFFFFul) {
+        PyErr_Format(PyExc_ValueError, "holder id %lu is not a worker's", *holder);
+        return -1;
+    }
+    return 0;
+}
+
 /* _slotwait.c: the wait queue's methods */
 PyObject *Slots_hand_over(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *Slots_enqueue(SlotsObject *self, PyObject *arg);

@@ -24,23 +24,6 @@ Slots_hand_over(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromLongLong(sq_hand_over(&self->t, i, owned));
 }
 
-static int
-worker_holder(SlotsObject *self, PyObject *arg, unsigned long *holder)
-{
-    *holder = PyLong_AsUnsignedLong(arg);
-    if (PyErr_Occurred())
-        return -1;
-    if (!self->has_view) {
-        PyErr_SetString(PyExc_ValueError, "the slot table is closed");
-        return -1;
-    }
-    if (*holder < 2 || *holder > 0xFFFFFFFFul) {
-        PyErr_Format(PyExc_ValueError, "holder id %lu is not a worker's", *holder);
-        return -1;
-    }
-    return 0;
-}
-
 /* enqueue(holder) -> ticket (>= 0), -1 (full: go through the proxy) or -2 (cancelled) */
 PyObject *
 Slots_enqueue(SlotsObject *self, PyObject *arg)

@@ -83,6 +83,11 @@ def entry(state: int, value: int, ticket: int) -> int:
     return (state & 0xFF) | ((value & 0xFFFFFFFF) << 8) | ((ticket & STAMP_MASK) << 40)
 
 
+def _check_worker(holder: int) -> None:
+    if not FIRST_WORKER <= holder <= 0xFFFFFFFF:  # 0 and 1 are nobody and the broker
+        raise ValueError(f"holder id {holder} is not a worker's")
+
+
 class SlotsAPI(Protocol):
     def __init__(  # noqa: PLR0917 - the C type's signature
         self, table: mmap.mmap, slots_off: int, slot_size: int, n: int, pending_off: int,
@@ -159,8 +164,7 @@ class PySlots:
         _Q.pack_into(self._mm, offset, (_Q.unpack_from(self._mm, offset)[0] + n) & (2**64 - 1))
 
     def claim(self, holder: int, start: int, generations: list[int], parking: int, pid: int) -> int:
-        if holder < FIRST_WORKER:
-            raise ValueError(f"holder id {holder} is not a worker's")
+        _check_worker(holder)
         if self.pending():
             return PROXY_FIRST
         if self._first()[0]:
@@ -264,8 +268,7 @@ class PySlots:
                 return 0
 
     def enqueue(self, holder: int) -> int:
-        if holder < FIRST_WORKER:
-            raise ValueError(f"holder id {holder} is not a worker's")
+        _check_worker(holder)
         tail, head = self._qget(Q_TAIL), self._qget(Q_HEAD)
         if tail - head >= min(self._qget(Q_CAP), QR):
             return Q_FULL
@@ -278,8 +281,7 @@ class PySlots:
         return tail
 
     def rescue(self, holder: int) -> None:
-        if holder < FIRST_WORKER:
-            raise ValueError(f"holder id {holder} is not a worker's")
+        _check_worker(holder)
         for i in range(self.n):
             w = self.load(i)
             mine = make(SlotState.LENT, gen_of(w), holder)
@@ -311,6 +313,7 @@ class PySlots:
 
     def wait(self, ticket: int, holder: int, parking: int, pid: int, control_fd: int) -> tuple[int, int]:
         """Polls (this reference serves one process: nobody else can grant while it sleeps)."""
+        _check_worker(holder)
         since = self._since(ticket)
         deadline = since + self._qget(Q_TIMEOUT)
         while True:
@@ -348,7 +351,7 @@ class PySlots:
             e = int(_Q.unpack_from(self._mm, off)[0])
             if e & 0xFF != QE_WAITING or (holder and (e >> 8) & 0xFFFFFFFF != holder):
                 continue
-            _Q.pack_into(self._mm, off, (e & ~0xFFFFFFFFFF) | QE_CANCELLED)
+            _Q.pack_into(self._mm, off, entry(QE_CANCELLED, 0, e >> 40))
             n += 1
         return n
 
