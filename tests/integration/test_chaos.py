@@ -28,7 +28,7 @@ import pytest
 
 import pgreuse
 from broker_process import BrokerProcess
-from pgreuse.broker.upkeep import RETIRING_APP
+from pgreuse.broker.exits import RETIRING_APP
 from pgreuse.wire.states import SlotState
 
 MAX_SIZE = 4

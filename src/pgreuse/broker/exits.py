@@ -12,22 +12,32 @@ waiting, says so, and frees the slot anyway. It looks for that end with ``poll()
 every :data:`EXIT_POLL`, and reads and drops what a backend still sends until it ends (a large
 result for a dead holder: PostgreSQL reads our FIN only once its send is done). A backend that has
 already closed its end is never read: its last words (a FATAL) are for the holder.
+
+The same bound holds when a broker starts over a dead one's table: the dead broker's backends stay
+connected while worker processes hold copies of their sockets, so the new broker ends them
+(:meth:`BackendExits.end_retired`) and waits until they are gone before it opens its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import select
 import socket
 import time
 
 from .backends import Backend, PoolFields
+from .connector import BackendConnectError, BackendQueryError, open_backend, run_simple_query
 
 logger = logging.getLogger("pgreuse.broker")
 
 EXIT_WAIT = 10.0  # seconds a closed backend may take to end before its slot is refilled anyway
 EXIT_POLL = 0.02  # seconds between two looks at a closed backend's socket
 _ENDED = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+# The application_name of the one connection a new broker opens to end a dead broker's backends,
+# and how long it waits for them to be gone before it opens its own.
+RETIRING_APP = "pgreuse-ending-previous-backends"
+RETIRE_WAIT = 5.0
 
 
 class BackendExits(PoolFields):
@@ -88,3 +98,46 @@ class BackendExits(PoolFields):
         """Shutdown: stop waiting (the broker's sockets close with it)."""
         for index in list(self.exiting):
             self.exiting.pop(index)[0].close()
+
+    async def end_retired(self, backends: list[tuple[int, float]]) -> None:
+        """End the backends of a dead broker (its table named them, with when each was opened):
+        worker processes that still hold copies of their sockets keep them connected, past
+        ``--max-size``, until PostgreSQL ends them. Asks PostgreSQL on a connection of its own,
+        before the pool opens its own; a pid is ended only if its session started when that broker
+        opened it (give or take a few seconds: a pid may since name someone else's backend)."""
+        if not backends:
+            return
+        wanted = ",".join(str(int(p)) for p, _opened in backends)
+        opened_at = ",".join(repr(float(t)) for _pid, t in backends)
+        try:
+            # Named, so an operator counting connections can tell it from the pool's backends.
+            opened = await open_backend(self.target, extra_options=f"-c application_name={RETIRING_APP}")
+        except BackendConnectError as exc:
+            logger.warning("could not end the previous broker's backends %s: %s", wanted, exc)
+            return
+        try:
+            q = await run_simple_query(
+                opened.stream,
+                "select count(pg_terminate_backend(a.pid)) from pg_stat_activity a "
+                f"join unnest('{{{wanted}}}'::int[], '{{{opened_at}}}'::float8[]) r(pid, opened) "
+                "on a.pid = r.pid and abs(extract(epoch from a.backend_start) - r.opened) < 5 "
+                "and a.usename = current_user",
+                timeout=10.0,
+            )
+            logger.info("ended the previous broker's backends %s (%s)", wanted, q.error or "done")
+            # pg_terminate_backend() only signals: the pool opens its own once they are gone, so
+            # that PostgreSQL never sees both (a few milliseconds; at most RETIRE_WAIT).
+            deadline = time.monotonic() + RETIRE_WAIT
+            while time.monotonic() < deadline:
+                left = await run_simple_query(
+                    opened.stream,
+                    f"select count(*) from pg_stat_activity where pid in ({wanted})",
+                    timeout=5.0,
+                )
+                if left.error or not left.rows or left.rows[0][0] == "0":
+                    break
+                await asyncio.sleep(0.01)
+        except BackendQueryError as exc:
+            logger.warning("could not end the previous broker's backends %s: %s", wanted, exc)
+        finally:
+            opened.sock.close()

@@ -221,11 +221,8 @@ class SharedSlots(PoolFields):
             logger.warning("pid %d released slot %d, which does not exist", client.pid, index)
             return
         b = self.slots[index]
-        holder = getattr(client, "holder", 0)
-        word = slots.make(_LENT, generation, holder)
-        if b.state is _SHARED and self.table.word(index) == word | slots.CANCEL_FLAG:
-            word |= slots.CANCEL_FLAG  # (its release failed on the flag: this is its clean end)
-        if b.generation != generation or b.state is not _SHARED or not self._own(b, word):
+        word = self._own_lease(b, generation, getattr(client, "holder", 0))
+        if word is None:
             logger.debug("pid %d released slot %d gen %d, which it does not hold", client.pid, index,
                          generation)  # fmt: skip
             return
@@ -243,6 +240,24 @@ class SharedSlots(PoolFields):
         self._transition(b, SlotState.RESETTING, outcome.name.lower())
         b.dirty = True
         self._spawn(self._reset(b))
+
+    def _own_lease(self, b: Backend, generation: int, holder: int) -> int | None:
+        """Take back shared ``b`` if ``holder`` holds it at ``generation``, with or without the
+        cancel flag (a worker whose release failed on the flag sends its clean end): the word it
+        had, or None."""
+        if b.state is not _SHARED or b.generation != generation:
+            return None
+        word = slots.make(_LENT, generation, holder)
+        for w in (word, word | slots.CANCEL_FLAG):
+            if self._own(b, w):
+                return w
+        return None
+
+    def _close_held_by_dead(self, b: Backend, who: str) -> None:
+        """``b`` (taken back) was held by a worker that died: its protocol state is unknown."""
+        logger.warning("slot %d: %s went away holding backend pid %d; closing it", b.index, who, b.pid)
+        self._count_worker_lease(b)
+        self._close(b, CloseReason.HOLDER_EXITED, graceful=False)
 
     def _count_worker_lease(self, b: Backend) -> None:
         """A worker's lease that ended without its own count (a dirty, broken or dead end)."""
@@ -264,14 +279,8 @@ class SharedSlots(PoolFields):
         # its held slots below, or the janitor's, see tick_shared).
         self.table.slots.cancel_waiters(holder)  # type: ignore[union-attr]
         for b in list(self.shared):
-            word = slots.make(_LENT, b.generation, holder)
-            if self._own(b, word) or self._own(b, word | slots.CANCEL_FLAG):
-                logger.warning(
-                    "slot %d: holder pid %d went away holding backend pid %d; closing it",
-                    b.index, client.pid, b.pid,
-                )  # fmt: skip
-                self._count_worker_lease(b)
-                self._close(b, CloseReason.HOLDER_EXITED, graceful=False)
+            if self._own_lease(b, b.generation, holder) is not None:
+                self._close_held_by_dead(b, f"holder pid {client.pid}")
 
     def flag_shared_lease(self, parking: int) -> Backend | None:
         """The shared slot a worker claimed for parking connection ``parking``, with the cancel
@@ -322,10 +331,7 @@ class SharedSlots(PoolFields):
             holder = slots.holder_of(word)
             if lent and holder >= slots.FIRST_WORKER and holder not in live and self._own(b, word):
                 # Granted from the table's queue to a worker that died as it was handed over.
-                logger.warning("slot %d: its holder went away holding backend pid %d; closing it",
-                               b.index, b.pid)  # fmt: skip
-                self._count_worker_lease(b)
-                self._close(b, CloseReason.HOLDER_EXITED, graceful=False)
+                self._close_held_by_dead(b, "its holder")
                 continue
             if lent and limit_ns:
                 _parking, holder_pid, started = self.table.holder_fields(b.index)

@@ -22,10 +22,6 @@ logger = logging.getLogger("pgreuse.broker")
 
 # client_connection_check_interval (ms) of every backend (PostgreSQL >= 14; 0: not set).
 CHECK_INTERVAL_MS = 500
-# The application_name of the one connection a new broker opens to end a dead broker's backends,
-# and how long it waits for them to be gone before it opens its own.
-RETIRING_APP = "pgreuse-ending-previous-backends"
-RETIRE_WAIT = 5.0
 
 # Parameters that change how values are encoded or parsed by the client (DESIGN.md §3 rule 7): every
 # backend of a pool must report the same values, because parked clients cached them at startup.
@@ -43,49 +39,6 @@ class Upkeep(PoolFields):
     """Opening, checking, resetting, closing and replacing backends."""
 
     _no_check_interval = False  # the server refused client_connection_check_interval
-
-    async def end_retired(self, backends: list[tuple[int, float]]) -> None:
-        """End the backends of a dead broker (its table named them, with when each was opened):
-        worker processes that still hold copies of their sockets keep them connected, past
-        ``--max-size``, until PostgreSQL ends them. Asks PostgreSQL on a connection of its own,
-        before the pool opens its own; a pid is ended only if its session started when that broker
-        opened it (give or take a few seconds: a pid may since name someone else's backend)."""
-        if not backends:
-            return
-        wanted = ",".join(str(int(p)) for p, _opened in backends)
-        opened_at = ",".join(repr(float(t)) for _pid, t in backends)
-        try:
-            # Named, so an operator counting connections can tell it from the pool's backends.
-            opened = await open_backend(self.target, extra_options=f"-c application_name={RETIRING_APP}")
-        except BackendConnectError as exc:
-            logger.warning("could not end the previous broker's backends %s: %s", wanted, exc)
-            return
-        try:
-            q = await run_simple_query(
-                opened.stream,
-                "select count(pg_terminate_backend(a.pid)) from pg_stat_activity a "
-                f"join unnest('{{{wanted}}}'::int[], '{{{opened_at}}}'::float8[]) r(pid, opened) "
-                "on a.pid = r.pid and abs(extract(epoch from a.backend_start) - r.opened) < 5 "
-                "and a.usename = current_user",
-                timeout=10.0,
-            )
-            logger.info("ended the previous broker's backends %s (%s)", wanted, q.error or "done")
-            # pg_terminate_backend() only signals: the pool opens its own once they are gone, so
-            # that PostgreSQL never sees both (a few milliseconds; at most RETIRE_WAIT).
-            deadline = time.monotonic() + RETIRE_WAIT
-            while time.monotonic() < deadline:
-                left = await run_simple_query(
-                    opened.stream,
-                    f"select count(*) from pg_stat_activity where pid in ({wanted})",
-                    timeout=5.0,
-                )
-                if left.error or not left.rows or left.rows[0][0] == "0":
-                    break
-                await asyncio.sleep(0.01)
-        except BackendQueryError as exc:
-            logger.warning("could not end the previous broker's backends %s: %s", wanted, exc)
-        finally:
-            opened.sock.close()
 
     def start(self) -> None:
         """End a dead broker's backends, then open ``min_size`` (at least one: its parameters are

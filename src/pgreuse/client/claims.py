@@ -118,7 +118,7 @@ class TableClaims:
             else:
                 return None
         if got == slots.NONE_IDLE and self.waits_in_table:
-            return self._wait_turn(words, parking, fd_number)
+            return self._wait_turn(table, words, parking, fd_number)
         return None
 
     def _swap_in(
@@ -133,7 +133,7 @@ class TableClaims:
         return got, self._full[got], self._pids[got], waited_ns
 
     def _wait_turn(
-        self, words: slots.SlotsAPI, parking: int, fd_number: int
+        self, table: shm.Table, words: slots.SlotsAPI, parking: int, fd_number: int
     ) -> tuple[int, int, int, int] | None:
         """Wait in the table's queue (FIFO) until a worker that frees a slot hands it here: no
         broker in between. ``None``: the queue is full or the broker cancelled the wait (pause,
@@ -143,13 +143,13 @@ class TableClaims:
             if ticket < 0:
                 return None
             words.rescue(self.holder)  # a slot freed as this ticket was published
-            if self.table is not None and self.table.room_to_grow():
+            if table.room_to_grow():
                 # The broker opens backends for the table's waiters when it hears of them.
                 with contextlib.suppress(errors.BrokerUnavailable):
                     self._try_send(POKE)
             got, waited_ns = words.wait(ticket, self.holder, parking, self.pid, self.sock.fileno())
             if got == slots.Q_TIMEOUT_PASSED:
-                limit = self.table.wait_limit() if self.table is not None else waited_ns / 1e9
+                limit = table.wait_limit()
                 raise errors.PoolTimeout(errors.wait_timeout_message(limit, self.max_size))
             if got == slots.Q_CONTROL:
                 with self._lock:
@@ -160,9 +160,10 @@ class TableClaims:
             if got < 0:
                 return None
             with self._lock:
-                if self._gens[got] != slots.gen_of(words.load(got)):
+                gen = slots.gen_of(words.load(got))
+                if self._gens[got] != gen:
                     # A backend newer than the fd this process holds: on to the next waiter.
-                    words.release(got, self.holder, slots.gen_of(words.load(got)), 0)
+                    words.release(got, self.holder, gen, 0)
                     self._want(got)
                     return None
                 return self._swap_in(words, got, fd_number, waited_ns)
