@@ -53,8 +53,9 @@ from .backends import (  # noqa: F401 - Client, InProcessHolder, C_FIELDS: the p
     Waiter,
     _PoolBase,
 )
+from .cancels import Cancels
 from .config import BrokerConfig
-from .connector import BackendConnectError, BackendTarget, send_cancel
+from .connector import BackendTarget
 from .exits import BackendExits
 from .mirror import TableMirror
 from .recycling import Recycling
@@ -73,7 +74,7 @@ _SHARED = SlotState.SHARED
 _CLEAN = control.Outcome.CLEAN
 
 
-class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, Recycling, _PoolBase):
+class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, Recycling, Cancels, _PoolBase):
     def __init__(
         self,
         config: BrokerConfig,
@@ -478,45 +479,5 @@ class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, Recycling, _PoolBase)
     def count(self, state: SlotState) -> int:
         """Slots in ``state`` now."""
         return self._count(state)
-
-    def cancel(self, parking: int) -> None:
-        """Forward a CancelRequest for the lease that parking connection ``parking`` holds.
-
-        The backend is not lent to anyone else until PostgreSQL is done with the cancel (it closes
-        the cancel connection once it has signalled the backend): a proxy session's lease ends
-        dirty, a worker's claimed slot gets the cancel flag in its word, and either way the backend
-        is reset after the cancel before it is lent again (``_reset`` waits for it)."""
-        held = next((b for b in self.slots if b.state is SlotState.LENT and b.parking == parking), None)
-        if held is not None:
-            mark_dirty = getattr(held.holder, "mark_dirty", None)
-            if mark_dirty is not None:
-                mark_dirty()  # (its give-back then goes through the reset)
-        else:
-            held = self.flag_shared_lease(parking)
-        if held is None:
-            # Still waiting for a backend: what was sent never reached PostgreSQL; answer it the way
-            # PostgreSQL answers a cancelled statement (a client such as psycopg waits for that).
-            waiter = next((w for w in self.waiters if w.parking == parking), None)
-            if waiter is None:
-                logger.debug("cancel for parking %d: no lease held, nothing to cancel", parking)
-                return
-            self.waiters.remove(waiter)
-            self.publish_pending()
-            self._deny(waiter, control.DenyCode.CANCELED, "canceling statement due to user request "
-                       "(it was waiting for a backend)")  # fmt: skip
-            return
-        logger.info("forwarding cancel to backend pid %d (slot %d)", held.pid, held.index)
-        held.cancels += 1
-        self._spawn(self._forward_cancel(held, held.generation))
-
-    async def _forward_cancel(self, b: Backend, generation: int) -> None:
-        try:
-            await send_cancel(self.target, b.pid, b.secret, tls=b.tls is not None)
-        except BackendConnectError as exc:
-            logger.warning("slot %d: %s", b.index, exc)
-        finally:
-            b.cancels -= 1
-            if b.cancels == 0 and b.generation == generation:
-                self.cancel_done(b)
 
     # -- janitor ----------------------------------------------------------------------------------

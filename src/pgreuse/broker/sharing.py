@@ -282,27 +282,6 @@ class SharedSlots(PoolFields):
             if self._own_lease(b, b.generation, holder) is not None:
                 self._close_held_by_dead(b, f"holder pid {client.pid}")
 
-    def flag_shared_lease(self, parking: int) -> Backend | None:
-        """The shared slot a worker claimed for parking connection ``parking``, with the cancel
-        flag set in its word (a cancel is about to be forwarded to it); None if none is, or if the
-        worker gave it back as we looked (the cancel is then dropped: it has nothing to cancel)."""
-        for b in self.shared:
-            word = self.table.word(b.index)
-            if slots.state_of(word) is not _LENT or self.table.holder_fields(b.index)[0] != parking:
-                continue
-            if slots.canceling(word) or self.table.slots.cas(b.index, word, word | slots.CANCEL_FLAG):  # type: ignore[union-attr]
-                return b
-            return None
-        return None
-
-    def cancel_done(self, b: Backend) -> None:
-        """Every cancel forwarded to ``b`` is done: a worker that still holds it may give it back as
-        usual (the flag goes); one that gave it back left it to the broker, whose reset runs now."""
-        if b.state is _SHARED:
-            word = self.table.word(b.index)
-            if slots.canceling(word):
-                self.table.slots.cas(b.index, word, word & ~slots.CANCEL_FLAG)  # type: ignore[union-attr]
-
     def seen(self, b: Backend) -> tuple[SlotState, int, str | None, int, int, int]:
         """Slot ``b`` as the admin console shows it, shared or not: state, holder pid, holder kind
         (``proxy``/``handoff``), leases, lease start (monotonic ns, 0 if not lent), parking key."""
