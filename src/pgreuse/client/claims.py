@@ -81,39 +81,40 @@ class TableClaims:
         ``fd_number``: ``(slot, generation, backend_pid, waited ns)``, or ``None`` when the
         transaction should go through the proxy."""
         table = self.table
-        if table is None or table.slots is None or self.dead:
+        if table is None or table.slots is None or self._dead is not None:
             return None
         if self._outbox:
             self._flush()  # (a dirty or broken end the broker must hear of)
         words = table.slots
         claim = words.claim
         with self._lock:
+            got = claim(self.holder, self._start, self._gens, parking, self.pid)
             for _attempt in range(len(self._fds)):
-                got = claim(self.holder, self._start, self._gens, parking, self.pid)
                 if got <= -3:
                     # An idle slot of a generation whose fd has not been read yet: read, retry.
                     self._drain_locked()
-                    if self.dead:
+                    if self._dead is not None:
                         return None
                     got = claim(self.holder, self._start, self._gens, parking, self.pid)
                 if got < 0:
                     if got <= -3:
                         self._want(-3 - got)
                     break
-                fd, gen = self._fds[got], self._gens[got]
-                fresh = time.monotonic_ns() - self._given_back[got] < CHECK_AFTER_NS
-                seen = 0 if fresh else slots.check(fd, self.sock.fileno())
-                if seen & slots.CONTROL_READABLE:
-                    self._drain_locked()  # new fds, or the broker's end
-                    if self.dead:
-                        # The broker died: this table and its backends are not ours to use.
-                        words.release(got, self.holder, gen, 0)
-                        return None
-                if seen & slots.BACKEND_UNFIT:
-                    # PostgreSQL ended that session while it sat idle in the table (a restart, a
-                    # terminate): the broker replaces it; this transaction tries another slot.
-                    self.report(got, self._full[got], control.Outcome.BROKEN)
-                    continue
+                if time.monotonic_ns() - self._given_back[got] >= CHECK_AFTER_NS:
+                    gen = self._gens[got]  # (a drain that finds the broker's end forgets them)
+                    seen = slots.check(self._fds[got], self.sock.fileno())
+                    if seen & slots.CONTROL_READABLE:
+                        self._drain_locked()  # new fds, or the broker's end
+                        if self._dead is not None:
+                            # The broker died: this table and its backends are not ours to use.
+                            words.release(got, self.holder, gen, 0)
+                            return None
+                    if seen & slots.BACKEND_UNFIT:
+                        # PostgreSQL ended that session while it sat idle in the table (a restart,
+                        # a terminate): the broker replaces it; this transaction tries another slot.
+                        self.report(got, self._full[got], control.Outcome.BROKEN)
+                        got = claim(self.holder, self._start, self._gens, parking, self.pid)
+                        continue
                 return self._swap_in(words, got, fd_number, 0)
             else:
                 return None

@@ -12,14 +12,16 @@ import atexit
 import contextlib
 import os
 import weakref
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 import psycopg
 from psycopg import pq
+from psycopg.adapt import AdaptersMap
 
+from . import parked
 from .channel import Channel, channel_for
-from .guard import StatementGuard
+from .guard import StatementGuard, check_prepare_threshold
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
     Lease,
@@ -65,10 +67,43 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
             BrokerUnavailable: no broker answers at ``<host>/.s.PGREUSE.<port>``.
             psycopg.OperationalError: the broker refused the startup (its message says why).
         """
+        check_prepare_threshold(prepare_threshold)
+        key = parked.key_of(cls, conninfo, kwargs)
+        kept = parked.parked_connections.take(key) if key is not None else None
+        if kept is not None:
+            return cls._reopen(kept, key, lease_timeout, **kwargs)
         channel = channel_for(cls._control_path(conninfo, prepare_threshold, kwargs))
         conn = super().connect(conninfo, prepare_threshold=None, **kwargs)
         assert isinstance(conn, Connection)
         conn._bind(channel, lease_timeout)
+        conn._park_key = key
+        return conn
+
+    @classmethod
+    def _reopen(
+        cls,
+        kept: parked.Parked,
+        key: Hashable,
+        lease_timeout: float,
+        *,
+        autocommit: bool = False,
+        row_factory: Any = None,
+        cursor_factory: Any = None,
+        context: Any = None,
+        **_conninfo: Any,
+    ) -> Connection:
+        """A new connection on a parking connection this process kept (``parked.py``)."""
+        conn = cls(kept.pgconn)
+        conn._adopt(kept, key, lease_timeout)
+        # What psycopg's connect() sets on the Connection it made (psycopg/connection.py).
+        conn._autocommit = bool(autocommit)
+        if row_factory:
+            conn.row_factory = row_factory
+        if cursor_factory:
+            conn.cursor_factory = cursor_factory
+        if context:
+            conn._adapters = AdaptersMap(context.adapters)
+        conn.prepare_threshold = None
         return conn
 
     # -- the swap point ---------------------------------------------------------------------------
@@ -85,12 +120,14 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
                 raise
             raise mapped from exc
         finally:
-            if self._held is not None or self._proxying:
-                self._after_wait()
+            if (self._held is not None or self._proxying) and not self._after_wait_done():
+                self._after_wait_steps_run()
 
     def _after_wait(self) -> None:
-        if self._after_wait_done():
-            return
+        if not self._after_wait_done():
+            self._after_wait_steps_run()
+
+    def _after_wait_steps_run(self) -> None:
         steps = self._after_wait_steps()
         for stmt in steps:
             try:
@@ -144,8 +181,18 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
             # state is unknown, so the broker must not lend it as is (it closes it; PostgreSQL
             # rolls back).
             self._give_back(broken=True)
+        elif self._park():
+            return  # its parking connection is kept for the next connect()
         super().close()  # Terminate now reaches the parking socket only (rule 5)
         self._close_home()
+
+    def cancel(self) -> None:
+        self._cancel_sent = True  # a late cancel must not reach the next user of this parking key
+        super().cancel()
+
+    def cancel_safe(self, *args: Any, **kwargs: Any) -> None:
+        self._cancel_sent = True
+        super().cancel_safe(*args, **kwargs)
 
 
 _live: weakref.WeakSet[Connection] = weakref.WeakSet()

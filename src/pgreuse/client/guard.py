@@ -62,15 +62,27 @@ class StatementGuard:
         return pgq
 
 
-_guarded_classes: dict[type[Any], type[Any]] = {}
+class ServerCursorGuard(StatementGuard):
+    """A server-side cursor's guard: WITH HOLD is refused when the cursor is made (not in
+    ``Connection.cursor()``, which then costs nothing extra for the usual client-side cursors)."""
+
+    def __init__(self, *args: Any, withhold: bool = False, **kwargs: Any) -> None:
+        if withhold:
+            self._closed = True  # (psycopg's __del__ looks: nothing was opened)
+            raise errors.NotSupported(WITH_HOLD_REFUSED)
+        super().__init__(*args, withhold=withhold, **kwargs)  # type: ignore[call-arg]
 
 
-def guarded(cursor_class: type[Any]) -> type[Any]:
-    """``cursor_class`` with :class:`StatementGuard` first in its MRO (one class per input)."""
-    if issubclass(cursor_class, StatementGuard):
+_guarded_classes: dict[tuple[type[Any], type[Any]], type[Any]] = {}
+
+
+def guarded(cursor_class: type[Any], guard: type[StatementGuard] = StatementGuard) -> type[Any]:
+    """``cursor_class`` with ``guard`` (:class:`StatementGuard` or :class:`ServerCursorGuard`)
+    first in its MRO (one class per input)."""
+    if issubclass(cursor_class, guard):
         return cursor_class
-    made = _guarded_classes.get(cursor_class)
+    made = _guarded_classes.get((cursor_class, guard))
     if made is None:
-        made = type(f"Guarded{cursor_class.__name__}", (StatementGuard, cursor_class), {})
-        made = _guarded_classes.setdefault(cursor_class, made)
+        made = type(f"Guarded{cursor_class.__name__}", (guard, cursor_class), {})
+        made = _guarded_classes.setdefault((cursor_class, guard), made)
     return made

@@ -30,7 +30,8 @@ from .. import errors, telemetry
 from ..shm import WAIT_BOUNDS_NS
 from ..wire import control
 from .channel import ChannelBase
-from .guard import WITH_HOLD_REFUSED, broker_socket_dir_and_port, check_prepare_threshold, guarded
+from .guard import ServerCursorGuard, broker_socket_dir_and_port, check_prepare_threshold, guarded
+from .parked import Reusable
 from .session import LISTEN_REFUSED
 from .session_state import SessionState
 
@@ -77,6 +78,7 @@ class _Held:
     fd_number: int  # libpq's socket fd, now pointing at the backend
     waited: float = 0.0  # seconds in the table's queue (telemetry.LeaseInfo); 0 for a claim
     bucket: int = 0  # the wait's bucket in the table's histogram
+    watched: bool = False  # telemetry records this lease (asked once, at the grant)
     span: telemetry.LeaseSpan | None = None
 
     @property
@@ -100,7 +102,7 @@ def _pid() -> int:
     return _pids[0]
 
 
-class LeaseCore(SessionState):
+class LeaseCore(Reusable, SessionState):
     """Mixin for psycopg connection classes: the lease state and the swap."""
 
     if TYPE_CHECKING:
@@ -140,7 +142,7 @@ class LeaseCore(SessionState):
 
     @server_cursor_factory.setter
     def server_cursor_factory(self, cls: type[Any]) -> None:
-        self._server_cursor_factory = guarded(cls)
+        self._server_cursor_factory = guarded(cls, ServerCursorGuard)
 
     @staticmethod
     def _control_path(conninfo: str, prepare_threshold: int | None, kwargs: dict[str, Any]) -> str:
@@ -171,11 +173,6 @@ class LeaseCore(SessionState):
     def prepare_threshold(self, value: int | None) -> None:
         check_prepare_threshold(value)
         self._prepared.prepare_threshold = None
-
-    def cursor(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("withhold"):
-            raise errors.NotSupported(WITH_HOLD_REFUSED)
-        return super().cursor(*args, **kwargs)  # type: ignore[misc]
 
     def notifies(self, *args: Any, **kwargs: Any) -> Any:
         raise errors.NotSupported(LISTEN_REFUSED)
@@ -219,16 +216,10 @@ class LeaseCore(SessionState):
     def _needs_lease(self, gen: Any) -> bool:
         """This ``wait()`` starts a transaction (the caller checked that nothing is held and nothing
         goes through the proxy now): claim a backend for it, or send it to the proxy."""
-        name = getattr(getattr(gen, "gi_code", None), "co_name", "")
-        state_only = (
-            name in STATE_ONLY_GENERATORS
-            and self.pgconn.transaction_status == pq.TransactionStatus.IDLE
-            and self.pgconn.pipeline_status == pq.PipelineStatus.OFF
-            and self._pipeline is None
-        )
-        if state_only:
+        code = getattr(gen, "gi_code", None)
+        if code is not None and code.co_name in STATE_ONLY_GENERATORS and self._state_only():
             return False
-        if _pid() != self._owner_pid:
+        if _pids[0] != self._owner_pid:
             raise errors.WrongProcess(
                 f"this pgreuse connection was opened in process {self._owner_pid} and is used in "
                 f"process {os.getpid()}: open connections after fork (e.g. in Gunicorn's "
@@ -238,6 +229,14 @@ class LeaseCore(SessionState):
             raise errors.BrokerUnavailable("connection was not opened with pgreuse.connect()")
         # A closed or broken connection: psycopg reports it itself.
         return bool(self.pgconn.status == pq.ConnStatus.OK)
+
+    def _state_only(self) -> bool:
+        """A state-only generator runs without the server now: idle, and outside a pipeline."""
+        return bool(
+            self.pgconn.transaction_status == pq.TransactionStatus.IDLE
+            and self.pgconn.pipeline_status == pq.PipelineStatus.OFF
+            and self._pipeline is None
+        )
 
     def _claim(self) -> None:
         """Claim an idle slot for this transaction (DESIGN.md §4), or wait in the table for one
@@ -272,7 +271,9 @@ class LeaseCore(SessionState):
         if waited_ns:
             held.waited = waited_ns / 1e9
             held.bucket = bisect.bisect_left(WAIT_BOUNDS_NS, waited_ns)
-        held.span = telemetry.lease_granted(self._pool_telemetry or self._telemetry(), held)
+        if telemetry.watched():
+            held.watched = True
+            held.span = telemetry.lease_granted(self._pool_telemetry or self._telemetry(), held)
         self._held = held
 
     def _lost_broker(self) -> None:
@@ -360,29 +361,30 @@ class LeaseCore(SessionState):
         self._held = None
         channel = self._channel
         assert channel is not None
-        lease = held
-        libpq_fd = -1
-        with contextlib.suppress(psycopg.OperationalError):
+        try:
             libpq_fd = self.pgconn.socket
+        except psycopg.OperationalError:
+            libpq_fd = -1
         if libpq_fd == held.fd_number:
             try:
-                os.dup2(self._home, held.fd_number, inheritable=False)
+                os.dup2(self._home, libpq_fd, inheritable=False)
             except BaseException:
                 # libpq's fd still points at the backend: it is not clean for anyone else.
-                channel.report(lease.slot, lease.generation, control.Outcome.BROKEN)
+                channel.report(held.slot, held.generation, control.Outcome.BROKEN)
                 raise
         # else: libpq already closed that fd number when the backend failed (rule 4); never dup2
         # into a number it gave up — it may belong to someone else by now.
         if broken:
-            channel.report(lease.slot, lease.generation, control.Outcome.BROKEN)
+            channel.report(held.slot, held.generation, control.Outcome.BROKEN)
         elif dirty:
             # the broker runs DISCARD ALL before lending it again
-            channel.report(lease.slot, lease.generation, control.Outcome.DIRTY)
+            channel.report(held.slot, held.generation, control.Outcome.DIRTY)
         else:
-            channel.give_back(lease.slot, lease.generation, lease.bucket)
-        telemetry.lease_released(
-            self._pool_telemetry or self._telemetry(), lease, held.span, broken=broken, dirty=dirty
-        )
+            channel.give_back(held.slot, held.generation, held.bucket)
+        if held.watched:
+            telemetry.lease_released(
+                self._pool_telemetry or self._telemetry(), held, held.span, broken=broken, dirty=dirty
+            )
 
     def _proxied_over(self, refused: BaseException | None) -> None:
         """The transaction that went through the proxy is over (``refused``: the proxy said why)."""
