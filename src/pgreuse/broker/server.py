@@ -32,6 +32,7 @@ from ..wire import control, frames, scan
 from . import admin, proxy
 from .config import BrokerConfig, ConfigError, parse_listen_addr
 from .connector import BackendConnectError, BackendTarget, parse_target
+from .control_client import ControlClient, OutboxFull, outbox_limit
 from .greeting import Greeting, ParkingSecrets
 from .hangups import HangupWatch
 from .login import (
@@ -59,74 +60,6 @@ MATCHED_PARAMETERS = ("client_encoding", "DateStyle", "IntervalStyle", "TimeZone
 # Connections a listener accepts per wake-up; more wait for the next loop turn, after other events.
 _ACCEPT_BATCH = 64
 PARKING_KEY_BASE = 1 << 30  # above any real pid (pid_max <= 2**22): a parking key is never a pid
-
-
-class ControlClient:
-    """One worker process's control channel."""
-
-    in_process = False  # pool.Client: the worker gets the backend's fd
-
-    def __init__(
-        self, sock: socket.socket, pid: int, loop: asyncio.AbstractEventLoop, holder: int = 0
-    ) -> None:
-        self.sock = sock
-        self.pid = pid
-        self.holder = holder  # its id in the slot words (slots.FIRST_WORKER and up); 0: no claims
-        self.fds: dict[int, int] = {}  # slot -> generation of the fd sent to this process
-        self._loop = loop
-        self._outbox: list[tuple[bytes, int | None]] = []
-        self.dead = False
-
-    def __repr__(self) -> str:
-        return f"<ControlClient pid={self.pid} holder={self.holder} fds={len(self.fds)}>"
-
-    @property
-    def backlog(self) -> int:
-        """Messages waiting for the worker to read the channel."""
-        return len(self._outbox)
-
-    def send(self, msg: control.Message, fd: int | None = None) -> None:
-        if self.dead:
-            return
-        # The queue owns a dup of the fd: if the message waits (the worker is slow to read) and
-        # the backend is closed meanwhile, its fd number may be reused by the replacement — which
-        # must never leave here labelled as the old generation.
-        owned = os.dup(fd) if fd is not None else None
-        self._outbox.append((control.encode(msg), owned))
-        if len(self._outbox) == 1:
-            self._flush()
-
-    def _flush(self) -> None:
-        # Messages are tiny; the socket buffer fills only if the worker stopped reading. Keep order.
-        while self._outbox:
-            data, fd = self._outbox[0]
-            try:
-                if fd is None:
-                    self.sock.send(data)
-                else:
-                    socket.send_fds(self.sock, [data], [fd])
-            except BlockingIOError:
-                self._loop.add_writer(self.sock.fileno(), self._writable)
-                return
-            except OSError as exc:
-                logger.info("control channel of pid %d: send failed: %s", self.pid, exc)
-                self.drop()
-                return
-            self._outbox.pop(0)
-            if fd is not None:
-                os.close(fd)
-
-    def drop(self) -> None:
-        """The channel is gone: forget what was still queued for it."""
-        self.dead = True
-        for _data, fd in self._outbox:
-            if fd is not None:
-                os.close(fd)
-        self._outbox.clear()
-
-    def _writable(self) -> None:
-        self._loop.remove_writer(self.sock.fileno())
-        self._flush()
 
 
 class Parking:
@@ -643,15 +576,21 @@ class Broker:
         if peer_pid is None:
             sock.close()
             return
-        client = ControlClient(sock, peer_pid, loop, self._new_holder())
-        self.table.add("clients")
         ended: asyncio.Future[BaseException | None] = loop.create_future()
+
+        def overflowed(why: OutboxFull) -> None:
+            if not ended.done():
+                ended.set_result(why)
+
+        client = ControlClient(sock, peer_pid, loop, self._new_holder(),
+                               limit=outbox_limit(len(self.pool.slots)), on_overflow=overflowed)  # fmt: skip
+        self.table.add("clients")
 
         def readable() -> None:
             # One registration for the channel's life, and every queued packet read per wake-up:
             # this is the lease hot path, and sock_recv() would add and remove the reader per message.
             try:
-                while True:
+                while not ended.done():  # (an overflow ends it while it reads)
                     try:
                         packet = sock.recv(control.MAX_MESSAGE + 1)
                     except BlockingIOError:
@@ -666,7 +605,9 @@ class Broker:
         loop.add_reader(sock.fileno(), readable)
         try:
             why = await ended
-            if isinstance(why, control.ControlError):
+            if isinstance(why, OutboxFull):
+                self.table.add("protocol_errors")  # (logged when it overflowed)
+            elif isinstance(why, control.ControlError):
                 logger.warning("control channel of pid %d dropped: %s", peer_pid, why)
                 self.table.add("protocol_errors")
             elif why is not None and not isinstance(why, OSError):
