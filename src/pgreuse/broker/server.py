@@ -30,6 +30,7 @@ from ..credentials import peer_credentials, trusted_uids
 from ..shm import Table, table_path
 from ..wire import control, frames, scan
 from . import admin, proxy
+from . import reload as reloading
 from .config import BrokerConfig, ConfigError, parse_listen_addr
 from .connector import BackendConnectError, BackendTarget, parse_target
 from .control_client import ControlClient, OutboxFull, outbox_limit
@@ -47,6 +48,7 @@ from .login import (
 )
 from .pool import Pool
 from .proxy import ProxySession, ProxyStats, PyProxySession
+from .settings_file import SettingsSource
 from .upkeep import CHECKED_PARAMETERS
 
 logger = logging.getLogger("pgreuse.broker")
@@ -81,8 +83,10 @@ class StartupRefused(Exception):
 
 
 class Broker:
-    def __init__(self, config: BrokerConfig) -> None:
+    def __init__(self, config: BrokerConfig, source: SettingsSource | None = None) -> None:
         self.config = config
+        self.source = source  # where a reload reads the settings again (None: nowhere)
+        self._parent: tuple[int, int] | None = None  # (pid, pidfd) watched: we exit with it
         try:
             self.target: BackendTarget = parse_target(config.dsn)
         except ValueError as exc:
@@ -144,7 +148,8 @@ class Broker:
         self.hangups = HangupWatch(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        parent_fd = self._watch_parent(loop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_signalled)
+        self.watch_parent()
         self.pool.start()
         self._spawn(self._accept(pg, self._serve_pg))
         if tcp is not None:
@@ -172,9 +177,7 @@ class Broker:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self.hangups.close()
-            if parent_fd is not None:
-                loop.remove_reader(parent_fd)
-                os.close(parent_fd)
+            self._unwatch_parent()
             with contextlib.suppress(OSError):
                 os.unlink(self.table.path)
             self.table.close()
@@ -251,22 +254,51 @@ class Broker:
         self._listeners.append(s)
         return s
 
-    def _watch_parent(self, loop: asyncio.AbstractEventLoop) -> int | None:
-        if not self.config.parent_pid:
-            return None
+    def reload(self) -> list[str]:
+        """SIGHUP (and the admin console's RELOAD): re-read the settings, apply what can change
+        live. A bad file is logged and changes nothing: a reload never stops the broker."""
         try:
-            fd = os.pidfd_open(self.config.parent_pid)
+            return reloading.reload(self)
+        except ConfigError as exc:
+            logger.error("reload failed, the settings in use stay: %s", exc)
+            raise
+
+    def _reload_signalled(self) -> None:
+        with contextlib.suppress(ConfigError):  # (logged)
+            self.reload()
+
+    def watch_parent(self) -> None:
+        """Exit when ``--parent-pid`` exits (a pidfd: even if it is SIGKILLed). Called again when a
+        reload names another parent (the new master of a Gunicorn USR2 upgrade)."""
+        pid = self.config.parent_pid
+        if self._parent is not None and self._parent[0] == pid:
+            return
+        self._unwatch_parent()
+        if not pid:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            fd = os.pidfd_open(pid)
         except ProcessLookupError:
-            logger.error("parent pid %d is gone; exiting", self.config.parent_pid)
+            logger.error("parent pid %d is gone; exiting", pid)
             self.stop()
-            return None
+            return
 
         def parent_exited() -> None:
-            logger.warning("parent pid %d exited; shutting down", self.config.parent_pid)
+            logger.warning("parent pid %d exited; shutting down", pid)
             self.stop()
 
         loop.add_reader(fd, parent_exited)
-        return fd
+        self._parent = (pid, fd)
+        logger.info("exiting with parent pid %d", pid)
+
+    def _unwatch_parent(self) -> None:
+        if self._parent is not None:
+            fd = self._parent[1]
+            self._parent = None
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -640,7 +672,9 @@ class Broker:
             # speed: a worker told "proxy" never claims, and a TLS pool never shares a slot.
             proxy_only = self.target.tls_possible
         claims = self.pool.claims and not proxy_only
-        return control.Welcome(control.VERSION, os.getpid(), self.config.max_size, proxy_only,
+        # The table's slot count (workers map it by that size), not --max-size: a reload may
+        # lower that below the slots the table was made with.
+        return control.Welcome(control.VERSION, os.getpid(), len(self.pool.slots), proxy_only,
                                client.holder if claims else 0)  # fmt: skip
 
     def _greet(self, client: ControlClient) -> None:
