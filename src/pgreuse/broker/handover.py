@@ -13,6 +13,7 @@ when it exits, sees in the file that the broker is no longer its own and leaves 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -67,19 +68,20 @@ def adopt(config: BrokerConfig, old_master: int, path: str, write: Callable[[Bro
 
 
 def stop(pid: int, timeout: float = 20.0) -> None:
-    """SIGTERM an adopted supervisor (not our child: no waitpid) and wait until it is gone."""
+    """SIGTERM an adopted supervisor and wait until it is gone (it is not our child: a pidfd, not
+    waitpid, says when it exits)."""
     try:
-        os.kill(pid, signal.SIGTERM)
+        fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
+    try:
+        signal.pidfd_send_signal(fd, signal.SIGTERM)
+        if not select.select([fd], [], [], timeout)[0]:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _broker_pid(config: BrokerConfig) -> int:
