@@ -15,10 +15,23 @@ The broker runs as a child process of the master (``python -m pgreuse.broker --s
 threads in the master, which forks workers. Its supervisor restarts it if it dies and exits with the
 master. Nothing is opened in the master before fork: workers open their pgreuse connections lazily.
 The hooks also export ``PGREUSE_CONNINFO`` (``host=<socket-dir> port=<port> dbname=<db>``) for the app.
+
+Restarts (docs/failures.md):
+
+* ``kill -HUP`` the master: Gunicorn re-reads ``gunicorn.conf.py`` and replaces its workers; the
+  ``on_reload`` hook writes the settings again and sends the broker SIGHUP, which applies what can
+  change live (sizes, timeouts: docs/configuration.md). The broker and its backends stay.
+* ``kill -USR2`` the master (binary upgrade): the new master finds its old master's broker serving
+  and adopts it instead of starting a second one: it names itself the broker's parent (the settings
+  file's ``parent-pid``, and SIGHUP). The old master, WINCHed and QUIT, then leaves the broker alone.
+
+The settings live in ``<socket-dir>/pgreuse.<port>.gunicorn.toml`` (mode 0600), but the DSN, which
+travels in the environment, and the socket directory and port, on the broker's command line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -29,12 +42,15 @@ from typing import Any
 
 import attrs
 
+from .broker import handover
 from .broker.config import BrokerConfig
 from .broker.connector import parse_target
+from .broker.settings_file import write_settings
 from .client.channel import broker_accepts
 
-_broker: subprocess.Popen[bytes] | None = None
+_broker: subprocess.Popen[bytes] | None = None  # the supervisor this master started
 _config: BrokerConfig | None = None
+_supervisor = 0  # its pid, or that of the supervisor adopted from the old master (USR2)
 START_TIMEOUT = 30.0
 
 
@@ -59,6 +75,25 @@ def config_from_env(**overrides: Any) -> BrokerConfig:
     return BrokerConfig(**values)
 
 
+# Settings of the broker the hook starts that travel on its command line rather than in the file:
+# the DSN (it may hold a password: in the environment), and where it serves (fixed for its life).
+_ON_COMMAND_LINE = ("dsn", "socket_dir", "port", "config_file")
+
+
+def settings_path(config: BrokerConfig) -> str:
+    """The settings file the hooks write for the broker they start (and re-read on reload)."""
+    return os.path.join(config.socket_dir, f"pgreuse.{config.port}.gunicorn.toml")
+
+
+def write_broker_settings(config: BrokerConfig) -> str:
+    """Write ``config`` where the broker re-reads it; return the path."""
+    os.makedirs(config.socket_dir, mode=0o700, exist_ok=True)
+    path = settings_path(config)
+    values = {f.name: getattr(config, f.name) for f in attrs.fields(BrokerConfig)}
+    write_settings(path, {k: v for k, v in values.items() if k not in _ON_COMMAND_LINE})
+    return path
+
+
 def start_broker(config: BrokerConfig) -> subprocess.Popen[bytes]:
     """Start a supervised broker for ``config`` and wait until it accepts clients.
 
@@ -66,7 +101,9 @@ def start_broker(config: BrokerConfig) -> subprocess.Popen[bytes]:
         RuntimeError: the broker exited or did not become ready within 30 s (its exit code and
             the reason are in the message and on stderr).
     """
-    cmd = [sys.executable, "-m", "pgreuse.broker", "--supervise", *config.to_argv()]
+    path = write_broker_settings(config)
+    cmd = [sys.executable, "-m", "pgreuse.broker", "--supervise", "--socket-dir", config.socket_dir,
+           "--port", str(config.port), "--config-file", path]  # fmt: skip
     env = dict(os.environ, PGREUSE_DSN=config.dsn)  # not on the command line: it may hold a password
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + START_TIMEOUT
@@ -102,15 +139,42 @@ def conninfo_for(config: BrokerConfig) -> str:
 
 def _make_hooks(get_config: Callable[[], BrokerConfig]) -> dict[str, Callable[..., None]]:
     def on_starting(server: Any) -> None:
-        global _broker, _config  # noqa: PLW0603
+        global _broker, _config, _supervisor  # noqa: PLW0603
         # The broker exits with the master (pidfd), even if the master is SIGKILLed.
         _config = cfg = attrs.evolve(get_config(), parent_pid=os.getpid())
-        _broker = start_broker(cfg)
         os.environ["PGREUSE_CONNINFO"] = conninfo_for(cfg)
+        old_master = int(getattr(server, "master_pid", 0) or 0)
+        if old_master and broker_accepts(cfg.control_socket):
+            # USR2: the old master's broker serves on, with its backends; this master takes it over.
+            _supervisor = handover.adopt(cfg, old_master, settings_path(cfg), write_broker_settings)
+            server.log.info("pgreuse broker (supervisor pid %s) adopted from master %s",
+                            _supervisor, old_master)  # fmt: skip
+            return
+        _broker = start_broker(cfg)
+        _supervisor = _broker.pid
         server.log.info(
             "pgreuse broker pid %s serving %s (max-size %d)",
             _broker.pid, cfg.socket_dir, cfg.max_size,
         )  # fmt: skip
+
+    def on_reload(server: Any) -> None:
+        # HUP: Gunicorn re-read gunicorn.conf.py (this hook is the new file's); the broker re-reads
+        # the settings written here and applies those that can change live.
+        global _config  # noqa: PLW0603
+        if _config is None or not _supervisor:
+            return
+        cfg = attrs.evolve(get_config(), parent_pid=os.getpid())
+        if (cfg.socket_dir, cfg.port) != (_config.socket_dir, _config.port):
+            server.log.warning(
+                "pgreuse: socket_dir/port changed in the Gunicorn config: the broker keeps %s port "
+                "%d until Gunicorn is restarted", _config.socket_dir, _config.port,
+            )  # fmt: skip
+            cfg = attrs.evolve(cfg, socket_dir=_config.socket_dir, port=_config.port)
+        _config = cfg
+        write_broker_settings(cfg)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(_supervisor, signal.SIGHUP)
+        server.log.info("pgreuse broker told to re-read its settings (max-size %d)", cfg.max_size)
 
     def post_fork(server: Any, worker: Any) -> None:
         # Nothing to open here: pgreuse connections are opened lazily in the worker, and any state
@@ -118,10 +182,20 @@ def _make_hooks(get_config: Callable[[], BrokerConfig]) -> dict[str, Callable[..
         pass
 
     def on_exit(server: Any) -> None:
+        if _config is None or not _supervisor:
+            return
+        owner = handover.owner(settings_path(_config))
+        if owner not in (0, os.getpid()):
+            # USR2: the broker belongs to the new master now; it must outlive this one.
+            server.log.info("pgreuse broker left running for master %s", owner)
+            return
         if _broker is not None:
             stop_broker(_broker)
+        else:
+            handover.stop(_supervisor)
 
-    return {"on_starting": on_starting, "post_fork": post_fork, "on_exit": on_exit}
+    return {"on_starting": on_starting, "on_reload": on_reload, "post_fork": post_fork,
+            "on_exit": on_exit}  # fmt: skip
 
 
 def install(namespace: MutableMapping[str, Any], **settings: Any) -> None:
@@ -158,5 +232,6 @@ _env_hooks = _make_hooks(config_from_env)
 on_starting = _env_hooks["on_starting"]
 post_fork = _env_hooks["post_fork"]
 on_exit = _env_hooks["on_exit"]
+on_reload = _env_hooks["on_reload"]
 
-__all__ = ["on_exit", "on_starting", "post_fork"]
+__all__ = ["on_exit", "on_reload", "on_starting", "post_fork"]

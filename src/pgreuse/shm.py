@@ -37,8 +37,8 @@ from .wire.states import CloseReason, SlotState
 
 MAGIC = b"PGREUSE\0"
 # 2: counters "resets", "too_many"; 3: close reason "revoked"; 4: slot words, parking key, flags;
-# 5: the wait queue after the slots; 6: close reasons max_lifetime, max_idle
-LAYOUT_VERSION = 6
+# 5: the wait queue after the slots; 6: close reasons max_lifetime, max_idle; 7: pool_shrunk
+LAYOUT_VERSION = 7
 FLAG_CLAIMS = 1  # header flags: workers may claim idle slots (the broker has the atomics)
 # Added to the ``pending`` word while the pool is paused or closing: a worker claims only while the
 # word is 0, so nobody claims then; readers see the queue length alone (the low 32 bits).

@@ -1,14 +1,18 @@
 """``python -m pgreuse.broker``: run a broker in the foreground, optionally supervised.
 
 With ``--supervise`` this process stays small: it forks the real broker and forks a new one when the
-broker dies abnormally (with a backoff), forwards SIGTERM/SIGINT, and exits when ``--parent-pid`` (the
-Gunicorn master) is gone. Gunicorn reaps every child of the master with ``waitpid(-1)``, so the master
+broker dies abnormally (with a backoff), forwards SIGTERM/SIGINT and SIGHUP (reload), and exits when
+``--parent-pid`` (the Gunicorn master) is gone. On SIGHUP it re-reads the settings too, for a new
+``parent-pid``: the Gunicorn hook hands the broker over to the new master of a USR2 upgrade that way.
+
+Gunicorn reaps every child of the master with ``waitpid(-1)``, so the master
 cannot watch the broker's exit code itself; the supervisor is the broker's own parent and can.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -16,16 +20,17 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from .config import BrokerConfig, ConfigError, parse_argv
+from .config import BrokerConfig, ConfigError
+from .settings_file import SettingsSource
 
 logger = logging.getLogger("pgreuse.broker")
 
 
-def run_broker(config: BrokerConfig) -> int:
+def run_broker(config: BrokerConfig, source: SettingsSource | None = None) -> int:
     from .server import Broker  # noqa: PLC0415 - keep the supervisor's memory small
 
     try:
-        broker = Broker(config)
+        broker = Broker(config, source)
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(broker.run())
     except ConfigError as exc:
@@ -47,7 +52,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def supervise(config: BrokerConfig) -> int:
+def supervise(config: BrokerConfig, source: SettingsSource | None = None) -> int:
     stopping = False
     child = 0
 
@@ -57,8 +62,19 @@ def supervise(config: BrokerConfig) -> int:
         if child:
             os.kill(child, signum)
 
+    def reload(_signum: int, _frame: object) -> None:
+        nonlocal config
+        if child:
+            os.kill(child, signal.SIGHUP)  # the broker re-reads and logs what it did
+        if source is not None and source.file:
+            # Only what the supervisor itself uses: the parent it exits with, and the settings a
+            # restarted broker starts from. A bad file is the broker's to report.
+            with contextlib.suppress(ConfigError):
+                config = source.load()
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, reload)
     backoff = 0.5
     while True:
         started = time.monotonic()
@@ -66,7 +82,8 @@ def supervise(config: BrokerConfig) -> int:
         if child == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os._exit(run_broker(config))
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (the broker's loop handles it)
+            os._exit(run_broker(config, source))
         while True:
             try:
                 _, status = os.waitpid(child, 0)
@@ -100,7 +117,8 @@ def _alive(pid: int) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        config, supervised = parse_argv(argv)
+        source = SettingsSource.from_argv(argv)
+        config = source.load()
     except ConfigError as exc:
         print(f"pgreuse broker: {exc}", file=sys.stderr)
         return 2
@@ -108,9 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=config.log_level,
         format="%(asctime)s pgreuse[%(process)d] %(levelname)s %(message)s",
     )
-    if supervised:
-        return supervise(config)
-    return run_broker(config)
+    if source.supervise:
+        return supervise(config, source)
+    return run_broker(config, source)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import attrs
 from .. import __version__
 from ..wire import frames
 from ..wire.states import SlotState
+from .config import ConfigError
+from .reload import RELOADABLE
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -61,7 +63,7 @@ pgreuse admin console commands:
   SHOW VERSION    the pgreuse version
   PAUSE           stop lending backends (waits for lent ones to come back); clients queue
   RESUME          lend again after PAUSE
-  RELOAD          settings come from the command line: nothing to re-read (a notice says so)
+  RELOAD          re-read --config-file; apply the settings SHOW CONFIG calls changeable
   SHUTDOWN        stop the broker (lent backends get --shutdown-timeout to come back)"""
 
 
@@ -160,13 +162,13 @@ class Console:
             self._check_database(words[1:])
             return await self.pause() if verb == "PAUSE" else self.resume()
         if verb == "RELOAD" and not args:
-            return Result(
-                "RELOAD",
-                notices=(
-                    "pgreuse takes its settings from the command line, so there is nothing to "
-                    "re-read; restart the broker to change them",
-                ),
-            )
+            try:
+                return Result("RELOAD", notices=tuple(self.broker.reload()))
+            except ConfigError as exc:
+                raise AdminError(
+                    "F0000", f"reload failed, the settings in use stay: {exc}",
+                    hint="fix the file and RELOAD again",
+                ) from exc  # fmt: skip
         if verb == "SHUTDOWN" and not args:
             logger.warning("SHUTDOWN requested on the admin console")
             asyncio.get_running_loop().call_soon(self.broker.stop)
@@ -337,7 +339,8 @@ class Console:
             default = getattr(defaults, field.name)
             if field.name == "dsn":
                 value, default = self.broker.target.describe(), ""
-            rows.append((field.name.replace("_", "-"), str(value), str(default), "no"))
+            changeable = "yes" if field.name in RELOADABLE else "no"
+            rows.append((field.name.replace("_", "-"), str(value), str(default), changeable))
         cols = (("key", TEXT), ("value", TEXT), ("default", TEXT), ("changeable", TEXT))
         return Result("SHOW", cols, tuple(rows))
 

@@ -81,6 +81,8 @@ class BrokerConfig:
     max_lease_time: float = 0.0  # a lease held longer is revoked; 0: no limit
     max_lifetime: float = 0.0  # a backend open longer is replaced while idle (with jitter); 0: never
     max_idle: float = 0.0  # a backend unused longer is closed, down to min_size; 0: never
+    # A TOML file of these settings, re-read on SIGHUP and admin RELOAD (settings_file.py, reload.py)
+    config_file: str = ""
 
     def __attrs_post_init__(self) -> None:
         if not self.dsn:
@@ -325,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
         "through the broker's proxy (slower; for comparison, or to rule the handoff out)",
     )
     p.add_argument(
+        "--config-file",
+        "--config",
+        default="",
+        help="a TOML file of these settings (keys: the long flag names, e.g. max-size = 20), "
+        "re-read on SIGHUP and on the admin console's RELOAD; a flag given on the command line "
+        "wins over the file, and keeps its value across reloads (see docs/configuration.md)",
+    )
+    p.add_argument(
         "--supervise",
         action="store_true",
         help="run the broker in a child process and restart it if it dies",
@@ -339,15 +349,21 @@ def config_from_args(args: argparse.Namespace) -> BrokerConfig:
 
 
 def parse_argv(argv: Sequence[str] | None = None) -> tuple[BrokerConfig, bool]:
-    """Parse the command line; return the config and whether to supervise."""
-    args = build_parser().parse_args(argv)
-    if args.dsn != os.environ.get("PGREUSE_DSN", "") and _has_password(args.dsn):
-        # A command line is public: ps shows it to every user of the machine.
+    """Parse the command line (and the ``--config-file`` it names); return the config and whether
+    to supervise."""
+    from .settings_file import SettingsSource  # noqa: PLC0415 - it builds on this module
+
+    source = SettingsSource.from_argv(argv)
+    return source.load(), source.supervise
+
+
+def check_command_line_dsn(dsn: str) -> None:
+    """Refuse a password on the command line: ``ps`` shows it to every user of the machine."""
+    if dsn != os.environ.get("PGREUSE_DSN", "") and _has_password(dsn):
         raise ConfigError(
             "--dsn holds a password, which every user of this machine could read with ps: pass "
             "the DSN in PGREUSE_DSN instead, or leave the password out of it and set PGPASSWORD"
         )
-    return config_from_args(args), bool(args.supervise)
 
 
 def _has_password(dsn: str) -> bool:

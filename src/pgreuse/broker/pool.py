@@ -59,6 +59,7 @@ from .connector import BackendTarget
 from .exits import BackendExits
 from .mirror import TableMirror
 from .recycling import Recycling
+from .resizing import Resizing
 from .sharing import SharedSlots
 from .upkeep import CHECKED_PARAMETERS, PINNED_PARAMETERS, Upkeep  # noqa: F401 - server.py's names
 
@@ -74,7 +75,7 @@ _SHARED = SlotState.SHARED
 _CLEAN = control.Outcome.CLEAN
 
 
-class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, Recycling, Cancels, _PoolBase):
+class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, Recycling, Resizing, Cancels, _PoolBase):
     def __init__(
         self,
         config: BrokerConfig,

@@ -30,8 +30,10 @@ from ..credentials import peer_credentials, trusted_uids
 from ..shm import Table, table_path
 from ..wire import control, frames, scan
 from . import admin, proxy
+from . import reload as reloading
 from .config import BrokerConfig, ConfigError, parse_listen_addr
 from .connector import BackendConnectError, BackendTarget, parse_target
+from .control_client import ControlClient, OutboxFull, outbox_limit
 from .greeting import Greeting, ParkingSecrets
 from .hangups import HangupWatch
 from .login import (
@@ -46,6 +48,7 @@ from .login import (
 )
 from .pool import Pool
 from .proxy import ProxySession, ProxyStats, PyProxySession
+from .settings_file import SettingsSource
 from .upkeep import CHECKED_PARAMETERS
 
 logger = logging.getLogger("pgreuse.broker")
@@ -59,74 +62,6 @@ MATCHED_PARAMETERS = ("client_encoding", "DateStyle", "IntervalStyle", "TimeZone
 # Connections a listener accepts per wake-up; more wait for the next loop turn, after other events.
 _ACCEPT_BATCH = 64
 PARKING_KEY_BASE = 1 << 30  # above any real pid (pid_max <= 2**22): a parking key is never a pid
-
-
-class ControlClient:
-    """One worker process's control channel."""
-
-    in_process = False  # pool.Client: the worker gets the backend's fd
-
-    def __init__(
-        self, sock: socket.socket, pid: int, loop: asyncio.AbstractEventLoop, holder: int = 0
-    ) -> None:
-        self.sock = sock
-        self.pid = pid
-        self.holder = holder  # its id in the slot words (slots.FIRST_WORKER and up); 0: no claims
-        self.fds: dict[int, int] = {}  # slot -> generation of the fd sent to this process
-        self._loop = loop
-        self._outbox: list[tuple[bytes, int | None]] = []
-        self.dead = False
-
-    def __repr__(self) -> str:
-        return f"<ControlClient pid={self.pid} holder={self.holder} fds={len(self.fds)}>"
-
-    @property
-    def backlog(self) -> int:
-        """Messages waiting for the worker to read the channel."""
-        return len(self._outbox)
-
-    def send(self, msg: control.Message, fd: int | None = None) -> None:
-        if self.dead:
-            return
-        # The queue owns a dup of the fd: if the message waits (the worker is slow to read) and
-        # the backend is closed meanwhile, its fd number may be reused by the replacement — which
-        # must never leave here labelled as the old generation.
-        owned = os.dup(fd) if fd is not None else None
-        self._outbox.append((control.encode(msg), owned))
-        if len(self._outbox) == 1:
-            self._flush()
-
-    def _flush(self) -> None:
-        # Messages are tiny; the socket buffer fills only if the worker stopped reading. Keep order.
-        while self._outbox:
-            data, fd = self._outbox[0]
-            try:
-                if fd is None:
-                    self.sock.send(data)
-                else:
-                    socket.send_fds(self.sock, [data], [fd])
-            except BlockingIOError:
-                self._loop.add_writer(self.sock.fileno(), self._writable)
-                return
-            except OSError as exc:
-                logger.info("control channel of pid %d: send failed: %s", self.pid, exc)
-                self.drop()
-                return
-            self._outbox.pop(0)
-            if fd is not None:
-                os.close(fd)
-
-    def drop(self) -> None:
-        """The channel is gone: forget what was still queued for it."""
-        self.dead = True
-        for _data, fd in self._outbox:
-            if fd is not None:
-                os.close(fd)
-        self._outbox.clear()
-
-    def _writable(self) -> None:
-        self._loop.remove_writer(self.sock.fileno())
-        self._flush()
 
 
 class Parking:
@@ -148,8 +83,10 @@ class StartupRefused(Exception):
 
 
 class Broker:
-    def __init__(self, config: BrokerConfig) -> None:
+    def __init__(self, config: BrokerConfig, source: SettingsSource | None = None) -> None:
         self.config = config
+        self.source = source  # where a reload reads the settings again (None: nowhere)
+        self._parent: tuple[int, int] | None = None  # (pid, pidfd) watched: we exit with it
         try:
             self.target: BackendTarget = parse_target(config.dsn)
         except ValueError as exc:
@@ -211,7 +148,8 @@ class Broker:
         self.hangups = HangupWatch(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
-        parent_fd = self._watch_parent(loop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_signalled)
+        self.watch_parent()
         self.pool.start()
         self._spawn(self._accept(pg, self._serve_pg))
         if tcp is not None:
@@ -239,9 +177,7 @@ class Broker:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self.hangups.close()
-            if parent_fd is not None:
-                loop.remove_reader(parent_fd)
-                os.close(parent_fd)
+            self._unwatch_parent()
             with contextlib.suppress(OSError):
                 os.unlink(self.table.path)
             self.table.close()
@@ -318,22 +254,51 @@ class Broker:
         self._listeners.append(s)
         return s
 
-    def _watch_parent(self, loop: asyncio.AbstractEventLoop) -> int | None:
-        if not self.config.parent_pid:
-            return None
+    def reload(self) -> list[str]:
+        """SIGHUP (and the admin console's RELOAD): re-read the settings, apply what can change
+        live. A bad file is logged and changes nothing: a reload never stops the broker."""
         try:
-            fd = os.pidfd_open(self.config.parent_pid)
+            return reloading.reload(self)
+        except ConfigError as exc:
+            logger.error("reload failed, the settings in use stay: %s", exc)
+            raise
+
+    def _reload_signalled(self) -> None:
+        with contextlib.suppress(ConfigError):  # (logged)
+            self.reload()
+
+    def watch_parent(self) -> None:
+        """Exit when ``--parent-pid`` exits (a pidfd: even if it is SIGKILLed). Called again when a
+        reload names another parent (the new master of a Gunicorn USR2 upgrade)."""
+        pid = self.config.parent_pid
+        if self._parent is not None and self._parent[0] == pid:
+            return
+        self._unwatch_parent()
+        if not pid:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            fd = os.pidfd_open(pid)
         except ProcessLookupError:
-            logger.error("parent pid %d is gone; exiting", self.config.parent_pid)
+            logger.error("parent pid %d is gone; exiting", pid)
             self.stop()
-            return None
+            return
 
         def parent_exited() -> None:
-            logger.warning("parent pid %d exited; shutting down", self.config.parent_pid)
+            logger.warning("parent pid %d exited; shutting down", pid)
             self.stop()
 
         loop.add_reader(fd, parent_exited)
-        return fd
+        self._parent = (pid, fd)
+        logger.info("exiting with parent pid %d", pid)
+
+    def _unwatch_parent(self) -> None:
+        if self._parent is not None:
+            fd = self._parent[1]
+            self._parent = None
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -643,15 +608,21 @@ class Broker:
         if peer_pid is None:
             sock.close()
             return
-        client = ControlClient(sock, peer_pid, loop, self._new_holder())
-        self.table.add("clients")
         ended: asyncio.Future[BaseException | None] = loop.create_future()
+
+        def overflowed(why: OutboxFull) -> None:
+            if not ended.done():
+                ended.set_result(why)
+
+        client = ControlClient(sock, peer_pid, loop, self._new_holder(),
+                               limit=outbox_limit(len(self.pool.slots)), on_overflow=overflowed)  # fmt: skip
+        self.table.add("clients")
 
         def readable() -> None:
             # One registration for the channel's life, and every queued packet read per wake-up:
             # this is the lease hot path, and sock_recv() would add and remove the reader per message.
             try:
-                while True:
+                while not ended.done():  # (an overflow ends it while it reads)
                     try:
                         packet = sock.recv(control.MAX_MESSAGE + 1)
                     except BlockingIOError:
@@ -666,7 +637,9 @@ class Broker:
         loop.add_reader(sock.fileno(), readable)
         try:
             why = await ended
-            if isinstance(why, control.ControlError):
+            if isinstance(why, OutboxFull):
+                self.table.add("protocol_errors")  # (logged when it overflowed)
+            elif isinstance(why, control.ControlError):
                 logger.warning("control channel of pid %d dropped: %s", peer_pid, why)
                 self.table.add("protocol_errors")
             elif why is not None and not isinstance(why, OSError):
@@ -699,7 +672,9 @@ class Broker:
             # speed: a worker told "proxy" never claims, and a TLS pool never shares a slot.
             proxy_only = self.target.tls_possible
         claims = self.pool.claims and not proxy_only
-        return control.Welcome(control.VERSION, os.getpid(), self.config.max_size, proxy_only,
+        # The table's slot count (workers map it by that size), not --max-size: a reload may
+        # lower that below the slots the table was made with.
+        return control.Welcome(control.VERSION, os.getpid(), len(self.pool.slots), proxy_only,
                                client.holder if claims else 0)  # fmt: skip
 
     def _greet(self, client: ControlClient) -> None:

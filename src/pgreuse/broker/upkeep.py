@@ -58,7 +58,7 @@ class Upkeep(PoolFields):
             self._open_one()
 
     def _open_one(self) -> bool:
-        if self.closing or not self._states[SlotState.CLOSED]:
+        if self.closing or not self._states[SlotState.CLOSED] or not self.room_for_one():
             return False
         # (not one whose last backend has not ended yet: PostgreSQL would see both)
         b = next((s for s in self.slots if s.state is SlotState.CLOSED and s.index not in self.exiting), None)
@@ -340,6 +340,7 @@ class Upkeep(PoolFields):
         self.tick_shared(now_ns)
         self.check_exits(time.monotonic())
         self.tick_recycle(time.monotonic())
+        self.trim()  # (a --max-size lowered by a reload)
         if not self.closing and time.monotonic() >= self._retry_at:
             self._refill()
 

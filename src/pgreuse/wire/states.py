@@ -52,6 +52,7 @@ class CloseReason(enum.IntEnum):
     REVOKED = 10  # held longer than --max-lease-time: taken back with shutdown()
     MAX_LIFETIME = 11  # open longer than --max-lifetime: closed while idle, and replaced
     MAX_IDLE = 12  # unused longer than --max-idle, above --min-size: closed while idle
+    POOL_SHRUNK = 13  # above a --max-size lowered by a reload: closed while idle
 
 
 class InvalidTransition(RuntimeError):
