@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 from .config import BrokerConfig, ConfigError
 from .settings_file import SettingsSource
+from .socket_files import remove_stale_sockets
 
 logger = logging.getLogger("pgreuse.broker")
 
@@ -60,7 +61,8 @@ def supervise(config: BrokerConfig, source: SettingsSource | None = None) -> int
         nonlocal stopping
         stopping = True
         if child:
-            os.kill(child, signum)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
 
     def reload(_signum: int, _frame: object) -> None:
         nonlocal config
@@ -93,15 +95,24 @@ def supervise(config: BrokerConfig, source: SettingsSource | None = None) -> int
                 break
             except InterruptedError:
                 continue
+        dead, child = child, 0  # (reaped: its pid may be another process's by now)
         code = os.waitstatus_to_exitcode(status)
+        if code < 0:
+            # Killed: its socket files are left behind, and look alive to clients (and to a test
+            # that the broker is gone) until the next broker replaces them, if there is one.
+            remove_stale_sockets(config)
         if stopping or code in (0, 2):
             return code
         if config.parent_pid and not _alive(config.parent_pid):
             return 0
         if time.monotonic() - started > 60:
             backoff = 0.5
-        logger.error("broker pid %d exited with %d; restarting in %.1fs", child, code, backoff)
-        time.sleep(backoff)
+        logger.error("broker pid %d exited with %d; restarting in %.1fs", dead, code, backoff)
+        restart_at = time.monotonic() + backoff
+        while not stopping and time.monotonic() < restart_at:
+            time.sleep(0.05)  # (a SIGTERM during the backoff stops here, with no new broker)
+        if stopping:
+            return code
         backoff = min(backoff * 2, 10.0)
 
 

@@ -49,6 +49,7 @@ from .login import (
 from .pool import Pool
 from .proxy import ProxySession, ProxyStats, PyProxySession
 from .settings_file import SettingsSource
+from .socket_files import remove_if_stale
 from .upkeep import CHECKED_PARAMETERS
 
 logger = logging.getLogger("pgreuse.broker")
@@ -218,18 +219,8 @@ class Broker:
             )
 
     def _listen(self, path: str, kind: int) -> socket.socket:
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, kind)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale: left by a broker that was killed
-            else:
-                raise ConfigError(
-                    f"another broker is already listening on {path}; stop it or use another --port"
-                )
-            finally:
-                probe.close()
+        if not remove_if_stale(path, kind):
+            raise ConfigError(f"another broker is already listening on {path}; stop it or use another --port")
         s = socket.socket(socket.AF_UNIX, kind)
         s.bind(path)
         s.listen(512)
