@@ -15,6 +15,7 @@ from broker_process import BrokerProcess
 from pgreuse.wire import frames
 from pgreuse.wire.auth import ScramSteps
 from pgreuse.wire.scram_server import ScramSecret
+from raw_client import messages
 
 PLAIN = "pl@in-Secret-1"
 HASHED = "h4shed-Secret-2"
@@ -61,27 +62,17 @@ def raw_login(b: BrokerProcess, user: str, password: str) -> dict[str, str] | No
     steps = ScramSteps(user, password)
     with socket.create_connection(("127.0.0.1", b.tcp_port), timeout=10) as s:  # type: ignore[attr-defined]
         s.sendall(frames.startup_message({"user": user, "database": b.dbname}))
-        reader = frames.FrameReader()
-        while True:
-            msg = reader.next_message()
-            if msg is None:
-                data = s.recv(65536)
-                assert data, "closed without an answer"
-                reader.feed(data)
-                continue
-            if msg.type == b"E":
-                return frames.parse_error_fields(msg.body)
-            if msg.type == b"Z":
-                return None
-            if msg.type != b"R":
-                continue
-            code, payload = frames.parse_auth(msg.body)
+        for msg in messages(s):
+            if msg.type in b"EZ":
+                return frames.parse_error_fields(msg.body) if msg.type == b"E" else None
+            code, payload = frames.parse_auth(msg.body) if msg.type == b"R" else (0, b"")
             if code == 10:
                 s.sendall(frames.sasl_initial_response("SCRAM-SHA-256", steps.first()))
             elif code == 11:
                 s.sendall(frames.sasl_response(steps.final(payload)))
             elif code == 12:
                 steps.verify(payload)
+    raise AssertionError("closed without an answer")
 
 
 def test_the_right_password_logs_in(tcp_broker, monkeypatch):
@@ -132,19 +123,11 @@ def test_the_login_timeout_covers_the_password_exchange(tcp_broker):
     with socket.create_connection(("127.0.0.1", tcp_broker.tcp_port), timeout=10) as s:
         start = time.monotonic()
         s.sendall(frames.startup_message({"user": "app", "database": tcp_broker.dbname}))
-        reader = frames.FrameReader()
-        messages: list[frames.Message] = []
-        while True:
-            data = s.recv(65536)
-            if not data:
-                break
-            reader.feed(data)
-            while (msg := reader.next_message()) is not None:
-                messages.append(msg)
+        got = list(messages(s))
         elapsed = time.monotonic() - start
-    assert [m.type for m in messages] == [b"R", b"E"]
-    assert frames.parse_auth(messages[0].body)[0] == 10  # AuthenticationSASL
-    fields = frames.parse_error_fields(messages[1].body)
+    assert [m.type for m in got] == [b"R", b"E"]
+    assert frames.parse_auth(got[0].body)[0] == 10  # AuthenticationSASL
+    fields = frames.parse_error_fields(got[1].body)
     assert (fields["S"], fields["C"]) == ("FATAL", "08P01")
     assert "--client-login-timeout (2 s)" in fields["M"]
     assert 1.5 < elapsed < 8
@@ -154,15 +137,7 @@ def test_a_client_that_breaks_the_exchange_gets_a_protocol_error(tcp_broker):
     with socket.create_connection(("127.0.0.1", tcp_broker.tcp_port), timeout=10) as s:
         s.sendall(frames.startup_message({"user": "app", "database": tcp_broker.dbname}))
         s.sendall(frames.password_message(b"cleartext"))  # not a SASLInitialResponse
-        reader = frames.FrameReader()
-        error = None
-        while error is None:
-            data = s.recv(65536)
-            assert data
-            reader.feed(data)
-            while (msg := reader.next_message()) is not None:
-                if msg.type == b"E":
-                    error = frames.parse_error_fields(msg.body)
+        error = next(frames.parse_error_fields(m.body) for m in messages(s) if m.type == b"E")
     assert error["C"] == "08P01", error
     assert "malformed SASLInitialResponse" in error["M"]
 

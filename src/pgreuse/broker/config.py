@@ -37,7 +37,8 @@ MAX_WAITING = 2**31 - 1
 # A real client sends its StartupMessage the moment it connects (libpq does, after at most an
 # SSLRequest the broker answers at once): seconds of silence mean a stuck or hostile peer, which holds
 # a descriptor and a --max-client-conn place meanwhile. PgBouncer's client_login_timeout is 60 s, but
-# that also covers an authentication round trip; here there is none to wait for.
+# it waits for a password typed at a prompt; libpq asks for one before it connects, so here only the
+# round trips of a SCRAM login (--auth-file) count.
 DEFAULT_CLIENT_LOGIN_TIMEOUT = 15.0
 
 
@@ -213,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--socket-dir",
         default=DEFAULT_SOCKET_DIR,
-        help="directory for the broker's sockets and shared-memory table; created with mode "
-        "0700 if missing (default: %(default)s)",
+        help="directory for the broker's sockets and shared-memory table; its mode is set to 0700 "
+        "(0711 or 0710 with --allow-uid/--allow-gid), created if missing (default: %(default)s)",
     )
     p.add_argument(
         "--port",
@@ -286,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-login-timeout",
         type=float,
         default=DEFAULT_CLIENT_LOGIN_TIMEOUT,
-        help="seconds a new client connection has to send its startup packet before the broker "
+        help="seconds a new client connection has to send its startup packet (and to log in, on TCP "
+        "with --auth-file) before the broker "
         "closes it (a FATAL error says why); 0: no limit (default: %(default)s)",
     )
     p.add_argument(
