@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 
 from pgreuse.wire import frames
 
@@ -35,3 +36,15 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def messages(sock: socket.socket) -> Iterator[frames.Message]:
+    """Each message the peer sends, read as needed, until it closes the connection."""
+    reader = frames.FrameReader()
+    while True:
+        while (msg := reader.next_message()) is not None:
+            yield msg
+        data = sock.recv(65536)
+        if not data:
+            return
+        reader.feed(data)

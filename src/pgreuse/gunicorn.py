@@ -7,7 +7,7 @@ One line in ``gunicorn.conf.py``::
 or, with the settings in the environment (``PGREUSE_DSN``, ``PGREUSE_SOCKET_DIR``, ``PGREUSE_PORT``,
 ``PGREUSE_MAX_SIZE``, ``PGREUSE_MIN_SIZE``, ``PGREUSE_WAIT_TIMEOUT``,
 ``PGREUSE_IDLE_TRANSACTION_TIMEOUT``, ``PGREUSE_MAX_LEASE_TIME``, ``PGREUSE_MAX_LIFETIME``,
-``PGREUSE_MAX_IDLE``, ``PGREUSE_MAX_WAITING``)::
+``PGREUSE_MAX_IDLE``, ``PGREUSE_MAX_WAITING``, ``PGREUSE_ALLOW_UID``, ``PGREUSE_ALLOW_GID``)::
 
     from pgreuse.gunicorn import *  # noqa: F403
 
@@ -70,6 +70,8 @@ def config_from_env(**overrides: Any) -> BrokerConfig:
         "max_lifetime": float(env.get("PGREUSE_MAX_LIFETIME", "0")),
         "max_idle": float(env.get("PGREUSE_MAX_IDLE", "0")),
         "reset_every_lease": env.get("PGREUSE_RESET_EVERY_LEASE", "") not in ("", "0", "false"),
+        "allow_uid": env.get("PGREUSE_ALLOW_UID", ""),  # other users' workers (Gunicorn's user=)
+        "allow_gid": env.get("PGREUSE_ALLOW_GID", ""),
     }
     values.update(overrides)
     return BrokerConfig(**values)

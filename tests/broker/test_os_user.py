@@ -121,7 +121,7 @@ def test_an_unexpected_startup_failure_is_answered_with_fatal(short_tmp, caplog)
     async def main() -> bytes:
         broker = Broker(BrokerConfig(dsn=f"host={short_tmp} port=1 user=t dbname=t", socket_dir=short_tmp))
 
-        async def planted(packet: object, peer_pid: int) -> NoReturn:
+        async def planted(packet: object, peer_pid: int, authenticated: bool = False) -> NoReturn:
             raise RuntimeError("planted failure")
 
         broker._startup = planted  # type: ignore[method-assign]

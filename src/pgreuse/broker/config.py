@@ -14,6 +14,9 @@ import attrs
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from .access import parse_gids, parse_uids
+from .authfile import read_userlist
+
 DEFAULT_PORT = 6432
 DEFAULT_SOCKET_DIR = "/run/pgreuse"
 # sun_path is 108 bytes including the NUL; the longest name we put in the directory is
@@ -22,8 +25,8 @@ MAX_SOCKET_DIR = 107 - len("/.s.PGREUSE.65535")
 
 
 POOL_MODES = ("transaction", "session")
-# The TCP listener does not authenticate clients (the Unix socket checks SO_PEERCRED), so it may
-# only bind loopback addresses: anything else would lend backends to the network.
+# Without --auth-file the TCP listener does not authenticate clients (the Unix socket checks
+# SO_PEERCRED), so it may only bind loopback addresses: anything else would lend backends to the network.
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
@@ -34,7 +37,8 @@ MAX_WAITING = 2**31 - 1
 # A real client sends its StartupMessage the moment it connects (libpq does, after at most an
 # SSLRequest the broker answers at once): seconds of silence mean a stuck or hostile peer, which holds
 # a descriptor and a --max-client-conn place meanwhile. PgBouncer's client_login_timeout is 60 s, but
-# that also covers an authentication round trip; here there is none to wait for.
+# it waits for a password typed at a prompt; libpq asks for one before it connects, so here only the
+# round trips of a SCRAM login (--auth-file) count.
 DEFAULT_CLIENT_LOGIN_TIMEOUT = 15.0
 
 
@@ -48,12 +52,6 @@ def parse_listen_addr(text: str) -> tuple[str, int]:
     host = host.strip("[]")
     if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
         raise ConfigError(f"--listen-addr {text!r} is not host:port; e.g. --listen-addr 127.0.0.1:6432")
-    if host not in LOOPBACK_HOSTS:
-        raise ConfigError(
-            f"--listen-addr {text!r}: the TCP listener does not authenticate clients, so it binds "
-            f"loopback addresses only ({', '.join(LOOPBACK_HOSTS)}); use the Unix socket for "
-            "access control by uid"
-        )
     return host, int(port_text)
 
 
@@ -81,6 +79,10 @@ class BrokerConfig:
     max_lease_time: float = 0.0  # a lease held longer is revoked; 0: no limit
     max_lifetime: float = 0.0  # a backend open longer is replaced while idle (with jitter); 0: never
     max_idle: float = 0.0  # a backend unused longer is closed, down to min_size; 0: never
+    # Access control (broker/access.py, broker/authfile.py): comma lists of names or numbers.
+    allow_uid: str = ""  # other users let in on the Unix sockets
+    allow_gid: str = ""  # other groups (primary or supplementary) let in on the Unix sockets
+    auth_file: str = ""  # PgBouncer userlist.txt: TCP clients must log in with a password in it
     # A TOML file of these settings, re-read on SIGHUP and admin RELOAD (settings_file.py, reload.py)
     config_file: str = ""
 
@@ -142,8 +144,26 @@ class BrokerConfig:
                 f"--client-login-timeout {self.client_login_timeout} must be between 0 (no limit) "
                 f"and {MAX_WAIT_TIMEOUT:.0f} seconds"
             )
+        for flag, text, parse in (("--allow-uid", self.allow_uid, parse_uids),
+                                  ("--allow-gid", self.allow_gid, parse_gids)):  # fmt: skip
+            try:
+                parse(text)
+            except ValueError as exc:
+                raise ConfigError(f"{flag} {text!r}: {exc}") from None
+        if self.auth_file:
+            try:
+                read_userlist(self.auth_file)
+            except ValueError as exc:
+                raise ConfigError(f"--auth-file: {exc}") from None
         if self.listen_addr:
-            parse_listen_addr(self.listen_addr)
+            host, _port = parse_listen_addr(self.listen_addr)
+            if host not in LOOPBACK_HOSTS and not self.auth_file:
+                raise ConfigError(
+                    f"--listen-addr {self.listen_addr!r}: without --auth-file the TCP listener does "
+                    f"not authenticate clients, so it binds loopback addresses only "
+                    f"({', '.join(LOOPBACK_HOSTS)}); give an --auth-file of users and passwords, or "
+                    "use the Unix socket for access control by uid"
+                )
         if not self.reset_query.strip():
             raise ConfigError(
                 "--reset-query is empty: give the SQL that clears session state (default DISCARD ALL)"
@@ -196,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--socket-dir",
         default=DEFAULT_SOCKET_DIR,
-        help="directory for the broker's sockets and shared-memory table; created with mode "
-        "0700 if missing (default: %(default)s)",
+        help="directory for the broker's sockets and shared-memory table; its mode is set to 0700 "
+        "(0711 or 0710 with --allow-uid/--allow-gid), created if missing (default: %(default)s)",
     )
     p.add_argument(
         "--port",
@@ -269,14 +289,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-login-timeout",
         type=float,
         default=DEFAULT_CLIENT_LOGIN_TIMEOUT,
-        help="seconds a new client connection has to send its startup packet before the broker "
+        help="seconds a new client connection has to send its startup packet (and to log in, on TCP "
+        "with --auth-file) before the broker "
         "closes it (a FATAL error says why); 0: no limit (default: %(default)s)",
     )
     p.add_argument(
         "--listen-addr",
         default="",
-        help="also accept PostgreSQL clients on this TCP host:port (loopback only: TCP clients are "
-        "not authenticated); off by default",
+        help="also accept PostgreSQL clients on this TCP host:port; loopback only unless "
+        "--auth-file is given (off by default)",
+    )
+    p.add_argument(
+        "--auth-file",
+        default="",
+        help='PgBouncer-style userlist.txt ("user" "password or SCRAM secret" per line): '
+        "clients of --listen-addr must log in with SCRAM-SHA-256 as one of its users; "
+        "then --listen-addr may bind any address",
+    )
+    p.add_argument(
+        "--allow-uid",
+        action="append",
+        default=[],
+        help="let this user (name or uid; repeat, or a comma list) use the Unix sockets besides "
+        "the broker's own user and root; its transactions go through the proxy",
+    )
+    p.add_argument(
+        "--allow-gid",
+        action="append",
+        default=[],
+        help="let the members of this group (name or gid, primary or supplementary; repeat, or "
+        "a comma list) use the Unix sockets, as --allow-uid",
     )
     p.add_argument(
         "--reset-query",
@@ -345,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> BrokerConfig:
     values = {f.name: getattr(args, f.name) for f in attrs.fields(BrokerConfig)}
     values["log_level"] = values["log_level"].upper()
+    for name in ("allow_uid", "allow_gid"):  # repeated flags: one comma list
+        values[name] = ",".join(values[name])
     return BrokerConfig(**values)
 
 

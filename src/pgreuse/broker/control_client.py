@@ -62,6 +62,7 @@ class ControlClient:
         # pool's clean-up itself: send() runs inside the pool's own loops over its workers.
         self._on_overflow = on_overflow
         self.dead = False
+        self.trusted = True  # False: another user let in by --allow-uid/gid, who gets no backend fds
 
     def __repr__(self) -> str:
         return f"<ControlClient pid={self.pid} holder={self.holder} fds={len(self.fds)}>"

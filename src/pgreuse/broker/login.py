@@ -12,7 +12,8 @@ Contract:
 * :class:`Admission` counts the connections still in their startup, so that they count toward
   ``--max-client-conn`` with the parked, proxied and admin ones (issue 13: 500 silent connections held
   500 descriptors for good, and counted nowhere).
-* :func:`startup_failure` is the FATAL answer to a startup that failed inside the broker.
+* :class:`StartupRefused` is a startup the broker refuses (its SQLSTATE and message, what to do);
+  :func:`startup_failure` is the FATAL answer to a startup that failed inside the broker.
 * :func:`os_user` and friends give login names, or None where there is none to be had.
 """
 
@@ -42,6 +43,17 @@ _RECV = 16384  # bytes per read of a startup (MAX_STARTUP is 10000)
 
 class LoginTimeout(Exception):
     """No StartupMessage before the deadline."""
+
+
+class StartupRefused(Exception):
+    """A startup the broker answers with a FATAL ErrorResponse; ``why``: more for the log only."""
+
+    def __init__(self, sqlstate: str, message: str, hint: str | None = None, *, why: str = "") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+        self.hint = hint
+        self.why = why
 
 
 class Admission:

@@ -6,7 +6,8 @@
   queries on it instead, and the broker proxies them to leased backends (:mod:`.proxy`). The
   database ``pgreuse`` is the admin console (:mod:`.admin`). CancelRequests arrive here too and are
   forwarded to the backend currently leased by the connection that owns the key. The same protocol is
-  served on ``--listen-addr`` (TCP, loopback only) when it is set.
+  served on ``--listen-addr`` (TCP) when it is set: loopback only, or any address with ``--auth-file``,
+  whose users log in with SCRAM-SHA-256 (:mod:`.password_login`).
 * ``<socket-dir>/.s.PGREUSE.<port>`` (``SOCK_SEQPACKET``) carries lease messages, one channel per worker
   process, and the backend fds (``SCM_RIGHTS``).
 
@@ -26,11 +27,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .. import slots
-from ..credentials import peer_credentials, trusted_uids
 from ..shm import Table, table_path
 from ..wire import control, frames, scan
 from . import admin, proxy
 from . import reload as reloading
+from .access import Access, Peer, parse_gids, parse_uids
 from .config import BrokerConfig, ConfigError, parse_listen_addr
 from .connector import BackendConnectError, BackendTarget, parse_target
 from .control_client import ControlClient, OutboxFull, outbox_limit
@@ -40,12 +41,14 @@ from .login import (
     OVER_LIMIT_GRACE,
     Admission,
     LoginTimeout,
+    StartupRefused,
     login_timeout_error,
     os_user_of,
     own_user,
     read_startup,
     startup_failure,
 )
+from .password_login import ClientLeft, PasswordLogin
 from .pool import Pool
 from .proxy import ProxySession, ProxyStats, PyProxySession
 from .settings_file import SettingsSource
@@ -75,14 +78,6 @@ class Parking:
         self.application_name = application_name
 
 
-class StartupRefused(Exception):
-    def __init__(self, sqlstate: str, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.message = message
-        self.hint = hint
-
-
 class Broker:
     def __init__(self, config: BrokerConfig, source: SettingsSource | None = None) -> None:
         self.config = config
@@ -92,7 +87,13 @@ class Broker:
             self.target: BackendTarget = parse_target(config.dsn)
         except ValueError as exc:
             raise ConfigError(f"--dsn: {exc}") from exc
-        self.allowed_uids = set(trusted_uids())
+        self.access = Access(parse_uids(config.allow_uid), parse_gids(config.allow_gid))
+        self.passwords: PasswordLogin | None = None
+        if config.auth_file:
+            try:
+                self.passwords = PasswordLogin.from_file(config.auth_file)
+            except ValueError as exc:
+                raise ConfigError(f"--auth-file: {exc}") from exc
         # Looked up once (a lookup per startup may fail at the open-files limit).
         self.os_user = own_user()
         self.admission = Admission(config.max_client_conn)
@@ -217,12 +218,24 @@ class Broker:
                 f"it must belong to the broker's user (uid {os.geteuid()}) and be writable by it "
                 f"alone; use a directory of its own (e.g. /run/pgreuse, created with mode 0700)"
             )
+        try:
+            changed = self.access.secure_dir(d, st)
+        except OSError as exc:
+            raise ConfigError(
+                f"--socket-dir {d!r}: cannot set its mode to {self.access.dir_mode(st.st_gid):o}: "
+                f"{exc.strerror or exc}; use a directory of its own"
+            ) from exc
+        if changed is not None:
+            logger.info("--socket-dir %s: mode %o -> %o (%s)", d, *changed,
+                        "other users are allowed in" if self.access.others_allowed
+                        else "no other user is allowed in")  # fmt: skip
 
     def _listen(self, path: str, kind: int) -> socket.socket:
         if not remove_if_stale(path, kind):
             raise ConfigError(f"another broker is already listening on {path}; stop it or use another --port")
         s = socket.socket(socket.AF_UNIX, kind)
         s.bind(path)
+        os.chmod(path, self.access.socket_mode)  # broker/access.py says why
         s.listen(512)
         s.setblocking(False)
         self._listeners.append(s)
@@ -355,12 +368,14 @@ class Broker:
             await asyncio.sleep(0.25)
             self.pool.tick()
 
-    def _allowed(self, sock: socket.socket, what: str) -> int | None:
-        pid, uid, _gid = peer_credentials(sock)
-        if uid not in self.allowed_uids:
-            logger.warning("%s from pid %d uid %d refused: uid not allowed", what, pid, uid)
-            return None
-        return pid
+    def _allowed(self, sock: socket.socket, what: str) -> tuple[Peer | None, str]:
+        """The peer, or None and what to tell it."""
+        peer, uid = self.access.check(sock)
+        if peer is None:
+            why = self.access.refusal(uid)
+            logger.warning("%s from uid %d refused: %s", what, uid, why)
+            return None, why
+        return peer, ""
 
     # -- the PostgreSQL-protocol listener ---------------------------------------------------------
 
@@ -374,6 +389,7 @@ class Broker:
         session: PyProxySession | None = None
         is_admin = False
         peer_pid: int | None = None
+        trusted = False  # the broker's own user or root, on the Unix socket
         starting = self.admission.admit(len(self.parkings) + self.admin_sessions)
         admitted = starting
 
@@ -390,14 +406,14 @@ class Broker:
                 host, port = sock.getpeername()[:2]
                 addr = f"{host}:{port}"
             else:
-                peer_pid = self._allowed(sock, "connection")
+                peer, why = self._allowed(sock, "connection")
+                if peer is None:
+                    await loop.sock_sendall(sock, frames.error_response("28000", why, severity="FATAL"))
+                    return
+                peer_pid, trusted = peer.pid, peer.trusted
                 addr = "unix"
-            if peer_pid is None:
-                await loop.sock_sendall(sock, frames.error_response(
-                    "28000", "pgreuse broker: your user id may not use this broker",
-                    severity="FATAL"))  # fmt: skip
-                return
             timeout = self.config.client_login_timeout
+            login_deadline = loop.time() + timeout
             if not admitted:
                 timeout = min(timeout or OVER_LIMIT_GRACE, OVER_LIMIT_GRACE)
             try:
@@ -427,6 +443,13 @@ class Broker:
                             hint=f"connect over the Unix socket: psql -h {self.config.socket_dir} "
                             f"-p {self.config.port} {admin.ADMIN_DATABASE}",
                         )
+                    if not trusted:
+                        raise StartupRefused(
+                            "28000",
+                            "the pgreuse admin console is for the broker's own user and root only",
+                            hint="--allow-uid and --allow-gid let other users in as clients, not "
+                            "as administrators",
+                        )
                     is_admin = True
                     self.admin_sessions += 1
                     started()
@@ -434,10 +457,23 @@ class Broker:
                         self, packet.params.get("application_name", "")))  # fmt: skip
                     await admin.serve(self, sock, pending)
                     return
-                reply, parking = await self._startup(packet, peer_pid)
+                authenticated = False
+                if tcp and self.passwords is not None:
+                    # --client-login-timeout covers the startup and the password exchange together.
+                    left = max(login_deadline - loop.time(), 0.001) if self.config.client_login_timeout else 0
+                    user = packet.params.get("user", "")
+                    pending = await self.passwords.check(sock, user, pending, left)
+                    authenticated = True
+                reply, parking = await self._startup(packet, peer_pid, authenticated)
                 started()
+            except ClientLeft as exc:
+                logger.info("client %s: %s (user %r)", addr, exc, packet.params.get("user", ""))
+                return
             except StartupRefused as exc:
-                logger.info("startup from pid %d refused: %s", peer_pid, exc.message)
+                who = addr if tcp else f"pid {peer_pid}"
+                user = packet.params.get("user", "")
+                why = f" ({exc.why})" if exc.why else ""
+                logger.info("startup from %s (user %r) refused: %s%s", who, user, exc.message, why)
                 await loop.sock_sendall(sock, frames.error_response(
                     exc.sqlstate, exc.message, severity="FATAL", hint=exc.hint))  # fmt: skip
                 return
@@ -502,7 +538,10 @@ class Broker:
         refusal = self._client_limit_refusal()
         return frames.error_response(refusal.sqlstate, refusal.message, severity="FATAL", hint=refusal.hint)
 
-    async def _startup(self, packet: frames.StartupMessage, peer_pid: int) -> tuple[bytes, Parking]:
+    async def _startup(
+        self, packet: frames.StartupMessage, peer_pid: int, authenticated: bool = False
+    ) -> tuple[bytes, Parking]:
+        """``authenticated``: the client logged in with a password of --auth-file, as any user in it."""
         assert self.pool is not None
         if packet.version_major != 3:
             raise StartupRefused("0A000", f"unsupported protocol version {packet.version_major}")
@@ -510,7 +549,7 @@ class Broker:
         pool_user, pool_db = self.target.user, self.target.database
         user = params.get("user", "")
         # libpq's default user is the client's OS user name: accepted too (the pool's user is used).
-        if user not in (pool_user, self.os_user) and user != os_user_of(peer_pid):  # lookup: last
+        if not authenticated and user not in (pool_user, self.os_user) and user != os_user_of(peer_pid):
             raise StartupRefused(
                 "28000",
                 f'user "{user}" does not match this broker\'s pool (user "{pool_user}")',
@@ -595,10 +634,18 @@ class Broker:
     async def _serve_control(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         assert self.pool is not None and self.table is not None
-        peer_pid = self._allowed(sock, "control channel")
-        if peer_pid is None:
+        peer, refusal = self._allowed(sock, "control channel")
+        if peer is None:
+            # Any version decodes a Deny: the worker reports why instead of a bare EOF.
+            # Its Hello is read first (briefly): closing before it comes would fail the worker's send
+            # with EPIPE, and the Deny would go unread.
+            with contextlib.suppress(OSError, TimeoutError):
+                sock.send(control.encode(control.Deny(0, control.DenyCode.BAD_REQUEST, refusal)))
+                async with asyncio.timeout(1.0):
+                    await loop.sock_recv(sock, control.MAX_MESSAGE + 1)
             sock.close()
             return
+        peer_pid = peer.pid
         ended: asyncio.Future[BaseException | None] = loop.create_future()
 
         def overflowed(why: OutboxFull) -> None:
@@ -607,6 +654,7 @@ class Broker:
 
         client = ControlClient(sock, peer_pid, loop, self._new_holder(),
                                limit=outbox_limit(len(self.pool.slots)), on_overflow=overflowed)  # fmt: skip
+        client.trusted = peer.trusted
         self.table.add("clients")
 
         def readable() -> None:
@@ -662,7 +710,7 @@ class Broker:
             # PostgreSQL unreachable so far: guess from the sslmode. A wrong guess only costs
             # speed: a worker told "proxy" never claims, and a TLS pool never shares a slot.
             proxy_only = self.target.tls_possible
-        claims = self.pool.claims and not proxy_only
+        claims = self.pool.claims and not proxy_only and client.trusted
         # The table's slot count (workers map it by that size), not --max-size: a reload may
         # lower that below the slots the table was made with.
         return control.Welcome(control.VERSION, os.getpid(), len(self.pool.slots), proxy_only,
@@ -705,7 +753,7 @@ class Broker:
                 self.pool.poked()
             case control.Release(slot, generation, outcome):
                 self.pool.worker_release(client, slot, generation, outcome)
-            case control.Want(slot):
+            case control.Want(slot) if client.trusted:  # (others get no fds: broker/access.py)
                 self.pool.want(client, slot)
             case control.Dirty(parking_key):
                 parking = self.parkings.get(parking_key)

@@ -45,6 +45,13 @@ class ChannelBase(TableClaims):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             sock.connect(path)
+        except PermissionError as exc:
+            sock.close()
+            raise errors.BrokerUnavailable(
+                f"the pgreuse broker at {path} does not let this user (uid {os.geteuid()}) in: "
+                f"{exc.strerror or exc} (its socket directory is open to its own user only); start "
+                f"it with --allow-uid {os.geteuid()} or --allow-gid <one of this user's groups>"
+            ) from exc
         except OSError as exc:
             sock.close()
             raise errors.BrokerUnavailable(
