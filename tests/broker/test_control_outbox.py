@@ -52,10 +52,14 @@ def test_a_peer_that_never_reads_is_closed_and_the_broker_serves_on(make_broker)
         # What was queued before the limit may still arrive; then the end of the channel.
         s.setblocking(True)
         s.settimeout(10)
-        got = 0
-        while s.recv(control.MAX_MESSAGE):
-            got += 1
-        assert 0 < got <= limit + 1
+        got, reset = 0, False
+        try:
+            while s.recv(control.MAX_MESSAGE):
+                got += 1
+        except ConnectionResetError:
+            reset = True  # the broker closed with Hellos of ours unread: the kernel says so
+        assert got <= limit + 1
+        assert got > 0 or reset
     assert broker.snapshot().counters["clients"] == 0
     with psycopg.connect(broker.conninfo, autocommit=True) as conn:  # the broker serves on
         assert conn.execute("select 1").fetchone() == (1,)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import attrs
 import psycopg
@@ -384,12 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> BrokerConfig:
-    values = {f.name: getattr(args, f.name) for f in attrs.fields(BrokerConfig)}
-    values["log_level"] = values["log_level"].upper()
-    for name in ("allow_uid", "allow_gid"):  # repeated flags: one comma list
-        values[name] = ",".join(values[name])
-    return BrokerConfig(**values)
+def from_parser(values: dict[str, Any]) -> dict[str, Any]:
+    """BrokerConfig's values from argparse's: the log level in capitals, a repeated flag as one
+    comma list."""
+    if "log_level" in values:
+        values["log_level"] = values["log_level"].upper()
+    for name in ("allow_uid", "allow_gid"):
+        if isinstance(values.get(name), list):
+            values[name] = ",".join(values[name])
+    return values
 
 
 def parse_argv(argv: Sequence[str] | None = None) -> tuple[BrokerConfig, bool]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import attrs
 
-from .config import BrokerConfig, ConfigError, build_parser, check_command_line_dsn
+from .config import BrokerConfig, ConfigError, build_parser, check_command_line_dsn, from_parser
 
 # Settings a file may not hold: the file itself, and how the process runs.
 _NOT_IN_FILE = frozenset({"config_file", "supervise"})
@@ -110,11 +110,9 @@ class SettingsSource:
         args = build_parser().parse_args(argv)
         check_command_line_dsn(args.dsn)
         explicit = _given_on_command_line(argv)
-        given = {name: getattr(args, name) for name in explicit if name in _FIELDS}
+        given = from_parser({name: getattr(args, name) for name in explicit if name in _FIELDS})
         if "dsn" not in given and args.dsn:
             given["dsn"] = args.dsn  # (from PGREUSE_DSN)
-        if "log_level" in given:
-            given["log_level"] = given["log_level"].upper()
         path = os.path.abspath(args.config_file) if args.config_file else ""
         given["config_file"] = path
         return cls(given, path, bool(args.supervise))
