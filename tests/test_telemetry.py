@@ -78,7 +78,7 @@ def _value(metrics: dict[str, Any], name: str, pool: str, **attrs: str) -> Any:
 def test_spans_and_metrics_after_leases_a_wait_and_a_timeout(make_broker, otel):
     b = make_broker("--max-size", "1", "--wait-timeout", "0.3")
     pool = f"{b.socket_dir}:{b.port}/{b.dbname}"
-    with b.connect() as a, b.connect(autocommit=True) as other:
+    with b.connect() as a, b.connect() as other:
         # 1. A plain transaction inside an application span.
         with otel.tracer.start_as_current_span("request") as request, a.transaction():
             (pid,) = a.execute("select pg_backend_pid()").fetchone()
@@ -177,7 +177,8 @@ def test_spans_and_metrics_after_leases_a_wait_and_a_timeout(make_broker, otel):
 
 def _timed(conn: pgreuse.Connection) -> float:
     t0 = time.monotonic()
-    conn.execute("select 1")
+    conn.execute("select 1")  # (a transaction: it waits in the table, not in the proxy)
+    conn.commit()
     return time.monotonic() - t0
 
 

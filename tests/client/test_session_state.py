@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 import psycopg
 import pytest
 
@@ -126,3 +128,17 @@ def test_an_application_cursor_class_keeps_the_guard(one_backend):
         a.execute("set search_path to pg_catalog")
         with one_backend.connect(autocommit=True) as b:
             assert b.execute("show search_path").fetchone() != ("pg_catalog",)
+
+
+def test_reported_parameters_are_put_back_in_libpqs_cache(one_backend):
+    """A SET of a parameter PostgreSQL reports changes libpq's cache, which psycopg reads to parse
+    values (DateStyle, TimeZone...): it is put back too, also when the backend that ran the SET was
+    reset before the statement that puts it back (through the proxy, another transaction's turn)."""
+    with one_backend.connect(autocommit=True) as a, one_backend.connect(autocommit=True) as b:
+        app_name = b.info.parameter_status("application_name")
+        a.execute("set application_name = 'leaky'")
+        assert a.info.parameter_status("application_name") == app_name
+        a.execute("set datestyle = 'SQL, DMY'")
+        assert a.info.parameter_status("DateStyle") == b.info.parameter_status("DateStyle")
+        assert a.execute("select '2024-01-31'::date").fetchone() == (datetime.date(2024, 1, 31),)
+        assert b.execute("show application_name").fetchone() == (app_name,)

@@ -57,16 +57,24 @@ class SessionState:
         elif verdict is Verdict.REFUSE:
             raise errors.NotSupported(LISTEN_REFUSED)
 
-    def _restore_statements(self) -> list[sql.SQL | sql.Composed]:
+    def _restore_statements(self, proxied: bool = False) -> list[sql.SQL | sql.Composed]:
         """Statements that put back the reported parameters a statement changed (usually none).
 
         They run while the backend is still leased, so PostgreSQL's ParameterStatus answers bring
         libpq's cache (which psycopg's adapters read: TimeZone, DateStyle, client_encoding) back to
         the values every backend of the pool has.
+
+        ``proxied``: the transaction went through the broker's proxy, which may have reset the
+        backend since (or give these statements another one), where the value is the pool's
+        already. PostgreSQL reports a parameter only when its value differs from what that backend
+        last reported, so setting the pool's value there would report nothing and leave libpq's
+        cache wrong: in one transaction (one backend), the cached value is set first, then the
+        pool's, and the second is reported whatever the backend held before.
         """
         if self._reported_raw() == self._baseline_raw:
             return []  # (the usual case, without decoding ten values)
-        changed = changed_parameters(self._baseline, self._reported())
+        current = self._reported()
+        changed = changed_parameters(self._baseline, current)
         if not changed:
             return []
         logger.debug("restoring session parameters %s after a lease", changed)
@@ -74,12 +82,20 @@ class SessionState:
         if "session_authorization" in changed or "is_superuser" in changed:
             statements.append(sql.SQL("RESET SESSION AUTHORIZATION"))
         settable = [n for n in changed if n not in ("session_authorization", "is_superuser")]
-        if settable:
-            calls = sql.SQL(", ").join(
-                sql.SQL("pg_catalog.set_config({}, {}, false)").format(
-                    sql.Literal(n), sql.Literal(self._baseline.get(n) or "")
-                )
-                for n in settable
-            )
-            statements.append(sql.SQL("SELECT {}").format(calls))
+        if settable and proxied:
+            statements.insert(0, sql.SQL("BEGIN"))
+            statements.append(_set_config(settable, current))
+            statements += [_set_config(settable, self._baseline), sql.SQL("COMMIT")]
+        elif settable:
+            statements.append(_set_config(settable, self._baseline))
         return statements
+
+
+def _set_config(names: list[str], values: dict[str, str | None]) -> sql.Composed:
+    calls = sql.SQL(", ").join(
+        sql.SQL("pg_catalog.set_config({}, {}, false)").format(
+            sql.Literal(n), sql.Literal(values.get(n) or "")
+        )
+        for n in names
+    )
+    return sql.SQL("SELECT {}").format(calls)
