@@ -63,46 +63,6 @@ def test_a_freed_backend_goes_to_the_waiter_in_the_table(make_broker):
     assert sum(snap.wait_histogram[1:]) == 1  # the wait is in a bucket above "no wait"
 
 
-def _table_waiters(broker: Any) -> int:
-    table = shm.Table.open(shm.table_path(broker.socket_dir, broker.port))
-    try:
-        return table.table_waiters()
-    finally:
-        table.close()
-
-
-def test_an_autocommit_statement_that_finds_nothing_idle_goes_through_the_proxy(make_broker):
-    """One statement in autocommit mode is a whole transaction: it waits in the proxy, which keeps
-    the backends busier with those than a hand-over per statement; a transaction block (also on
-    an autocommit connection) waits in the table."""
-    broker = make_broker("--max-size", "1", "--min-size", "1", "--wait-timeout", "10")
-    broker.settle()
-    with broker.connect() as holder, broker.connect(autocommit=True) as other:
-        holder.execute("select 1")  # a transaction holds the only backend
-        out: dict[str, Any] = {}
-
-        def one_statement() -> None:
-            out["row"] = other.execute("select 3").fetchone()
-
-        t = threading.Thread(target=one_statement)
-        t.start()
-        broker.wait_for(lambda s: s.counters["pending"] == 1, what="one waiter")
-        assert _table_waiters(broker) == 0, "an autocommit statement waited in the table"
-        holder.commit()
-        t.join(10)
-        assert out["row"] == (3,)
-        holder.execute("select 1")  # again; now a block on the autocommit connection waits
-        t, block = _wait_in_thread(other)
-        deadline = time.monotonic() + 10
-        while _table_waiters(broker) != 1:
-            assert time.monotonic() < deadline, "the block did not wait in the table"
-            time.sleep(0.01)
-        holder.commit()
-        t.join(10)
-    assert "error" not in block, block.get("error")
-    assert block["proxied"] is False and block["lease"] is not None
-
-
 def _waiter(conninfo: str) -> None:  # pragma: no cover - runs in a child process, killed
     conn = pgreuse.connect(conninfo)
     conn.execute("select 1")

@@ -70,7 +70,7 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
 
     async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         if self._held is None and not self._proxying and self._needs_lease(gen):
-            self._claim(gen)  # (never waits: a claim in the table, or the proxy)
+            self._claim()  # (never waits: a claim in the table, or the proxy)
         try:
             return await super().wait(gen, *args, **kwargs)
         except psycopg.Error as exc:

@@ -16,7 +16,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .. import errors, shm, slots
@@ -27,10 +26,6 @@ from ..wire import control
 # for both: PostgreSQL may have ended the session meanwhile, or the broker may have died.
 CHECK_AFTER_NS = 10_000_000
 POKE = control.encode(control.Poke())
-
-
-def _yes() -> bool:
-    return True
 
 
 class TableClaims:
@@ -81,13 +76,10 @@ class TableClaims:
     # event loop must not block, so an async connection's transaction goes through the proxy.
     waits_in_table = False
 
-    def claim_into(
-        self, parking: int, fd_number: int, may_wait: Callable[[], bool] = _yes
-    ) -> tuple[int, int, int, int] | None:
-        """Claim an idle slot, or wait in the table's queue for one (if this channel's connections
-        may, and ``may_wait()`` says this transaction may: it is asked only then), and ``dup2`` its
-        socket onto ``fd_number``: ``(slot, generation, backend_pid, waited ns)``, or ``None`` when
-        the transaction should go through the proxy."""
+    def claim_into(self, parking: int, fd_number: int) -> tuple[int, int, int, int] | None:
+        """Claim an idle slot, or wait in the table's queue for one, and ``dup2`` its socket onto
+        ``fd_number``: ``(slot, generation, backend_pid, waited ns)``, or ``None`` when the
+        transaction should go through the proxy."""
         table = self.table
         if table is None or table.slots is None or self._dead is not None:
             return None
@@ -126,7 +118,7 @@ class TableClaims:
                 return self._swap_in(words, got, fd_number, 0)
             else:
                 return None
-        if got == slots.NONE_IDLE and self.waits_in_table and may_wait():
+        if got == slots.NONE_IDLE and self.waits_in_table:
             return self._wait_turn(table, words, parking, fd_number)
         return None
 

@@ -109,8 +109,6 @@ class LeaseCore(Reusable, SessionState):
         pgconn: pq.abc.PGconn
         _pipeline: Any
         _prepared: Any
-        _autocommit: bool
-        _num_transactions: int
 
     _held: _Held | None = None
     _channel: ChannelBase | None = None
@@ -240,19 +238,7 @@ class LeaseCore(Reusable, SessionState):
             and self._pipeline is None
         )
 
-    def _one_statement(self, gen: Any) -> bool:
-        """The transaction about to start is one statement in autocommit mode: a whole transaction
-        in one round trip. When nothing is idle, the proxy keeps the backends busier with those
-        than hand-overs in the table (a wake-up per statement) do; a transaction of several
-        statements (a block, also on an autocommit connection; a pipeline) waits in the table."""
-        return bool(
-            self._autocommit
-            and not self._num_transactions
-            and self._pipeline is None
-            and getattr(getattr(gen, "gi_code", None), "co_name", "") != "_enter_gen"
-        )
-
-    def _claim(self, gen: Any) -> None:
+    def _claim(self) -> None:
         """Claim an idle slot for this transaction (DESIGN.md §4), or wait in the table for one
         (sync connections), or let it go through the proxy: TLS backends (rule 10), the proxy has
         waiters (who go first), the table's queue is full, or an asyncio connection found nothing
@@ -261,7 +247,7 @@ class LeaseCore(Reusable, SessionState):
         assert channel is not None
         fd_number = self.pgconn.socket
         try:
-            got = channel.claim_into(self.pgconn.backend_pid, fd_number, lambda: not self._one_statement(gen))
+            got = channel.claim_into(self.pgconn.backend_pid, fd_number)
         except errors.PoolTimeout as exc:
             limit = channel.table.wait_limit() if channel.table is not None else 0.0
             telemetry.lease_denied(self._telemetry(), exc, limit)
