@@ -24,9 +24,11 @@ from ..shm import Table, table_path
 from ..wire import scan
 from . import proxy
 from . import reload as reloading
+from .access import Access
 from .broker_fields import BrokerFields
 from .config import ConfigError, parse_listen_addr
 from .hangups import HangupWatch
+from .password_login import PasswordLogin
 from .pool import Pool
 from .socket_files import remove_if_stale
 
@@ -145,6 +147,11 @@ class Lifecycle(BrokerFields):
                 f"it must belong to the broker's user (uid {os.geteuid()}) and be writable by it "
                 f"alone; use a directory of its own (e.g. /run/pgreuse, created with mode 0700)"
             )
+        self._secure_dir(st)
+
+    def _secure_dir(self, st: os.stat_result) -> None:
+        """Give the socket directory the mode the allow lists call for (``st``: its stat)."""
+        d = self.config.socket_dir
         try:
             changed = self.access.secure_dir(d, st)
         except OSError as exc:
@@ -193,6 +200,20 @@ class Lifecycle(BrokerFields):
         except ConfigError as exc:
             logger.error("reload failed, the settings in use stay: %s", exc)
             raise
+
+    def apply_login_rules(self, access: Access, passwords: PasswordLogin | None) -> None:
+        """A reload's allow lists and auth file: for connections from now on (those connected stay).
+        The socket directory's and the sockets' modes follow the allow lists (broker/access.py)."""
+        self.access, self.passwords = access, passwords
+        try:
+            self._secure_dir(os.stat(self.config.socket_dir))
+            for s in self._listeners:
+                if s.family == socket.AF_UNIX:
+                    os.chmod(s.getsockname(), access.socket_mode)
+        except (ConfigError, OSError) as exc:
+            # The credential check already follows the new lists; only the modes lag (a directory
+            # that stays closed keeps a newly allowed user out, not a refused one in).
+            logger.error("reload: the modes of the socket directory and sockets stay: %s", exc)
 
     def _reload_signalled(self) -> None:
         with contextlib.suppress(ConfigError):  # (logged)

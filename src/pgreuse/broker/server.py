@@ -26,7 +26,7 @@ import socket
 
 from .. import slots
 from ..shm import Table
-from .access import Access, parse_gids, parse_uids
+from .access import Access
 from .config import BrokerConfig, ConfigError
 from .connector import BackendTarget, parse_target
 from .control_client import ControlClient
@@ -35,6 +35,7 @@ from .greeting import Greeting, ParkingSecrets
 from .hangups import HangupWatch
 from .lifecycle import Lifecycle
 from .login import Admission, own_user
+from .login_rules import read_login_rules
 from .parking import PARKING_KEY_BASE, Parking, Parkings
 from .password_login import PasswordLogin
 from .pg_listener import PgListener
@@ -55,13 +56,9 @@ class Broker(Lifecycle, PgListener, Parkings, ControlListener):
             self.target: BackendTarget = parse_target(config.dsn)
         except ValueError as exc:
             raise ConfigError(f"--dsn: {exc}") from exc
-        self.access = Access(parse_uids(config.allow_uid), parse_gids(config.allow_gid))
-        self.passwords: PasswordLogin | None = None
-        if config.auth_file:
-            try:
-                self.passwords = PasswordLogin.from_file(config.auth_file)
-            except ValueError as exc:
-                raise ConfigError(f"--auth-file: {exc}") from exc
+        self.access: Access
+        self.passwords: PasswordLogin | None
+        self.access, self.passwords = read_login_rules(config)  # (a reload reads them again)
         # Looked up once (a lookup per startup may fail at the open-files limit).
         self.os_user = own_user()
         self.admission = Admission(config.max_client_conn)
