@@ -1,16 +1,20 @@
 """SIGHUP and RELOAD against a real broker: sizes and timeouts change live, no client is dropped, a
-lower --max-size closes idle backends and lets a lent one finish, a bad file changes nothing."""
+lower --max-size closes idle backends and lets a lent one finish, a bad file changes nothing; the
+auth file is read again and changed allow lists let users in or keep them out."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import stat
 import threading
 import time
 
 import psycopg
 import pytest
 
+from other_user import as_other_user
 from pgreuse.shm import Table, table_path
 from pgreuse.wire.states import CloseReason, SlotState
 
@@ -131,3 +135,96 @@ def test_reload_without_a_file_says_there_is_nothing_to_read(broker):
         admin.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
         admin.execute("RELOAD")
     assert any("without --config-file" in n for n in notices), notices
+
+
+def _tcp_login(port: int, dbname: str, user: str, password: str) -> str | None:
+    """Log in on the TCP listener: None if it worked, else the error."""
+    try:
+        with psycopg.connect(
+            host="127.0.0.1", port=port, dbname=dbname, user=user, password=password,
+            passfile="/nonexistent", sslmode="disable", connect_timeout=10,
+        ) as conn:  # fmt: skip
+            assert conn.execute("select 1").fetchone() == (1,)
+    except psycopg.OperationalError as exc:
+        return str(exc)
+    return None
+
+
+def test_a_reload_reads_the_auth_file_again(make_broker, short_tmp):
+    users = os.path.join(short_tmp, "userlist.txt")
+    with open(users, "w") as f:
+        f.write('"app" "app-Secret-1"\n')
+    os.chmod(users, 0o600)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        tcp_port = s.getsockname()[1]
+    path = os.path.join(short_tmp, "pgreuse.toml")
+    with open(path, "w") as f:
+        f.write(f"listen-addr = '127.0.0.1:{tcp_port}'\nauth-file = '{users}'\n")
+    broker = make_broker("--config-file", path)
+
+    def login(user: str, password: str) -> str | None:
+        return _tcp_login(tcp_port, broker.dbname, user, password)
+
+    assert login("app", "app-Secret-1") is None
+    assert 'authentication failed for user "new"' in (login("new", "new-Secret-2") or "")
+    # The same path, new contents: a user added.
+    with open(users, "a") as f:
+        f.write('"new" "new-Secret-2"\n')
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGHUP)
+    _logged(broker, f"reload: --auth-file {users} read again: 2 users")
+    assert login("new", "new-Secret-2") is None
+    assert login("app", "app-Secret-1") is None
+    # A file that cannot be read (an md5 hash is refused) keeps the users in use, and says why.
+    with open(users, "w") as f:
+        f.write('"app" "md5' + "0" * 32 + '"\n')
+    with (
+        broker.console() as admin,
+        pytest.raises(psycopg.Error, match=r"reload failed, the settings in use stay: --auth-file"),
+    ):
+        admin.execute("RELOAD")
+    assert login("new", "new-Secret-2") is None
+    assert _config(broker)["auth-file"] == (users, "yes")
+    # Another file named in the settings: its users only.
+    other = os.path.join(short_tmp, "other.txt")
+    with open(other, "w") as f:
+        f.write('"other" "other-Secret-3"\n')
+    os.chmod(other, 0o600)
+    with open(path, "w") as f:
+        f.write(f"listen-addr = '127.0.0.1:{tcp_port}'\nauth-file = '{other}'\n")
+    with broker.console() as admin:
+        admin.execute("RELOAD")
+    assert login("other", "other-Secret-3") is None
+    assert "authentication failed" in (login("new", "new-Secret-2") or "")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a client as another uid: needs root")
+def test_a_reload_applies_changed_allow_lists(make_broker, short_tmp):
+    path = os.path.join(short_tmp, "pgreuse.toml")
+    with open(path, "w") as f:
+        f.write("max-size = 2\n")
+    broker = make_broker("--config-file", path)
+    assert "Permission denied" in as_other_user(broker, "psycopg")["error"]  # the directory: 0700
+    with open(path, "w") as f:
+        f.write("max-size = 2\nallow-uid = 'nobody'\n")
+    assert broker.proc is not None
+    broker.proc.send_signal(signal.SIGHUP)
+    _logged(broker, "--allow-uid '' -> 'nobody'")
+    assert stat.S_IMODE(os.stat(short_tmp).st_mode) == 0o711
+    assert stat.S_IMODE(os.stat(broker.control_socket).st_mode) == 0o666
+    assert as_other_user(broker, "psycopg") == {"row": ["postgres", 42]}
+    assert _config(broker)["allow-uid"] == ("nobody", "yes")
+    # Taken back: the credential check refuses, and the directory is closed again.
+    with open(path, "w") as f:
+        f.write("max-size = 2\nallow-gid = 'nogroup'\n")
+    with broker.console() as admin:
+        admin.execute("RELOAD")
+    assert as_other_user(broker, "psycopg") == {"row": ["postgres", 42]}  # its primary group now
+    with open(path, "w") as f:
+        f.write("max-size = 2\n")
+    with broker.console() as admin:
+        admin.execute("RELOAD")
+    assert stat.S_IMODE(os.stat(short_tmp).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(broker.control_socket).st_mode) == 0o600
+    assert "Permission denied" in as_other_user(broker, "psycopg")["error"]

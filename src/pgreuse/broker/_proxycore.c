@@ -39,7 +39,7 @@
 /* Room before the read buffer for a server header cut at the end of the previous read (at most 5
  * bytes, see pgr_scan_server), so the scan sees one contiguous run without a copy of the read. */
 #define STASH_ROOM 8
-#define RECV (256 * 1024) /* as proxy._RECV */
+#define RECV (256 * 1024) /* as proxy_fields._RECV */
 
 static unsigned char rbuf[STASH_ROOM + RECV];
 static unsigned long long last_request;

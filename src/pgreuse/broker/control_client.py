@@ -4,8 +4,8 @@ Messages the socket cannot take now (the worker is slow to read) wait in an outb
 bounded: a peer that stops reading while it keeps asking (a Hello or a Want answers with a message
 each time) would otherwise grow the broker's memory without end — 100,000 requests took it from
 45 to 72 MB, and 50 MB stayed after the peer left. Past :func:`outbox_limit` messages the channel is
-closed with a logged reason, and its leases are taken back as for a dead worker (``server.py`` does
-that when the channel ends, whatever ended it).
+closed with a logged reason, and its leases are taken back as for a dead worker (``control_listener.py``
+does that when the channel ends, whatever ended it).
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@ without dropping a client.
 
 What applies live (:data:`RELOADABLE`): sizes (``--max-size`` up to the slots the shared-memory table
 was made with at start, ``--min-size``, ``--max-waiting``, ``--max-client-conn``), timeouts, the
-reset query, the log level, and ``--parent-pid`` (how the Gunicorn hook hands a broker over to the
-new master of a ``USR2`` upgrade). Everything else (the DSN, the socket directory, the port, the
+reset query, the log level, ``--parent-pid`` (how the Gunicorn hook hands a broker over to the
+new master of a ``USR2`` upgrade), and who is let in: ``--allow-uid``, ``--allow-gid`` and
+``--auth-file``, whose users and passwords are read again at every reload (:mod:`.login_rules`),
+for connections from then on. Everything else (the DSN, the socket directory, the port, the
 listen address, the pool mode, handoff) is read once at start: a changed value is logged as
 needing a restart, and the old one stays. A file that cannot be read or holds a bad value changes
 nothing: the reload says why and the broker goes on with the settings it has.
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from .config import BrokerConfig, ConfigError
+from .login_rules import read_login_rules
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -31,6 +34,7 @@ RELOADABLE = frozenset({
     "max_size", "min_size", "max_waiting", "max_client_conn",
     "wait_timeout", "idle_transaction_timeout", "max_lease_time", "max_lifetime", "max_idle",
     "client_login_timeout", "shutdown_timeout", "reset_query", "log_level", "parent_pid",
+    "allow_uid", "allow_gid", "auth_file",
 })  # fmt: skip
 
 
@@ -101,12 +105,17 @@ def reload(broker: Broker) -> list[str]:
     assert pool is not None
     p = plan(broker.config, new, len(pool.slots))
     cfg = p.config
+    # Read before anything applies: an auth file that cannot be read fails the whole reload.
+    access, passwords = read_login_rules(cfg)
     broker.config = cfg
     broker.admission.limit = cfg.max_client_conn
     logging.getLogger().setLevel(cfg.log_level)
     if any(n == "parent_pid" for n, _, _ in p.changed):
         broker.watch_parent()
     pool.apply_settings(cfg)
+    broker.apply_login_rules(access, passwords)
+    if passwords is not None:  # (read again even when its path is the same: say so)
+        notes.append(f"--auth-file {cfg.auth_file} read again: {len(passwords.secrets)} users")
     done = [f"{_flag(n)} {b!r} -> {a!r}" for n, b, a in p.changed]
     for line in notes:
         logger.info("reload: %s", line)
