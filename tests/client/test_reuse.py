@@ -4,6 +4,7 @@ nothing of one connection reaches the next."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 
@@ -137,3 +138,30 @@ def test_a_forked_child_neither_uses_nor_ends_the_parents_kept_connections(broke
     with broker.connect(autocommit=True) as again:
         assert parking_key(again) == key  # the child's end ended nothing of the parent's
         assert again.execute("select 1").fetchone() == (1,)
+
+
+def test_an_asyncio_connection_reuses_within_its_event_loop(broker):
+    async def connect_twice() -> tuple[int, int, tuple[int, ...], int]:
+        first = await pgreuse.connect_async(broker.conninfo, autocommit=True)
+        key = first.info.backend_pid
+        await (await first.execute("select 1")).fetchone()
+        await first.close()
+        assert first.closed
+        async with await pgreuse.connect_async(broker.conninfo, autocommit=True) as second:
+            row = await (await second.execute("select 2")).fetchone()
+            return key, second.info.backend_pid, row, id(asyncio.get_running_loop())
+
+    key, again, row, loop_id = asyncio.run(connect_twice())
+    assert again == key and row == (2,)
+    assert parked.parked_connections.count() == 1
+    # Another event loop never gets it (its control channel is that loop's), even one that has
+    # the same id as the loop that is gone.
+    same_key = parked.key_of(pgreuse.AsyncConnection, broker.conninfo, {"autocommit": True}, loop_id)
+
+    async def take() -> object:
+        return parked.parked_connections.take(same_key)
+
+    assert asyncio.run(take()) is None
+    assert parked.parked_connections.count() == 0
+    other_loop_key, _, _, _ = asyncio.run(connect_twice())
+    assert other_loop_key != key

@@ -11,16 +11,19 @@ the fd with the loop only for the duration of the wait, so no stale registration
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
 from psycopg import pq
 
+from . import parked
 from .channel import AsyncChannel, async_channel_for
-from .guard import StatementGuard
+from .guard import StatementGuard, check_prepare_threshold
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
     LeaseCore,
@@ -58,6 +61,13 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
             NotSupported: ``prepare_threshold`` is not ``None``.
             BrokerUnavailable: no broker answers at ``<host>/.s.PGREUSE.<port>``.
         """
+        check_prepare_threshold(prepare_threshold)
+        key = parked.key_of(cls, conninfo, kwargs, scope=id(asyncio.get_running_loop()))
+        kept = parked.parked_connections.take(key) if key is not None else None
+        if kept is not None:
+            conn = cls._reopen(kept, key, lease_timeout, **kwargs)
+            assert isinstance(conn, AsyncConnection)
+            return conn
         channel = await async_channel_for(cls._control_path(conninfo, prepare_threshold, kwargs))
         try:
             conn = await super().connect(conninfo, prepare_threshold=None, **kwargs)
@@ -66,7 +76,19 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
             raise
         assert isinstance(conn, AsyncConnection)
         conn._bind(channel, lease_timeout)
+        conn._park_key = key
         return conn
+
+    def _park_loop(self) -> weakref.ref[Any] | None:
+        return weakref.ref(asyncio.get_running_loop())
+
+    def cancel(self) -> None:
+        self._cancel_sent = True  # a late cancel must not reach the next user of this parking key
+        super().cancel()
+
+    async def cancel_safe(self, *args: Any, **kwargs: Any) -> None:
+        self._cancel_sent = True
+        await super().cancel_safe(*args, **kwargs)
 
     async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         if self._held is None and not self._proxying and self._needs_lease(gen):
@@ -137,6 +159,8 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
                     if self.pgconn.transaction_status != pq.TransactionStatus.IDLE:
                         await self.rollback()
             self._give_back(broken=True)
+        elif self._park():
+            return  # its parking connection is kept for the next connect_async() in this loop
         await super().close()
         self._close_home()
 

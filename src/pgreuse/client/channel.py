@@ -157,6 +157,10 @@ class ChannelBase(TableClaims):
         session state: the broker resets that backend before lending it again."""
         self._send(control.Dirty(parking))
 
+    def drop_user(self) -> None:
+        """A connection of this channel closed for good (the sync channel stays open for the
+        process's next connection; the asyncio one closes with its last)."""
+
     def notice_end(self) -> None:
         """Read what waits on the channel (an fd, or the broker's end) without blocking."""
         if select.select([self.sock], [], [], 0)[0]:

@@ -12,12 +12,11 @@ import atexit
 import contextlib
 import os
 import weakref
-from collections.abc import Hashable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 from psycopg import pq
-from psycopg.adapt import AdaptersMap
 
 from . import parked
 from .channel import Channel, channel_for
@@ -71,39 +70,14 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
         key = parked.key_of(cls, conninfo, kwargs)
         kept = parked.parked_connections.take(key) if key is not None else None
         if kept is not None:
-            return cls._reopen(kept, key, lease_timeout, **kwargs)
+            conn = cls._reopen(kept, key, lease_timeout, **kwargs)
+            assert isinstance(conn, Connection)
+            return conn
         channel = channel_for(cls._control_path(conninfo, prepare_threshold, kwargs))
         conn = super().connect(conninfo, prepare_threshold=None, **kwargs)
         assert isinstance(conn, Connection)
         conn._bind(channel, lease_timeout)
         conn._park_key = key
-        return conn
-
-    @classmethod
-    def _reopen(
-        cls,
-        kept: parked.Parked,
-        key: Hashable,
-        lease_timeout: float,
-        *,
-        autocommit: bool = False,
-        row_factory: Any = None,
-        cursor_factory: Any = None,
-        context: Any = None,
-        **_conninfo: Any,
-    ) -> Connection:
-        """A new connection on a parking connection this process kept (``parked.py``)."""
-        conn = cls(kept.pgconn)
-        conn._adopt(kept, key, lease_timeout)
-        # What psycopg's connect() sets on the Connection it made (psycopg/connection.py).
-        conn._autocommit = bool(autocommit)
-        if row_factory:
-            conn.row_factory = row_factory
-        if cursor_factory:
-            conn.cursor_factory = cursor_factory
-        if context:
-            conn._adapters = AdaptersMap(context.adapters)
-        conn.prepare_threshold = None
         return conn
 
     # -- the swap point ---------------------------------------------------------------------------

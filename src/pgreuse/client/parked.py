@@ -20,11 +20,13 @@ import collections
 import contextlib
 import os
 import threading
+import weakref
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from psycopg import pq
+from psycopg.adapt import AdaptersMap
 
 from .. import slots, telemetry
 from .channel import ChannelBase
@@ -50,14 +52,16 @@ class Parked:
     baseline: dict[str, str | None]
     baseline_raw: tuple[bytes | None, ...]
     pool_telemetry: telemetry.PoolTelemetry | None
+    loop: weakref.ref[Any] | None = None  # an asyncio connection's event loop: used there only
 
 
-def key_of(cls: type[Any], conninfo: str, kwargs: dict[str, Any]) -> Hashable | None:
+def key_of(cls: type[Any], conninfo: str, kwargs: dict[str, Any], scope: int = 0) -> Hashable | None:
     """The key of a ``connect()``'s parking connection, or ``None`` when it cannot be shared
-    (an argument that cannot be compared, e.g. a dict)."""
+    (an argument that cannot be compared, e.g. a dict). ``scope``: the event loop's id, for an
+    asyncio connection (its control channel belongs to that loop)."""
     try:
         items = tuple(sorted((k, v) for k, v in kwargs.items() if k not in PER_OBJECT))
-        key = (cls, conninfo, items)
+        key = (cls, conninfo, items, scope)
         hash(key)
     except TypeError:
         return None
@@ -134,6 +138,8 @@ def _usable(parked: Parked) -> bool:
     end): one poll, no wait."""
     if parked.channel.dead or parked.pgconn.status != pq.ConnStatus.OK:
         return False
+    if parked.loop is not None and parked.loop() is not _running_loop():
+        return False  # another loop that happens to have the same id
     channel = parked.channel
     try:
         seen = slots.check(parked.pgconn.socket, channel.sock.fileno())
@@ -144,10 +150,17 @@ def _usable(parked: Parked) -> bool:
     return not (seen & slots.BACKEND_UNFIT or channel.dead)
 
 
+def _running_loop() -> Any:
+    import asyncio  # noqa: PLC0415 - only asyncio connections get here
+
+    return asyncio.get_running_loop()
+
+
 def _finish(parked: Parked) -> None:
     parked.pgconn.finish()  # Terminate to the broker: this parking connection ends
     with contextlib.suppress(OSError):
         os.close(parked.home)
+    parked.channel.drop_user()  # (an asyncio channel closes with its last connection)
 
 
 class Reusable:
@@ -157,6 +170,11 @@ class Reusable:
     if TYPE_CHECKING:
         pgconn: pq.abc.PGconn
         _closed: bool
+        _autocommit: bool
+        _adapters: Any
+        row_factory: Any
+        cursor_factory: Any
+        prepare_threshold: int | None
         _channel: ChannelBase | None
         _home: int
         _held: object
@@ -173,15 +191,43 @@ class Reusable:
     _park_key: Hashable | None = None  # the connect() arguments it was made with
     _cancel_sent: bool = False
 
-    def _adopt(self, kept: Parked, key: Hashable, lease_timeout: float) -> None:
-        """Take over a kept parking connection (instead of :meth:`LeaseCore._bind`)."""
-        self._channel = kept.channel
-        self._lease_timeout = lease_timeout
-        self._baseline = kept.baseline
-        self._baseline_raw = kept.baseline_raw
-        self._home = kept.home
-        self._pool_telemetry = kept.pool_telemetry
-        self._park_key = key
+    def _park_loop(self) -> weakref.ref[Any] | None:
+        """The event loop a kept connection may be used in (an asyncio connection's)."""
+        return None
+
+    @classmethod
+    def _reopen(
+        cls,
+        kept: Parked,
+        key: Hashable,
+        lease_timeout: float,
+        *,
+        autocommit: bool = False,
+        row_factory: Any = None,
+        cursor_factory: Any = None,
+        context: Any = None,
+        **_conninfo: Any,
+    ) -> Reusable:
+        """A new connection on a parking connection this process kept, set up from the rest of
+        ``connect()``'s arguments (``_conninfo``: those that made the key)."""
+        conn = cls(kept.pgconn)  # type: ignore[call-arg]  # (a psycopg connection class)
+        conn._channel = kept.channel
+        conn._lease_timeout = lease_timeout
+        conn._baseline = kept.baseline
+        conn._baseline_raw = kept.baseline_raw
+        conn._home = kept.home
+        conn._pool_telemetry = kept.pool_telemetry
+        conn._park_key = key
+        # What psycopg's connect() sets on the connection it made (psycopg/connection.py).
+        conn._autocommit = bool(autocommit)
+        if row_factory:
+            conn.row_factory = row_factory
+        if cursor_factory:
+            conn.cursor_factory = cursor_factory
+        if context:
+            conn._adapters = AdaptersMap(context.adapters)
+        conn.prepare_threshold = None
+        return conn
 
     def _park(self) -> bool:
         """On ``close()`` with nothing held: keep the parking connection for the next
@@ -202,11 +248,13 @@ class Reusable:
         ):
             return False
         kept = Parked(
-            self.pgconn, channel, self._home, self._baseline, self._baseline_raw, self._pool_telemetry
-        )
+            self.pgconn, channel, self._home, self._baseline, self._baseline_raw,
+            self._pool_telemetry, self._park_loop(),
+        )  # fmt: skip
         if not parked_connections.keep(key, kept):
             return False
         self._home = -1
+        self._channel = None  # (the kept connection holds its place on the channel now)
         self._closed = True
         self.pgconn = closed_pgconn()
         return True
