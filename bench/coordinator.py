@@ -269,7 +269,7 @@ def report(data: dict[str, Any], summary: dict[str, Any]) -> str:
         ls = summary[LEASE]
         lines += [
             "",
-            f"lease + release (pgreuse-handoff - dedicated, 1 client select 1, side by side): "
+            f"lease + release (pgreuse-handoff - dedicated, client CPU per select 1, side by side): "
             f"{ls['difference_us']:+.1f} µs per transaction (dedicated {ls['dedicated_us']:.1f} µs, "
             f"handoff {ls['handoff_us']:.1f} µs; per round {ls['per_round_us']})",
         ]
