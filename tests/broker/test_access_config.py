@@ -33,7 +33,7 @@ def test_names_and_numbers_and_lists():
         (["--listen-addr", "0.0.0.0:6543"], "without --auth-file .* loopback addresses only"),
         (
             ["--auth-file", "/nonexistent/userlist.txt"],
-            "--auth-file: cannot read '/nonexistent/userlist.txt'",
+            "--auth-file: '/nonexistent/userlist.txt': cannot read it",
         ),
     ],
 )

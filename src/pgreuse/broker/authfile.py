@@ -19,6 +19,7 @@ import re
 import stat
 
 from ..wire.scram_server import DEFAULT_ITERATIONS, SALT_BYTES, ScramSecret
+from .bounded_read import read_bounded
 
 _MD5_HASH = re.compile(r"md5[0-9a-f]{32}")
 MAX_AUTH_FILE = 16 * 1024 * 1024  # a userlist this large is a wrong path, not a list of users
@@ -32,12 +33,9 @@ def read_userlist(path: str) -> dict[str, str]:
             password is empty or an md5 hash.
     """
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_AUTH_FILE + 1)
-    except OSError as exc:
-        raise ValueError(f"cannot read {path!r}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_AUTH_FILE:
-        raise ValueError(f"{path!r} is larger than {MAX_AUTH_FILE} bytes: is it the right file?")
+        raw = read_bounded(path, MAX_AUTH_FILE)
+    except ValueError as exc:
+        raise ValueError(f"{path!r}: {exc}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -24,6 +24,7 @@ from typing import Any
 
 import attrs
 
+from .bounded_read import read_bounded
 from .config import BrokerConfig, ConfigError, build_parser, check_command_line_dsn, from_parser
 
 # Settings a file may not hold: the file itself, and how the process runs.
@@ -40,12 +41,9 @@ def read_settings(path: str) -> dict[str, Any]:
             the wrong type (the message names the file, the key and the value).
     """
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"--config-file {path!r}: cannot read it: {exc.strerror or exc}") from exc
-    if len(data) > MAX_FILE_BYTES:
-        raise ConfigError(f"--config-file {path!r} is over {MAX_FILE_BYTES} bytes: is it the right file?")
+        data = read_bounded(path, MAX_FILE_BYTES)
+    except ValueError as exc:
+        raise ConfigError(f"--config-file {path!r}: {exc}") from exc
     try:
         doc = tomllib.loads(data.decode())
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
