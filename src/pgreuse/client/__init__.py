@@ -6,6 +6,6 @@ _check_psycopg()  # before the modules that subclass psycopg's internals are eve
 
 from .async_connection import AsyncConnection, connect_async  # noqa: E402
 from .connection import Connection, connect  # noqa: E402
-from .lease import Lease  # noqa: E402
+from .held import Lease  # noqa: E402
 
 __all__ = ["AsyncConnection", "Connection", "Lease", "connect", "connect_async"]

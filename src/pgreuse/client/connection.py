@@ -21,9 +21,9 @@ from psycopg import pq
 from . import parked
 from .channel import Channel, channel_for
 from .guard import StatementGuard, check_prepare_threshold
+from .held import Lease
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
-    Lease,
     LeaseCore,
 )
 

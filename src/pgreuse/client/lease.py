@@ -21,7 +21,6 @@ import time
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
-import attrs
 import psycopg
 from psycopg import pq, sql
 from psycopg.conninfo import conninfo_to_dict
@@ -31,6 +30,7 @@ from ..shm import WAIT_BOUNDS_NS
 from ..wire import control
 from .channel import ChannelBase
 from .guard import ServerCursorGuard, broker_socket_dir_and_port, check_prepare_threshold, guarded
+from .held import Lease, _Held
 from .parked import Reusable
 from .session import LISTEN_REFUSED
 from .session_state import SessionState
@@ -56,36 +56,6 @@ STATE_ONLY_GENERATORS = frozenset(
 DEFAULT_LEASE_TIMEOUT = 300.0
 
 
-@attrs.frozen
-class Lease:
-    """The backend a connection holds right now (``conn.lease``; ``None`` at rest)."""
-
-    slot: int
-    generation: int
-    backend_pid: int  # the real PostgreSQL backend pid; conn.info.backend_pid is the parking key
-    waited: float  # seconds it waited in the table's queue (0: it found one idle)
-    started: float  # time.monotonic() when claimed
-
-
-@attrs.define(slots=True)
-class _Held:
-    """The claim held now (``Lease`` is built from it only when asked: it is per transaction)."""
-
-    slot: int
-    generation: int
-    backend_pid: int
-    started: float
-    fd_number: int  # libpq's socket fd, now pointing at the backend
-    waited: float = 0.0  # seconds in the table's queue (telemetry.LeaseInfo); 0 for a claim
-    bucket: int = 0  # the wait's bucket in the table's histogram
-    watched: bool = False  # telemetry records this lease (asked once, at the grant)
-    span: telemetry.LeaseSpan | None = None
-
-    @property
-    def lease(self) -> Lease:
-        return Lease(self.slot, self.generation, self.backend_pid, self.waited, self.started)
-
-
 class AfterWait(enum.Enum):
     KEEP = 0  # mid-transaction, COPY, pipeline, stream: the backend stays
     BROKEN = 1  # libpq lost the connection
@@ -96,10 +66,6 @@ class AfterWait(enum.Enum):
 # os.getpid() is a system call each time (glibc caches nothing); this runs once per transaction.
 _pids = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _pids.__setitem__(0, os.getpid()))
-
-
-def _pid() -> int:
-    return _pids[0]
 
 
 class LeaseCore(Reusable, SessionState):
