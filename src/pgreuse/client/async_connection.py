@@ -22,7 +22,7 @@ import psycopg
 from psycopg import pq
 
 from . import parked
-from .channel import AsyncChannel, async_channel_for
+from .async_channel import AsyncChannel, async_channel_for
 from .guard import StatementGuard, check_prepare_threshold
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
