@@ -30,7 +30,7 @@ def _table(tmp_path: Any, name: str) -> shm.Table:
     table = shm.Table.create(
         str(tmp_path / name), max_size=N, min_size=1, wait_timeout=1.0, database="d", user="u", claims=True
     )
-    table.set_wait_limits(0.0, 3)  # wait() never blocks; a small ring fills up
+    table.set_limits(table.max_size, 0, 0.0, 3)  # wait() never blocks; a small ring fills up
     return table
 
 

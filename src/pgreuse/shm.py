@@ -64,7 +64,10 @@ COUNTERS: tuple[str, ...] = (
     "too_many",  # requests denied at once because --max-waiting were already queued
 )
 
-_HEADER = struct.Struct("<8sIIQIIdd64s64sII")  # ... flags, padding
+_HEADER = struct.Struct("<8sIIQIIdd64s64sII")  # ... flags, --max-size now (0: the slot count)
+# The settings a reload may change, where _HEADER keeps them: min_size, wait_timeout, the live limit.
+_MIN_SIZE_OFF, _WAIT_TIMEOUT_OFF, _LIMIT_OFF = 28, 40, 180
+_F64 = struct.Struct("<d")
 _COUNTER = struct.Struct("<Q")
 _I32 = struct.Struct("<I")
 # word, parking, holder_pid, lease_started_ns, leases, use_ns, backend_pid, generation, close_reason,
@@ -168,7 +171,7 @@ class Table:
             FLAG_CLAIMS if claims else 0, 0,
         )  # fmt: skip
         table = cls(path, mm, max_size, writable=True)
-        table.set_wait_limits(wait_timeout, 0)
+        table.set_limits(max_size, min_size, wait_timeout, 0)
         for i in range(max_size):
             table.write_slot_values(i, SlotState.CLOSED, CloseReason.NONE, False, 0, 0, 0, 0, 0, 0, 0.0)
         table.retired = retire(path)
@@ -318,9 +321,14 @@ class Table:
         assert self.slots is not None
         self.slots.set_pending(n)
 
-    def set_wait_limits(self, wait_timeout: float, max_waiting: int) -> None:
-        """The table's wait queue: how long a worker waits in it, how many at once (0: as many as
-        the ring holds); more go through the proxy, which refuses them."""
+    def set_limits(self, max_size: int, min_size: int, wait_timeout: float, max_waiting: int) -> None:
+        """The settings in force (at start, and after a reload): --max-size and --min-size, which
+        readers report (the table keeps its slot count), and the table's wait queue: how long a
+        worker waits in it, how many at once (0: as many as the ring holds); more go through the
+        proxy, which refuses them."""
+        _I32.pack_into(self._mm, _LIMIT_OFF, max_size)
+        _I32.pack_into(self._mm, _MIN_SIZE_OFF, min_size)
+        _F64.pack_into(self._mm, _WAIT_TIMEOUT_OFF, wait_timeout)
         q = _queue_off(self.max_size)
         cap = _slots.QR if not max_waiting else min(max_waiting, _slots.QR)
         _COUNTER.pack_into(self._mm, q + _slots.Q_TIMEOUT, int(wait_timeout * 1e9))
@@ -335,11 +343,15 @@ class Table:
             if self._mm[ring + k * _slots.Q_ENTRY] == _slots.QE_WAITING  # (the state: low byte)
         )
 
+    def limit(self) -> int:
+        """--max-size now (a reload may have lowered it below the table's slot count)."""
+        return int(_I32.unpack_from(self._mm, _LIMIT_OFF)[0]) or self.max_size
+
     def room_to_grow(self) -> bool:
         """The broker has fewer than --max-size backends open (a waiter then tells it so)."""
         opened = _COUNTER.unpack_from(self._mm, _COUNTER_OFFSETS["backends_opened"])[0]
         closed = _COUNTER.unpack_from(self._mm, _COUNTER_OFFSETS["backends_closed"])[0]
-        return bool(opened - closed < self.max_size)
+        return bool(opened - closed < self.limit())
 
     def wait_limit(self) -> float:
         """--wait-timeout, seconds, as the table's queue applies it."""
@@ -376,9 +388,10 @@ class Table:
 
     def snapshot(self) -> Snapshot:
         mm = self._mm
-        (_m, _v, pid, gen, max_size, min_size, started, wait_timeout, db, user, _flags, _pad) = (
+        (_m, _v, pid, gen, slot_count, min_size, started, wait_timeout, db, user, _flags, limit) = (
             _HEADER.unpack_from(mm, 0)
         )
+        max_size = limit or slot_count
         counters = {
             name: _COUNTER.unpack_from(mm, _COUNTERS_OFF + i * 8)[0] for i, name in enumerate(COUNTERS)
         }

@@ -14,6 +14,7 @@ import time
 import psycopg
 import pytest
 
+import pgreuse
 from other_user import as_other_user
 from pgreuse.shm import Table, table_path
 from pgreuse.wire.states import CloseReason, SlotState
@@ -75,8 +76,12 @@ def test_sighup_applies_new_sizes_without_dropping_a_client(make_broker, short_t
     t = Table.open(table_path(broker.socket_dir, broker.port))
     try:
         assert t.wait_limit() == 5.0  # the table's queue (workers) sees it too
+        assert t.limit() == 2
     finally:
         t.close()
+    # What `pgreuse stats` and the pool metrics report: the sizes in force, not the start's.
+    snap = broker.snapshot()
+    assert (snap.max_size, snap.min_size, snap.wait_timeout) == (2, 1, 5.0)
     # Never more than two backends from now on, even with a third transaction waiting.
     conns[0].execute("select 1")
     conns[1].execute("select 1")
@@ -90,6 +95,17 @@ def test_sighup_applies_new_sizes_without_dropping_a_client(make_broker, short_t
     assert _open(broker.snapshot()) == 2
     conns[1].commit()
     conns[2].commit()
+    # A wait that times out names the --max-size in force.
+    with open(path, "w") as f:
+        f.write("max-size = 2\nmin-size = 1\nwait-timeout = 0.3\n")
+    broker.proc.send_signal(signal.SIGHUP)
+    _logged(broker, "--wait-timeout 5.0 -> 0.3")
+    conns[0].execute("select 1")
+    conns[1].execute("select 1")
+    with pytest.raises(pgreuse.PoolTimeout, match="all 2 of --max-size"):
+        conns[2].execute("select 1")
+    conns[0].commit()
+    conns[1].commit()
     for c in conns:
         c.close()
 

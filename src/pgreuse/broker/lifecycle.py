@@ -66,7 +66,7 @@ class Lifecycle(BrokerFields):
                 user=self.target.user,
                 claims=slots.ATOMIC,
             )
-            self.table.set_wait_limits(cfg.wait_timeout, cfg.max_waiting)
+            self.table.set_limits(cfg.max_size, cfg.min_size, cfg.wait_timeout, cfg.max_waiting)
         except BaseException as exc:
             self._close_listeners()
             if isinstance(exc, OSError):

@@ -27,7 +27,7 @@ class Resizing(PoolFields):
         self.config = config
         self._max_waiting = int(config.max_waiting)
         self._wait_timeout_ns = int(config.wait_timeout * 1e9)
-        self.table.set_wait_limits(config.wait_timeout, config.max_waiting)
+        self.table.set_limits(config.max_size, config.min_size, config.wait_timeout, config.max_waiting)
         self.trim()
         self._refill()
 

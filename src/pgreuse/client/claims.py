@@ -151,7 +151,7 @@ class TableClaims:
             got, waited_ns = words.wait(ticket, self.holder, parking, self.pid, self.sock.fileno())
             if got == slots.Q_TIMEOUT_PASSED:
                 limit = table.wait_limit()
-                raise errors.PoolTimeout(errors.wait_timeout_message(limit, self.max_size))
+                raise errors.PoolTimeout(errors.wait_timeout_message(limit, table.limit()))
             if got == slots.Q_CONTROL:
                 with self._lock:
                     self._drain_locked()  # a new fd, or the broker's end
