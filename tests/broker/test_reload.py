@@ -216,6 +216,24 @@ def test_a_reload_reads_the_auth_file_again(make_broker, short_tmp):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="runs a client as another uid: needs root")
+def test_a_reload_without_a_settings_file_reads_the_auth_file_again(make_broker, short_tmp):
+    users = os.path.join(short_tmp, "userlist.txt")
+    with open(users, "w") as f:
+        f.write('"app" "app-Secret-1"\n')
+    os.chmod(users, 0o600)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        tcp_port = s.getsockname()[1]
+    broker = make_broker("--listen-addr", f"127.0.0.1:{tcp_port}", "--auth-file", users)
+    with open(users, "a") as f:
+        f.write('"new" "new-Secret-2"\n')
+    with broker.console() as admin:
+        admin.execute("RELOAD")
+    _logged(broker, f"reload: --auth-file {users} read again: 2 users")
+    assert _tcp_login(tcp_port, broker.dbname, "new", "new-Secret-2") is None
+    assert _tcp_login(tcp_port, broker.dbname, "app", "app-Secret-1") is None
+
+
 def test_a_reload_applies_changed_allow_lists(make_broker, short_tmp):
     path = os.path.join(short_tmp, "pgreuse.toml")
     with open(path, "w") as f:

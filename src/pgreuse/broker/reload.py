@@ -96,10 +96,19 @@ def reload(broker: Broker) -> list[str]:
     """
     source = broker.source
     if source is None or not source.file:
-        return [
-            "the broker was started without --config-file, so there is nothing to re-read; "
-            "restart it to change settings given on its command line"
+        said = [
+            "the broker was started without --config-file, so its settings stay; restart it to "
+            "change settings given on its command line"
         ]
+        if broker.config.auth_file:
+            # The users are read again all the same, as PgBouncer re-reads its auth_file.
+            access, passwords = read_login_rules(broker.config)
+            broker.apply_login_rules(access, passwords)
+            assert passwords is not None
+            said.append(f"--auth-file {broker.config.auth_file} read again: {len(passwords.secrets)} users")
+        for line in said:
+            logger.info("reload: %s", line)
+        return said
     new, notes = source.load_with_notes()
     pool = broker.pool
     assert pool is not None
