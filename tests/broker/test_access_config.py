@@ -9,7 +9,8 @@ import pytest
 
 from pgreuse.broker.access import Access, parse_gids, parse_uids
 from pgreuse.broker.authfile import load_secrets, read_userlist
-from pgreuse.broker.config import BrokerConfig, ConfigError, parse_argv
+from pgreuse.broker.config import BrokerConfig, ConfigError
+from pgreuse.broker.settings_file import parse_argv
 from pgreuse.gunicorn import config_from_env
 from pgreuse.wire.scram_server import ScramSecret
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pgreuse.broker.config import BrokerConfig, ConfigError, parse_argv
+from pgreuse.broker.config import BrokerConfig, ConfigError
+from pgreuse.broker.settings_file import parse_argv
 
 
 def test_to_argv_rebuilds_every_setting():

@@ -11,7 +11,8 @@ import time
 import psycopg
 import pytest
 
-from pgreuse.broker.config import ConfigError, parse_argv
+from pgreuse.broker.config import ConfigError
+from pgreuse.broker.settings_file import parse_argv
 from pgreuse.shm import table_path
 
 PASSWORD = "md5pass"  # the DevCluster's md5user, over TCP

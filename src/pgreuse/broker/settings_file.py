@@ -25,7 +25,8 @@ from typing import Any
 import attrs
 
 from .bounded_read import read_bounded
-from .config import BrokerConfig, ConfigError, build_parser, check_command_line_dsn, from_parser
+from .config import BrokerConfig, ConfigError
+from .flags import build_parser, check_command_line_dsn, from_parser
 
 # Settings a file may not hold: the file itself, and how the process runs.
 _NOT_IN_FILE = frozenset({"config_file", "supervise"})
@@ -159,3 +160,10 @@ def write_settings(path: str, values: Mapping[str, object]) -> None:
     with os.fdopen(fd, "w") as f:
         f.writelines(lines)
     os.rename(tmp, path)
+
+
+def parse_argv(argv: Sequence[str] | None = None) -> tuple[BrokerConfig, bool]:
+    """Parse the command line (and the ``--config-file`` it names); return the config and whether
+    to supervise."""
+    source = SettingsSource.from_argv(argv)
+    return source.load(), source.supervise
