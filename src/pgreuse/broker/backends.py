@@ -25,8 +25,8 @@ from .tls import TLSStream
 
 if TYPE_CHECKING:
     from ..shm import Table
+    from .backend_target import BackendTarget
     from .config import BrokerConfig
-    from .connector import BackendTarget
 
 if TYPE_CHECKING:
     _BackendBase = object

@@ -45,6 +45,7 @@ from .. import errors
 from ..shm import WAIT_BOUNDS_NS, Table
 from ..wire import control
 from ..wire.states import TRANSITIONS, CloseReason, SlotState, check_transition
+from .backend_target import BackendTarget
 from .backends import (  # noqa: F401 - Client, InProcessHolder, C_FIELDS: the pool's public names
     C_FIELDS,
     Backend,
@@ -55,7 +56,6 @@ from .backends import (  # noqa: F401 - Client, InProcessHolder, C_FIELDS: the p
 )
 from .cancels import Cancels
 from .config import BrokerConfig
-from .connector import BackendTarget
 from .exits import BackendExits
 from .mirror import TableMirror
 from .recycling import Recycling
