@@ -26,8 +26,8 @@ import sys
 import tempfile
 import time
 
+from pgreuse.broker.backend_target import parse_target
 from pgreuse.broker.config import BrokerConfig
-from pgreuse.broker.connector import parse_target
 from pgreuse.broker.pool import Pool
 from pgreuse.broker.proxy import CORE, ProxySession, ProxyStats
 from pgreuse.shm import Table, table_path

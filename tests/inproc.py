@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from pgreuse.broker.backend_target import parse_target
 from pgreuse.broker.config import BrokerConfig
-from pgreuse.broker.connector import parse_target
 from pgreuse.broker.pool import Backend, Pool
 from pgreuse.broker.proxy import ProxySession, ProxyStats, PyProxySession, PyProxyStats
 from pgreuse.shm import Table, table_path

@@ -43,8 +43,8 @@ from typing import Any
 import attrs
 
 from .broker import handover
+from .broker.backend_target import parse_target
 from .broker.config import BrokerConfig
-from .broker.connector import parse_target
 from .broker.settings_file import write_settings
 from .client.channel import broker_accepts
 

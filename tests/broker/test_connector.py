@@ -11,14 +11,12 @@ from typing import Any
 
 import pytest
 
+from pgreuse.broker.backend_target import BackendTarget, EncryptionNotSupported, parse_target
 from pgreuse.broker.connector import (
     BackendConnectError,
     BackendQueryError,
-    BackendTarget,
-    EncryptionNotSupported,
     OpenedBackend,
     open_backend,
-    parse_target,
     run_simple_query,
     send_cancel,
 )

@@ -25,8 +25,8 @@ from .tls import TLSStream
 
 if TYPE_CHECKING:
     from ..shm import Table
+    from .backend_target import BackendTarget
     from .config import BrokerConfig
-    from .connector import BackendTarget
 
 if TYPE_CHECKING:
     _BackendBase = object
@@ -138,6 +138,9 @@ class PoolFields:
         _states: dict[SlotState, int]
         _debug: bool
         _max_waiting: int
+        _max_pending: int
+        _expiry: asyncio.TimerHandle | None
+        _expiry_at: int
         _wait_timeout_ns: int
         _retry_at: float
         _backoff: float
@@ -156,6 +159,9 @@ class PoolFields:
         def _alive(self) -> int: ...
         def _count(self, state: SlotState) -> int: ...
         def _dispatch(self) -> None: ...
+        def _grant(
+            self, b: Backend, client: Client, request: int, parking: int, asked_ns: int, *, queued: bool = ...
+        ) -> None: ...
         def _open_one(self) -> bool: ...
         def room_for_one(self) -> bool: ...
         def trim(self) -> None: ...

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
     from ..shm import Table
     from ..wire import frames
     from .access import Access, Peer
+    from .backend_target import BackendTarget
     from .config import BrokerConfig
-    from .connector import BackendTarget
     from .greeting import Greeting, ParkingSecrets
     from .hangups import HangupWatch
     from .login import Admission

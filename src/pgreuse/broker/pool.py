@@ -27,7 +27,7 @@ Invariants:
 All of this runs on the broker's one asyncio loop thread; nothing here blocks. This module holds the
 lending decisions; ``backends.py`` what a slot and a waiter are, ``upkeep.py`` opening, checking,
 resetting and closing backends, ``mirror.py`` the table's records and counts, ``sharing.py`` the
-slots shared with the workers.
+slots shared with the workers, ``waiting.py`` the requests: the FIFO of waiters and its deadlines.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
-from .. import errors
 from ..shm import WAIT_BOUNDS_NS, Table
 from ..wire import control
 from ..wire.states import TRANSITIONS, CloseReason, SlotState, check_transition
+from .backend_target import BackendTarget
 from .backends import (  # noqa: F401 - Client, InProcessHolder, C_FIELDS: the pool's public names
     C_FIELDS,
     Backend,
@@ -55,13 +55,13 @@ from .backends import (  # noqa: F401 - Client, InProcessHolder, C_FIELDS: the p
 )
 from .cancels import Cancels
 from .config import BrokerConfig
-from .connector import BackendTarget
 from .exits import BackendExits
 from .mirror import TableMirror
 from .recycling import Recycling
 from .resizing import Resizing
 from .sharing import SharedSlots
 from .upkeep import CHECKED_PARAMETERS, PINNED_PARAMETERS, Upkeep  # noqa: F401 - server.py's names
+from .waiting import Waiting
 
 logger = logging.getLogger("pgreuse.broker")
 
@@ -71,11 +71,10 @@ _OUTCOME_REASON = {o: o.name.lower() for o in control.Outcome}
 # class (SlotState.LENT) goes through EnumType.__getattr__, ten times the cost of a global, and the
 # path runs once or twice per proxied transaction.
 _CLOSED, _IDLE, _LENT, _RESETTING = SlotState.CLOSED, SlotState.IDLE, SlotState.LENT, SlotState.RESETTING
-_SHARED = SlotState.SHARED
 _CLEAN = control.Outcome.CLEAN
 
 
-class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, Recycling, Resizing, Cancels, _PoolBase):
+class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, Recycling, Resizing, Cancels, Waiting, _PoolBase):
     def __init__(
         self,
         config: BrokerConfig,
@@ -182,50 +181,6 @@ class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, Recycling, Resizing, 
 
     # -- lending ----------------------------------------------------------------------------------
 
-    def request(self, client: Client, request: int, parking: int) -> None:
-        """A proxy session asks for a backend for ``request``; it is answered with ``granted`` or a
-        ``Deny`` (workers never ask: they claim in the table, or send through the proxy)."""
-        if self.idle and not self.waiters and not self.paused and not self.closing:
-            self._grant(self.idle.pop(), client, request, parking, time.monotonic_ns())
-            return
-        w = Waiter(client, request, parking, time.monotonic_ns())
-        if self.closing:
-            self._deny(w, control.DenyCode.CLOSED, "the broker is shutting down")
-            return
-        if self.last_connect_error and not self._alive() and time.monotonic() < self._retry_at:
-            # PostgreSQL was unreachable a moment ago: fail now with the reason instead of making
-            # the caller sit out the whole wait timeout.
-            self._deny(
-                w,
-                control.DenyCode.UNAVAILABLE,
-                f"the broker cannot reach PostgreSQL: {self.last_connect_error}",
-                counter="unavailable",
-            )
-            return
-        if self._max_waiting and (queued := len(self.waiters) + self.table_waiting()) >= self._max_waiting:
-            self._deny(
-                w,
-                control.DenyCode.TOO_MANY,
-                f"{queued} requests already wait for a backend (--max-waiting "
-                f"{self.config.max_waiting}); try again later, or raise --max-waiting/--max-size",
-                counter="too_many",
-            )
-            return
-        w.deadline_ns = w.enqueued_ns + self._wait_timeout_ns
-        self.waiters.append(w)
-        self._arm_expiry(w.deadline_ns)
-        self._note_max_pending()
-        if self.idle or self._states[_CLOSED] or self._states[_SHARED]:
-            self._dispatch()  # paused with idle backends, room to open one, or some shared
-        else:
-            self._flush_soon()  # the pending gauge
-
-    def _note_max_pending(self) -> None:
-        """The table's ``max_pending``: the longest the queue has been."""
-        if len(self.waiters) > self._max_pending:
-            self._max_pending = len(self.waiters)
-            self.table.set("max_pending", self._max_pending)
-
     def _dispatch(self) -> None:
         # The queue length first, then a look at the shared slots: a worker gives a slot back and
         # then reads it, so one of the two sees the other (slots._slotword.h: all seq_cst).
@@ -263,61 +218,6 @@ class Pool(TableMirror, Upkeep, SharedSlots, BackendExits, Recycling, Resizing, 
         client.granted(b, request)  # type: ignore[attr-defined]
         self._note_lease(now - asked_ns, queued)
         self._publish_soon(b)
-
-    def _deny(self, w: Waiter, code: control.DenyCode, message: str, counter: str = "") -> None:
-        if counter:
-            self.table.add(counter)
-        w.client.send(control.Deny(w.request, code, message))
-
-    def _arm_expiry(self, deadline_ns: int) -> None:
-        """Make sure the expiry timer fires by ``deadline_ns`` (it serves every waiter)."""
-        if self._expiry is not None:
-            if deadline_ns >= self._expiry_at:
-                return
-            self._expiry.cancel()
-        self._expiry_at = deadline_ns
-        delay = max(0.0, (deadline_ns - time.monotonic_ns()) / 1e9)
-        self._expiry = self.loop.call_later(delay, self._expire)
-
-    def _expire(self) -> None:
-        """Deny every waiter past its deadline; arm the timer for the next deadline."""
-        self._expiry = None
-        # Loops round timers to the millisecond: a waiter due within one counts as due.
-        now = time.monotonic_ns() + 1_000_000
-        expired = [w for w in self.waiters if w.deadline_ns <= now]
-        if expired:
-            # One pass, not a remove() per waiter (a burst of timeouts is not quadratic).
-            # Denials below may queue new requests (a client's next pipelined query).
-            self.waiters = deque(w for w in self.waiters if w.deadline_ns > now)
-            self.publish_pending()
-        for w in expired:
-            detail = (
-                f"; last connection error: {self.last_connect_error}"
-                if (self.last_connect_error and not self._alive())
-                else ""
-            )
-            timeout = (w.deadline_ns - w.enqueued_ns) / 1e9
-            try:
-                self._deny(
-                    w,
-                    control.DenyCode.TIMEOUT,
-                    errors.wait_timeout_message(timeout, self.config.max_size) + detail,
-                    counter="timeouts",
-                )
-            except Exception:
-                # A bug in one client's handling of its refusal must not leave the other expired
-                # waiters unanswered, or the timer unarmed for those still queued.
-                logger.exception("internal error refusing a timed-out request of pid %d", w.client.pid)
-        if self.waiters:
-            self._arm_expiry(min(w.deadline_ns for w in self.waiters))
-
-    def abandon(self, client: Client, request: int) -> None:
-        for w in self.waiters:
-            if w.client is client and w.request == request:
-                self.waiters.remove(w)
-                self.publish_pending()
-                return
-        # Already granted or denied: the worker handles the late answer itself.
 
     def give_back(
         self, b: Backend, client: Client, outcome: control.Outcome, *, unread_checked: bool = False

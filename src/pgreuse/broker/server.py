@@ -27,8 +27,8 @@ import socket
 from .. import slots
 from ..shm import Table
 from .access import Access
+from .backend_target import BackendTarget, parse_target
 from .config import BrokerConfig, ConfigError
-from .connector import BackendTarget, parse_target
 from .control_client import ControlClient
 from .control_listener import ControlListener
 from .greeting import Greeting, ParkingSecrets
