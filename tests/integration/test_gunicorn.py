@@ -49,6 +49,10 @@ def _start(worker_class: str, pg, short_tmp):  # type: ignore[no-untyped-def]
             worker_class,
             "--threads",
             "4",
+            # A gthread worker takes at most 4 clients at once, so the 16 concurrent requests
+            # cannot all land on one worker (seen once in CI: one worker served all 120).
+            "--worker-connections",
+            "4",
             "app:app",
         ],
         env=env,
