@@ -145,7 +145,7 @@ def test_a_bad_file_on_reload_keeps_the_settings_and_says_why(make_broker, short
     assert CloseReason.POOL_SHRUNK.name.lower() in broker.snapshot().closed_by_reason
 
 
-def test_reload_without_a_file_says_there_is_nothing_to_read(broker):
+def test_reload_without_a_file_says_the_settings_stay(broker):
     with broker.console() as admin:
         notices: list[str] = []
         admin.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
@@ -166,14 +166,19 @@ def _tcp_login(port: int, dbname: str, user: str, password: str) -> str | None:
     return None
 
 
-def test_a_reload_reads_the_auth_file_again(make_broker, short_tmp):
+def _auth_file_and_port(short_tmp: str) -> tuple[str, int]:
+    """An auth file with one user ("app"), and a free TCP port on loopback for the listener."""
     users = os.path.join(short_tmp, "userlist.txt")
     with open(users, "w") as f:
         f.write('"app" "app-Secret-1"\n')
     os.chmod(users, 0o600)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        tcp_port = s.getsockname()[1]
+        return users, s.getsockname()[1]
+
+
+def test_a_reload_reads_the_auth_file_again(make_broker, short_tmp):
+    users, tcp_port = _auth_file_and_port(short_tmp)
     path = os.path.join(short_tmp, "pgreuse.toml")
     with open(path, "w") as f:
         f.write(f"listen-addr = '127.0.0.1:{tcp_port}'\nauth-file = '{users}'\n")
@@ -215,15 +220,8 @@ def test_a_reload_reads_the_auth_file_again(make_broker, short_tmp):
     assert "authentication failed" in (login("new", "new-Secret-2") or "")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="runs a client as another uid: needs root")
 def test_a_reload_without_a_settings_file_reads_the_auth_file_again(make_broker, short_tmp):
-    users = os.path.join(short_tmp, "userlist.txt")
-    with open(users, "w") as f:
-        f.write('"app" "app-Secret-1"\n')
-    os.chmod(users, 0o600)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        tcp_port = s.getsockname()[1]
+    users, tcp_port = _auth_file_and_port(short_tmp)
     broker = make_broker("--listen-addr", f"127.0.0.1:{tcp_port}", "--auth-file", users)
     with open(users, "a") as f:
         f.write('"new" "new-Secret-2"\n')
@@ -234,6 +232,7 @@ def test_a_reload_without_a_settings_file_reads_the_auth_file_again(make_broker,
     assert _tcp_login(tcp_port, broker.dbname, "app", "app-Secret-1") is None
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="runs a client as another uid: needs root")
 def test_a_reload_applies_changed_allow_lists(make_broker, short_tmp):
     path = os.path.join(short_tmp, "pgreuse.toml")
     with open(path, "w") as f:

@@ -24,6 +24,7 @@ import attrs
 
 from .config import BrokerConfig, ConfigError
 from .login_rules import read_login_rules
+from .password_login import PasswordLogin
 
 if TYPE_CHECKING:
     from .server import Broker
@@ -87,6 +88,13 @@ def plan(old: BrokerConfig, new: BrokerConfig, capacity: int) -> ReloadPlan:
     return ReloadPlan(config, tuple(changed), tuple(kept))
 
 
+def _users_read(config: BrokerConfig, passwords: PasswordLogin | None) -> list[str]:
+    """What a reload says of the auth file, read again even when its path is the same."""
+    if passwords is None:
+        return []
+    return [f"--auth-file {config.auth_file} read again: {len(passwords.secrets)} users"]
+
+
 def reload(broker: Broker) -> list[str]:
     """Re-read the broker's settings and apply what can change live; return what it did, for the
     log (done here) and the admin console.
@@ -104,8 +112,7 @@ def reload(broker: Broker) -> list[str]:
             # The users are read again all the same, as PgBouncer re-reads its auth_file.
             access, passwords = read_login_rules(broker.config)
             broker.apply_login_rules(access, passwords)
-            assert passwords is not None
-            said.append(f"--auth-file {broker.config.auth_file} read again: {len(passwords.secrets)} users")
+            said += _users_read(broker.config, passwords)
         for line in said:
             logger.info("reload: %s", line)
         return said
@@ -123,8 +130,7 @@ def reload(broker: Broker) -> list[str]:
         broker.watch_parent()
     pool.apply_settings(cfg)
     broker.apply_login_rules(access, passwords)
-    if passwords is not None:  # (read again even when its path is the same: say so)
-        notes.append(f"--auth-file {cfg.auth_file} read again: {len(passwords.secrets)} users")
+    notes += _users_read(cfg, passwords)
     done = [f"{_flag(n)} {b!r} -> {a!r}" for n, b, a in p.changed]
     for line in notes:
         logger.info("reload: %s", line)

@@ -21,7 +21,6 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from . import parked
 from .async_channel import AsyncChannel, async_channel_for
 from .guard import StatementGuard, check_prepare_threshold
 from .lease import (
@@ -62,13 +61,12 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
             BrokerUnavailable: no broker answers at ``<host>/.s.PGREUSE.<port>``.
         """
         check_prepare_threshold(prepare_threshold)
-        key = parked.key_of(cls, conninfo, kwargs, scope=id(asyncio.get_running_loop()))
-        kept = parked.parked_connections.take(key) if key is not None else None
-        if kept is not None:
-            conn = cls._reopen(kept, key, lease_timeout, **kwargs)
-            assert isinstance(conn, AsyncConnection)
-            return conn
-        channel = await async_channel_for(cls._control_path(conninfo, prepare_threshold, kwargs))
+        scope = id(asyncio.get_running_loop())  # (its control channel is this loop's)
+        reopened, key = cls._from_kept(conninfo, lease_timeout, kwargs, scope)
+        if reopened is not None:
+            assert isinstance(reopened, AsyncConnection)
+            return reopened
+        channel = await async_channel_for(cls._control_path(conninfo, kwargs))
         try:
             conn = await super().connect(conninfo, prepare_threshold=None, **kwargs)
         except BaseException:
@@ -81,10 +79,6 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
 
     def _park_loop(self) -> weakref.ref[Any] | None:
         return weakref.ref(asyncio.get_running_loop())
-
-    def cancel(self) -> None:
-        self._cancel_sent = True  # a late cancel must not reach the next user of this parking key
-        super().cancel()
 
     async def cancel_safe(self, *args: Any, **kwargs: Any) -> None:
         self._cancel_sent = True

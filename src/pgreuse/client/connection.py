@@ -18,7 +18,6 @@ from typing import Any
 import psycopg
 from psycopg import pq
 
-from . import parked
 from .channel import Channel, channel_for
 from .guard import StatementGuard, check_prepare_threshold
 from .held import Lease
@@ -67,13 +66,11 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
             psycopg.OperationalError: the broker refused the startup (its message says why).
         """
         check_prepare_threshold(prepare_threshold)
-        key = parked.key_of(cls, conninfo, kwargs)
-        kept = parked.parked_connections.take(key) if key is not None else None
-        if kept is not None:
-            conn = cls._reopen(kept, key, lease_timeout, **kwargs)
-            assert isinstance(conn, Connection)
-            return conn
-        channel = channel_for(cls._control_path(conninfo, prepare_threshold, kwargs))
+        reopened, key = cls._from_kept(conninfo, lease_timeout, kwargs)
+        if reopened is not None:
+            assert isinstance(reopened, Connection)
+            return reopened
+        channel = channel_for(cls._control_path(conninfo, kwargs))
         conn = super().connect(conninfo, prepare_threshold=None, **kwargs)
         assert isinstance(conn, Connection)
         conn._bind(channel, lease_timeout)
@@ -159,10 +156,6 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
             return  # its parking connection is kept for the next connect()
         super().close()  # Terminate now reaches the parking socket only (rule 5)
         self._close_home()
-
-    def cancel(self) -> None:
-        self._cancel_sent = True  # a late cancel must not reach the next user of this parking key
-        super().cancel()
 
     def cancel_safe(self, *args: Any, **kwargs: Any) -> None:
         self._cancel_sent = True

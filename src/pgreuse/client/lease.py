@@ -111,9 +111,9 @@ class LeaseCore(Reusable, SessionState):
         self._server_cursor_factory = guarded(cls, ServerCursorGuard)
 
     @staticmethod
-    def _control_path(conninfo: str, prepare_threshold: int | None, kwargs: dict[str, Any]) -> str:
-        """Check the arguments of ``connect()``; return the broker's control socket path."""
-        check_prepare_threshold(prepare_threshold)
+    def _control_path(conninfo: str, kwargs: dict[str, Any]) -> str:
+        """The broker's control socket path, from ``connect()``'s arguments (checked: a socket
+        directory, a port)."""
         socket_dir, port = broker_socket_dir_and_port(conninfo_to_dict(conninfo, **kwargs))
         return os.path.join(socket_dir, f".s.PGREUSE.{port}")
 

@@ -136,11 +136,11 @@ class ParkedConnections:
 def _usable(parked: Parked) -> bool:
     """The broker is still there and has said nothing on this parking connection (an error, its
     end): one poll, no wait."""
-    if parked.channel.dead or parked.pgconn.status != pq.ConnStatus.OK:
+    channel = parked.channel
+    if channel.dead or parked.pgconn.status != pq.ConnStatus.OK:
         return False
     if parked.loop is not None and parked.loop() is not _running_loop():
         return False  # another loop that happens to have the same id
-    channel = parked.channel
     try:
         seen = slots.check(parked.pgconn.socket, channel.sock.fileno())
     except (OSError, ValueError):
@@ -194,6 +194,20 @@ class Reusable:
     def _park_loop(self) -> weakref.ref[Any] | None:
         """The event loop a kept connection may be used in (an asyncio connection's)."""
         return None
+
+    @classmethod
+    def _from_kept(
+        cls, conninfo: str, lease_timeout: float, kwargs: dict[str, Any], scope: int = 0
+    ) -> tuple[Reusable | None, Hashable | None]:
+        """The start of ``connect()``: a new connection on a parking connection this process kept
+        for these arguments (``None`` when there is none), and their key (``None``: never kept)."""
+        key = key_of(cls, conninfo, kwargs, scope)
+        kept = parked_connections.take(key) if key is not None else None
+        return (cls._reopen(kept, key, lease_timeout, **kwargs) if kept is not None else None), key
+
+    def cancel(self) -> None:
+        self._cancel_sent = True  # a late cancel must not reach the next user of this parking key
+        super().cancel()  # type: ignore[misc]  # (psycopg's, after this mixin)
 
     @classmethod
     def _reopen(
