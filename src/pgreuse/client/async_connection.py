@@ -85,8 +85,8 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
         await super().cancel_safe(*args, **kwargs)
 
     async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._held is None and not self._proxying and self._needs_lease(gen):
-            self._claim()  # (never waits: a claim in the table, or the proxy)
+        if self._held is None and not self._proxying:
+            self._begin(gen)  # (never waits: a claim in the table, or the proxy)
         try:
             return await super().wait(gen, *args, **kwargs)
         except psycopg.Error as exc:

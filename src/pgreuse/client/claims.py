@@ -25,6 +25,7 @@ from ..wire import control
 # socket (and at the control channel): it was fine then. Older ones are checked first, one poll()
 # for both: PostgreSQL may have ended the session meanwhile, or the broker may have died.
 CHECK_AFTER_NS = 10_000_000
+_monotonic_ns = time.monotonic_ns
 POKE = control.encode(control.Poke())
 
 
@@ -89,6 +90,8 @@ class TableClaims:
         claim = words.claim
         with self._lock:
             got = claim(self.holder, self._start, self._gens, parking, self.pid)
+            if got >= 0 and _monotonic_ns() - self._given_back[got] < CHECK_AFTER_NS:
+                return self._swap_in(words, got, fd_number, 0)  # the usual case
             for _attempt in range(len(self._fds)):
                 if got <= -3:
                     # An idle slot of a generation whose fd has not been read yet: read, retry.

@@ -81,8 +81,8 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         # (This runs for every statement: the checks on the attributes spare calls when idle.)
-        if self._held is None and not self._proxying and self._needs_lease(gen):
-            self._claim()  # (a claim in the table, a wait there, or the proxy)
+        if self._held is None and not self._proxying:
+            self._begin(gen)  # (a claim in the table, a wait there, or the proxy)
         try:
             return super().wait(gen, *args, **kwargs)
         except psycopg.Error as exc:

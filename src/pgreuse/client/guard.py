@@ -16,6 +16,9 @@ from typing import Any
 import psycopg
 
 from .. import errors
+from .session import Verdict, remembered_verdict
+
+_CLEAN = Verdict.CLEAN
 
 
 def broker_socket_dir_and_port(params: dict[str, Any]) -> tuple[str, int]:
@@ -56,9 +59,11 @@ class StatementGuard:
         # DECLARE) goes through here, and the result holds the final query bytes, whatever form
         # the query was written in.
         pgq = super()._convert_query(*args, **kwargs)  # type: ignore[misc]
-        note = getattr(self._conn, "_note_statement", None)  # a pgreuse connection's (LeaseCore)
-        if note is not None:
-            note(pgq.query)
+        query = pgq.query
+        if remembered_verdict(query) is not _CLEAN:  # (most statements: seen before, and clean)
+            note = getattr(self._conn, "_note_statement", None)  # a pgreuse connection's (LeaseCore)
+            if note is not None:
+                note(query)
         return pgq
 
 

@@ -33,7 +33,7 @@ from .guard import ServerCursorGuard, broker_socket_dir_and_port, check_prepare_
 from .held import Lease, _Held
 from .parked import Reusable
 from .session import LISTEN_REFUSED
-from .session_state import SessionState
+from .session_state import REPORTED_RAW, SessionState
 
 logger = logging.getLogger("pgreuse.client")
 
@@ -66,6 +66,14 @@ class AfterWait(enum.Enum):
 # os.getpid() is a system call each time (glibc caches nothing); this runs once per transaction.
 _pids = [os.getpid()]
 os.register_at_fork(after_in_child=lambda: _pids.__setitem__(0, os.getpid()))
+
+# Looked up once: the checks below run once or twice per statement.
+_OK = pq.ConnStatus.OK
+_BAD = pq.ConnStatus.BAD
+_IDLE = pq.TransactionStatus.IDLE
+_PIPELINE_OFF = pq.PipelineStatus.OFF
+_monotonic = time.monotonic
+_dup2 = os.dup2
 
 
 class LeaseCore(Reusable, SessionState):
@@ -179,22 +187,29 @@ class LeaseCore(Reusable, SessionState):
 
     # -- before a wait ----------------------------------------------------------------------------
 
-    def _needs_lease(self, gen: Any) -> bool:
-        """This ``wait()`` starts a transaction (the caller checked that nothing is held and nothing
-        goes through the proxy now): claim a backend for it, or send it to the proxy."""
+    def _begin(self, gen: Any) -> None:
+        """The first ``wait()`` of a transaction (the caller checked that nothing is held and nothing
+        goes through the proxy now): claim a backend for it, or send it to the proxy. Generators that
+        only look at the connection's state need no backend.
+
+        This runs once per transaction: the usual case (an idle slot, claimed and swapped in) is
+        written out here rather than spread over helpers, each call of which costs."""
         code = getattr(gen, "gi_code", None)
         if code is not None and code.co_name in STATE_ONLY_GENERATORS and self._state_only():
-            return False
+            return
         if _pids[0] != self._owner_pid:
             raise errors.WrongProcess(
                 f"this pgreuse connection was opened in process {self._owner_pid} and is used in "
                 f"process {os.getpid()}: open connections after fork (e.g. in Gunicorn's "
                 "post_fork or lazily per request), not in the master with preload_app"
             )
-        if self._channel is None:
+        channel = self._channel
+        if channel is None:
             raise errors.BrokerUnavailable("connection was not opened with pgreuse.connect()")
-        # A closed or broken connection: psycopg reports it itself.
-        return bool(self.pgconn.status == pq.ConnStatus.OK)
+        pgconn = self.pgconn
+        if pgconn.status != _OK:
+            return  # a closed or broken connection: psycopg reports it itself
+        self._claim(channel, pgconn.socket)
 
     def _state_only(self) -> bool:
         """A state-only generator runs without the server now: idle, and outside a pipeline."""
@@ -204,21 +219,18 @@ class LeaseCore(Reusable, SessionState):
             and self._pipeline is None
         )
 
-    def _claim(self) -> None:
+    def _claim(self, channel: ChannelBase, fd_number: int) -> None:
         """Claim an idle slot for this transaction (DESIGN.md §4), or wait in the table for one
         (sync connections), or let it go through the proxy: TLS backends (rule 10), the proxy has
         waiters (who go first), the table's queue is full, or an asyncio connection found nothing
         idle."""
-        channel = self._channel
-        assert channel is not None
-        fd_number = self.pgconn.socket
         try:
             got = channel.claim_into(self.pgconn.backend_pid, fd_number)
         except errors.PoolTimeout as exc:
             limit = channel.table.wait_limit() if channel.table is not None else 0.0
             telemetry.lease_denied(self._telemetry(), exc, limit)
             raise
-        if channel.dead:
+        if channel._dead is not None:
             # The broker that parked this connection is gone (its channel ended): it can never
             # lease again, and its parking socket is dead too.
             self._lost_broker()
@@ -233,14 +245,13 @@ class LeaseCore(Reusable, SessionState):
                 channel.dirty(self.pgconn.backend_pid)
             return
         slot, generation, backend_pid, waited_ns = got
-        held = _Held(slot, generation, backend_pid, time.monotonic(), fd_number)
+        held = self._held = _Held(slot, generation, backend_pid, _monotonic(), fd_number)
         if waited_ns:
             held.waited = waited_ns / 1e9
             held.bucket = bisect.bisect_left(WAIT_BOUNDS_NS, waited_ns)
         if telemetry.watched():
             held.watched = True
             held.span = telemetry.lease_granted(self._pool_telemetry or self._telemetry(), held)
-        self._held = held
 
     def _lost_broker(self) -> None:
         """The broker that parked this connection is gone: it can never lease again.
@@ -284,19 +295,16 @@ class LeaseCore(Reusable, SessionState):
         if held is None and not self._proxying:
             return True
         pgconn = self.pgconn
-        if pgconn.status != pq.ConnStatus.OK:
+        if pgconn.status != _OK:
             return False
-        if (
-            pgconn.transaction_status != pq.TransactionStatus.IDLE
-            or pgconn.pipeline_status != pq.PipelineStatus.OFF
-        ):
+        if pgconn.transaction_status != _IDLE or pgconn.pipeline_status != _PIPELINE_OFF:
             return True  # mid-transaction: the backend stays
-        if self._reported_raw() != self._baseline_raw:
-            return False  # parameters to put back first
+        if tuple(map(pgconn.parameter_status, REPORTED_RAW)) != self._baseline_raw:
+            return False  # parameters to put back first (as _reported_raw(), written out)
         if held is None:
             self._proxied_over(None)  # a transaction through the proxy is over
         else:
-            self._give_back(broken=False, dirty=self._take_dirty())
+            self._give_back(broken=False, dirty=self._session_dirty and self._take_dirty())
         return True
 
     def _after_wait_steps(self) -> Generator[sql.SQL | sql.Composed, None, None]:
@@ -327,13 +335,16 @@ class LeaseCore(Reusable, SessionState):
         self._held = None
         channel = self._channel
         assert channel is not None
-        try:
-            libpq_fd = self.pgconn.socket
-        except psycopg.OperationalError:
-            libpq_fd = -1
+        if self.pgconn.status == _OK:
+            libpq_fd = held.fd_number  # (libpq gives up its socket only with the connection)
+        else:
+            try:
+                libpq_fd = self.pgconn.socket
+            except psycopg.OperationalError:
+                libpq_fd = -1
         if libpq_fd == held.fd_number:
             try:
-                os.dup2(self._home, libpq_fd, inheritable=False)
+                _dup2(self._home, libpq_fd, inheritable=False)
             except BaseException:
                 # libpq's fd still points at the backend: it is not clean for anyone else.
                 channel.report(held.slot, held.generation, control.Outcome.BROKEN)

@@ -82,6 +82,10 @@ def _classify(query: bytes) -> Verdict:
 _MAX_REMEMBERED = 1024
 _verdicts: dict[bytes, Verdict] = {}
 
+# The verdict already given for a query, or None: one lookup, for the check every statement makes
+# (the dict is cleared, never replaced, so this stays bound to it).
+remembered_verdict = _verdicts.get
+
 
 def changed_parameters(baseline: Mapping[str, str | None], current: Mapping[str, str | None]) -> list[str]:
     """Names whose reported value differs from the baseline, in a stable order."""
