@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 import queue
 import statistics
 import threading
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import psycopg
 import psycopg_pool
-from _harness import cpu_seconds
+from _harness import cpu_seconds, servers_pinned
 
 import pgreuse
 
@@ -237,9 +238,11 @@ def run(target: Target, workload: Workload, duration: float) -> Run:
 
 
 def _side_by_side_child(
-    dedicated: Target, handoff: Target, duration: float, block: int, results: Messages
+    dedicated: Target, handoff: Target, duration: float, block: int, *, client_cpu: int, results: Messages
 ) -> None:
     try:
+        if client_cpu >= 0:
+            os.sched_setaffinity(0, {client_cpu})  # the servers are on another (servers_pinned)
         conns = [_connect(dedicated, autocommit=True), _connect(handoff, autocommit=True)]
         per_block: list[list[float]] = [[], []]
         for conn in conns:  # warm up
@@ -267,20 +270,31 @@ def _low(samples: list[float]) -> float:
     return sorted(samples)[len(samples) // 10]
 
 
-def side_by_side(dedicated: Target, handoff: Target, duration: float, block: int = 50) -> tuple[float, float]:
+def side_by_side(
+    dedicated: Target, handoff: Target, duration: float, servers: list[int], block: int = 50
+) -> tuple[float, float]:
     """µs of the client's CPU per autocommit ``select 1`` on a dedicated connection and on a pgreuse
     one, in one process, alternating blocks of ``block`` statements for ``duration`` seconds: the 10th
-    percentile over the blocks of each (a median still moved by 20 µs between rounds).
+    percentile over the blocks of each. The processes under ``servers`` (PostgreSQL, the broker) run
+    on the last CPU meanwhile and the client on the first: unpinned, the difference moved by 20 µs
+    between rounds with where the scheduler put the client next to the backend.
     """
     ctx = mp.get_context("fork")
     results: Messages = ctx.Queue()
-    proc = ctx.Process(target=_side_by_side_child, args=(dedicated, handoff, duration, block, results))
-    proc.start()
-    try:
-        (msg,) = _collect(results, "done", 1, duration + READY_TIMEOUT, [proc])
-    finally:
-        proc.join(30)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+    cpus = sorted(os.sched_getaffinity(0))
+    with servers_pinned(servers, cpus[-1]) as pinned:
+        client_cpu = cpus[0] if pinned else -1
+        proc = ctx.Process(
+            target=_side_by_side_child,
+            args=(dedicated, handoff, duration, block),
+            kwargs={"client_cpu": client_cpu, "results": results},
+        )
+        proc.start()
+        try:
+            (msg,) = _collect(results, "done", 1, duration + READY_TIMEOUT, [proc])
+        finally:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
     return msg[1], msg[2]

@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from pgreuse.devcluster import DevCluster
 
@@ -164,3 +164,62 @@ def pgreuse_broker(
         proc.send_signal(signal.SIGTERM)
         _wait_or_kill(proc, 20)
         shutil.rmtree(d, ignore_errors=True)
+
+
+def postmaster_pid(cluster: DevCluster) -> int:
+    """The pid of ``cluster``'s postmaster (the first line of ``postmaster.pid``)."""
+    with open(os.path.join(cluster.datadir, "postmaster.pid"), encoding="ascii") as f:
+        return int(f.readline())
+
+
+def _family(root: int) -> list[int]:
+    """``root`` and every process whose parent is in the family (PostgreSQL's backends under its
+    postmaster), read from ``/proc``."""
+    parents: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        parents[int(name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    family = {root}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parents.items():
+            if ppid in family and pid not in family:
+                family.add(pid)
+                grew = True
+    return sorted(family)
+
+
+@contextmanager
+def servers_pinned(roots: list[int], cpu: int) -> Iterator[bool]:
+    """Pin the processes under ``roots`` (PostgreSQL's postmaster, the broker) to ``cpu`` for the
+    block, and put their CPU sets back after; yields False (pins nothing) on a machine with one CPU.
+
+    A client that measures its own CPU time per statement is charged for how its wake-ups meet the
+    server's: sharing a CPU with the backend, or not, moved the measure by 20 µs from one run to the
+    next. With the servers on one CPU and the client on another (the caller pins itself), the
+    difference between two connections repeats within a microsecond or two.
+    """
+    if len(os.sched_getaffinity(0)) < 2:
+        yield False
+        return
+    saved: dict[int, set[int]] = {}
+    try:
+        for root in roots:
+            for pid in _family(root):
+                try:
+                    saved[pid] = os.sched_getaffinity(pid)
+                    os.sched_setaffinity(pid, {cpu})
+                except OSError:
+                    pass  # (gone meanwhile)
+        yield True
+    finally:
+        for pid, cpus in saved.items():
+            with suppress(OSError):
+                os.sched_setaffinity(pid, cpus)

@@ -62,7 +62,7 @@ from _clients import (
     run,
     side_by_side,
 )
-from _harness import PGBOUNCER_PORT, PGREUSE_PORT, pgbouncer, pgbouncer_exe, pgreuse_broker
+from _harness import PGBOUNCER_PORT, PGREUSE_PORT, pgbouncer, pgbouncer_exe, pgreuse_broker, postmaster_pid
 
 import pgreuse
 from pgreuse.devcluster import DevCluster
@@ -172,7 +172,12 @@ def measure(args: argparse.Namespace, chosen: list[str], names: list[str]) -> di
             for rnd in range(args.rounds):
                 for key in chosen:
                     if key == LEASE:
-                        ded_us, hand_us = side_by_side(targets[DEDICATED], targets[HANDOFF], args.duration)
+                        ded_us, hand_us = side_by_side(
+                            targets[DEDICATED],
+                            targets[HANDOFF],
+                            args.duration,
+                            [postmaster_pid(cluster), rpid],
+                        )
                         leases.append({"round": rnd, "dedicated_us": ded_us, "handoff_us": hand_us})
                         print(
                             f"round {rnd + 1} {LEASE:8} dedicated {ded_us:7.1f} us  handoff {hand_us:7.1f} us"
