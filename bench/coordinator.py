@@ -68,7 +68,7 @@ import pgreuse
 from pgreuse.devcluster import DevCluster
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-POOL = 4  # PgBouncer's pool and the broker's --max-size
+POOL = 4  # PgBouncer's pool and the broker's --max-size (--pool)
 
 
 def workloads(procs: int, threads: int) -> dict[str, Workload]:
@@ -149,7 +149,7 @@ def measure(args: argparse.Namespace, chosen: list[str], names: list[str]) -> di
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "duration": args.duration,
             "rounds": args.rounds,
-            "pool_size": POOL,
+            "pool_size": args.pool,
             "psycopg_pool_size": POOL_SIZE,
             "cpus": os.cpu_count(),
             "workloads": {k: loads[k]._asdict() for k in chosen if k in loads},
@@ -159,12 +159,12 @@ def measure(args: argparse.Namespace, chosen: list[str], names: list[str]) -> di
             targets = {DEDICATED: Target(DEDICATED, cluster.dsn(), "psycopg", 0)}
             if BOUNCER in names:
                 meta["versions"]["pgbouncer"] = _pgbouncer_version()
-                bdir, bpid = stack.enter_context(pgbouncer(cluster, POOL))
+                bdir, bpid = stack.enter_context(pgbouncer(cluster, args.pool))
                 targets[BOUNCER] = Target(
                     BOUNCER, cluster.dsn(host=bdir, port=str(PGBOUNCER_PORT)), "psycopg", bpid
                 )
             if HANDOFF in names or PROXY in names or LEASE in chosen:
-                rdir, rpid = stack.enter_context(pgreuse_broker(cluster, POOL))
+                rdir, rpid = stack.enter_context(pgreuse_broker(cluster, args.pool))
                 broker = cluster.dsn(host=rdir, port=str(PGREUSE_PORT))
                 targets[HANDOFF] = Target(HANDOFF, broker, "pgreuse", rpid)
                 targets[PROXY] = Target(PROXY, broker, "psycopg", rpid)
@@ -320,6 +320,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--procs", type=int, default=8, help="processes in the concurrent workloads (default 8)")
     p.add_argument("--threads", type=int, default=4, help="threads per process (default 4)")
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=POOL,
+        help=f"PgBouncer's pool and the broker's --max-size (default {POOL}); as many as the clients "
+        "(--pool 32) shows the cost of a transaction with no wait for a backend",
+    )
     p.add_argument(
         "--json", default=os.path.join(HERE, "results", "coordinator.json"), help="JSON output path"
     )
