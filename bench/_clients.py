@@ -258,11 +258,28 @@ def _side_by_side_child(
                 for _ in range(block):
                     conn.execute("select 1").fetchone()
                 times.append((time.process_time() - t0) / block * 1e6)
+        alone = _lease_alone(conns[1], duration / 4, block)
         for conn in conns:
             conn.close()
-        results.put(("done", _low(per_block[0]), _low(per_block[1])))
+        results.put(("done", _low(per_block[0]), _low(per_block[1]), alone))
     except BaseException as exc:
         results.put(("error", f"lease side by side: {type(exc).__name__}: {exc}"))
+
+
+def _lease_alone(conn: Any, duration: float, block: int) -> float:
+    """µs of CPU per claim and release alone, with no statement: what the connection does at a
+    transaction's first ``wait()`` (claim an idle slot in the table, ``dup2`` its socket in) and at
+    its end (``dup2`` the parking socket back, release the slot). Private methods, called as the
+    connection calls them: no public API runs one without the other. The 10th percentile of blocks."""
+    samples: list[float] = []
+    deadline = time.monotonic() + duration
+    while time.monotonic() < deadline:
+        t0 = time.process_time()
+        for _ in range(block):
+            conn._begin(None)
+            conn._give_back(broken=False)
+        samples.append((time.process_time() - t0) / block * 1e6)
+    return _low(samples)
 
 
 def _low(samples: list[float]) -> float:
@@ -272,12 +289,13 @@ def _low(samples: list[float]) -> float:
 
 def side_by_side(
     dedicated: Target, handoff: Target, duration: float, servers: list[int], block: int = 50
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """µs of the client's CPU per autocommit ``select 1`` on a dedicated connection and on a pgreuse
-    one, in one process, alternating blocks of ``block`` statements for ``duration`` seconds: the 10th
-    percentile over the blocks of each. The processes under ``servers`` (PostgreSQL, the broker) run
-    on the last CPU meanwhile and the client on the first: unpinned, the difference moved by 20 µs
-    between rounds with where the scheduler put the client next to the backend.
+    one (and per claim and release alone, :func:`_lease_alone`), in one process, alternating blocks of
+    ``block`` statements for ``duration`` seconds: the 10th percentile over the blocks of each. The
+    processes under ``servers`` (PostgreSQL, the broker) run on the last CPU meanwhile and the client
+    on the first: unpinned, the difference moved by 20 µs between rounds with where the scheduler put
+    the client next to the backend.
     """
     ctx = mp.get_context("fork")
     results: Messages = ctx.Queue()
@@ -297,4 +315,4 @@ def side_by_side(
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    return msg[1], msg[2]
+    return msg[1], msg[2], msg[3]

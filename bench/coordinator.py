@@ -172,16 +172,23 @@ def measure(args: argparse.Namespace, chosen: list[str], names: list[str]) -> di
             for rnd in range(args.rounds):
                 for key in chosen:
                     if key == LEASE:
-                        ded_us, hand_us = side_by_side(
+                        ded_us, hand_us, alone_us = side_by_side(
                             targets[DEDICATED],
                             targets[HANDOFF],
                             args.duration,
                             [postmaster_pid(cluster), rpid],
                         )
-                        leases.append({"round": rnd, "dedicated_us": ded_us, "handoff_us": hand_us})
+                        leases.append(
+                            {
+                                "round": rnd,
+                                "dedicated_us": ded_us,
+                                "handoff_us": hand_us,
+                                "alone_us": alone_us,
+                            }
+                        )
                         print(
                             f"round {rnd + 1} {LEASE:8} dedicated {ded_us:7.1f} us  handoff {hand_us:7.1f} us"
-                            f"  difference {hand_us - ded_us:+7.1f} us",
+                            f"  difference {hand_us - ded_us:+7.1f} us  alone {alone_us:5.1f} us",
                             file=sys.stderr,
                         )
                         continue
@@ -234,6 +241,8 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
             "handoff_us": _median(x["handoff_us"] for x in ls),
             "difference_us": _median(x["handoff_us"] - x["dedicated_us"] for x in ls),
             "per_round_us": [round(x["handoff_us"] - x["dedicated_us"], 1) for x in ls],
+            # (absent from runs before it was measured)
+            "alone_us": _median(x.get("alone_us", math.nan) for x in ls),
         }
     return out
 
@@ -277,6 +286,7 @@ def report(data: dict[str, Any], summary: dict[str, Any]) -> str:
             f"lease + release (pgreuse-handoff - dedicated, client CPU per select 1, side by side): "
             f"{ls['difference_us']:+.1f} µs per transaction (dedicated {ls['dedicated_us']:.1f} µs, "
             f"handoff {ls['handoff_us']:.1f} µs; per round {ls['per_round_us']})",
+            f"claim + release alone (no statement, client CPU): {ls['alone_us']:.1f} µs",
         ]
     poolers = [n for n in (BOUNCER, HANDOFF, PROXY) if n in names]
     cpu_rows = [
