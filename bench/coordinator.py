@@ -15,8 +15,10 @@ over five workloads:
 2. ``select``   8 processes x 4 threads over 4 backends, autocommit ``select 1``: tps
 3. ``txn``      the same, ``BEGIN; 3 x select 1; COMMIT``: tps
 4. ``connect``  8 processes, each connect -> ``select 1`` -> close in a loop: connections per second
-5. ``lease``    what a lease and its release cost alone: µs per ``select 1`` through pgreuse-handoff
-                minus dedicated, both connections in one process, alternating blocks of statements
+5. ``lease``    what pgreuse adds per statement: client CPU per ``select 1`` through pgreuse-handoff
+                minus dedicated, both connections in one process, alternating blocks of statements,
+                with PostgreSQL and the broker pinned to one CPU and the client to another; and the
+                claim and release alone, with no statement
 
 Every round runs each target once per workload (in an order that rotates from round to round), so
 the drift of a shared machine hits every target alike. The table shows medians over rounds; ratios are
@@ -27,7 +29,7 @@ target's throughput relative to PgBouncer's. Needs ``pgbouncer`` (``apt-get inst
 Usage::
 
     python bench/coordinator.py [--duration 5] [--rounds 3] [--workloads single,select,txn,connect,lease]
-        [--targets ...] [--no-pgbouncer] [--json bench/results/coordinator.json] [--png docs/coordinator.png]
+        [--targets ...] [--no-pgbouncer] [--pool 4] [--json bench/results/coordinator.json] [--png docs/coordinator.png]
 """
 
 from __future__ import annotations
