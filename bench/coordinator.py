@@ -29,7 +29,8 @@ target's throughput relative to PgBouncer's. Needs ``pgbouncer`` (``apt-get inst
 Usage::
 
     python bench/coordinator.py [--duration 5] [--rounds 3] [--workloads single,select,txn,connect,lease]
-        [--targets ...] [--no-pgbouncer] [--pool 4] [--json bench/results/coordinator.json] [--png docs/coordinator.png]
+        [--targets ...] [--no-pgbouncer] [--pool 4] [--json bench/results/coordinator.json]
+        [--png docs/coordinator.png]
 """
 
 from __future__ import annotations
