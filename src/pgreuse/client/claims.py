@@ -26,6 +26,7 @@ from ..wire import control
 # for both: PostgreSQL may have ended the session meanwhile, or the broker may have died.
 CHECK_AFTER_NS = 10_000_000
 _monotonic_ns = time.monotonic_ns
+_dup2 = os.dup2
 POKE = control.encode(control.Poke())
 
 
@@ -91,7 +92,13 @@ class TableClaims:
         with self._lock:
             got = claim(self.holder, self._start, self._gens, parking, self.pid)
             if got >= 0 and _monotonic_ns() - self._given_back[got] < CHECK_AFTER_NS:
-                return self._swap_in(words, got, fd_number, 0)  # the usual case
+                # The usual case, with _swap_in's work written out (a call less per transaction).
+                try:
+                    _dup2(self._fds[got], fd_number, inheritable=False)
+                except BaseException:
+                    self._unswap(words, got)
+                    raise
+                return got, self._full[got], self._pids[got], 0
             for _attempt in range(len(self._fds)):
                 if got <= -3:
                     # An idle slot of a generation whose fd has not been read yet: read, retry.
@@ -129,12 +136,15 @@ class TableClaims:
         self, words: slots.SlotsAPI, got: int, fd_number: int, waited_ns: int
     ) -> tuple[int, int, int, int]:
         try:
-            os.dup2(self._fds[got], fd_number, inheritable=False)
+            _dup2(self._fds[got], fd_number, inheritable=False)
         except BaseException:
-            # Nothing was sent on it: it goes back as it was.
-            words.release(got, self.holder, self._gens[got], 0)
+            self._unswap(words, got)
             raise
         return got, self._full[got], self._pids[got], waited_ns
+
+    def _unswap(self, words: slots.SlotsAPI, got: int) -> None:
+        # The dup2 failed: nothing was sent on the backend, so the slot goes back as it was.
+        words.release(got, self.holder, self._gens[got], 0)
 
     def _wait_turn(
         self, table: shm.Table, words: slots.SlotsAPI, parking: int, fd_number: int

@@ -189,8 +189,8 @@ class LeaseCore(Reusable, SessionState):
     def _begin(self, gen: Any) -> None:
         """The first ``wait()`` of a transaction (the caller checked that nothing is held and nothing
         goes through the proxy now): claim a backend for it, or send it to the proxy. Generators that
-        only look at the connection's state need no backend. (One call for what were two: this runs
-        once per transaction, and each Python call on the way costs a fraction of a microsecond.)"""
+        only look at the connection's state need no backend. (One function, not a chain of them:
+        this runs once per transaction, and each Python call on the way costs.)"""
         code = getattr(gen, "gi_code", None)
         if code is not None and code.co_name in STATE_ONLY_GENERATORS and self._state_only():
             return
@@ -206,23 +206,12 @@ class LeaseCore(Reusable, SessionState):
         pgconn = self.pgconn
         if pgconn.status != _OK:
             return  # a closed or broken connection: psycopg reports it itself
-        self._claim(channel, pgconn.socket)
-
-    def _state_only(self) -> bool:
-        """A state-only generator runs without the server now: idle, and outside a pipeline."""
-        return bool(
-            self.pgconn.transaction_status == pq.TransactionStatus.IDLE
-            and self.pgconn.pipeline_status == pq.PipelineStatus.OFF
-            and self._pipeline is None
-        )
-
-    def _claim(self, channel: ChannelBase, fd_number: int) -> None:
-        """Claim an idle slot for this transaction (DESIGN.md §4), or wait in the table for one
-        (sync connections), or let it go through the proxy: TLS backends (rule 10), the proxy has
-        waiters (who go first), the table's queue is full, or an asyncio connection found nothing
-        idle."""
+        # Claim an idle slot (DESIGN.md §4), or wait in the table for one (sync connections), or
+        # let the transaction go through the proxy: TLS backends (rule 10), the proxy has waiters
+        # (who go first), the table's queue is full, or an asyncio connection found nothing idle.
+        fd_number = pgconn.socket
         try:
-            got = channel.claim_into(self.pgconn.backend_pid, fd_number)
+            got = channel.claim_into(pgconn.backend_pid, fd_number)
         except errors.PoolTimeout as exc:
             limit = channel.table.wait_limit() if channel.table is not None else 0.0
             telemetry.lease_denied(self._telemetry(), exc, limit)
@@ -239,7 +228,7 @@ class LeaseCore(Reusable, SessionState):
                 # The statement that dirtied the session is about to go through the proxy: the
                 # broker must reset that backend before it lends it again.
                 self._session_dirty = False
-                channel.dirty(self.pgconn.backend_pid)
+                channel.dirty(pgconn.backend_pid)
             return
         slot, generation, backend_pid, waited_ns = got
         held = self._held = _Held(slot, generation, backend_pid, _monotonic(), fd_number)
@@ -249,6 +238,14 @@ class LeaseCore(Reusable, SessionState):
         if telemetry.watched():
             held.watched = True
             held.span = telemetry.lease_granted(self._pool_telemetry or self._telemetry(), held)
+
+    def _state_only(self) -> bool:
+        """A state-only generator runs without the server now: idle, and outside a pipeline."""
+        return bool(
+            self.pgconn.transaction_status == pq.TransactionStatus.IDLE
+            and self.pgconn.pipeline_status == pq.PipelineStatus.OFF
+            and self._pipeline is None
+        )
 
     def _lost_broker(self) -> None:
         """The broker that parked this connection is gone: it can never lease again.
