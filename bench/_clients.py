@@ -155,7 +155,9 @@ def _client_thread(
             conn.close()
 
 
-def _client_process(target: Target, workload: Workload, sync: _Sync) -> None:
+def _client_process(target: Target, workload: Workload, sync: _Sync, client_cpu: int) -> None:
+    if client_cpu >= 0:
+        os.sched_setaffinity(0, {client_cpu})  # the servers are on another (servers_pinned)
     pool = None
     if target.kind == "pool" and workload.script != "connect":
         pool = psycopg_pool.ConnectionPool(
@@ -198,15 +200,16 @@ def _collect(results: Messages, kind: str, n: int, timeout: float, procs: list[A
     return got
 
 
-def run(target: Target, workload: Workload, duration: float) -> Run:
-    """Run ``workload`` against ``target`` for ``duration`` seconds in freshly forked processes."""
+def run(target: Target, workload: Workload, duration: float, client_cpu: int = -1) -> Run:
+    """Run ``workload`` against ``target`` for ``duration`` seconds in freshly forked processes
+    (pinned to ``client_cpu`` if it is not -1)."""
     ctx = mp.get_context("fork")  # the parent holds no connection and no thread: safe to fork
     results: Messages = ctx.Queue()
     go = ctx.Event()
     end = ctx.Value("d", 0.0, lock=False)
     sync = _Sync(results, go, end)
     procs = [
-        ctx.Process(target=_client_process, args=(target, workload, sync), daemon=True)
+        ctx.Process(target=_client_process, args=(target, workload, sync, client_cpu), daemon=True)
         for _ in range(workload.procs)
     ]
     for p in procs:

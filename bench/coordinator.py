@@ -65,7 +65,15 @@ from _clients import (
     run,
     side_by_side,
 )
-from _harness import PGBOUNCER_PORT, PGREUSE_PORT, pgbouncer, pgbouncer_exe, pgreuse_broker, postmaster_pid
+from _harness import (
+    PGBOUNCER_PORT,
+    PGREUSE_PORT,
+    pgbouncer,
+    pgbouncer_exe,
+    pgreuse_broker,
+    postmaster_pid,
+    servers_pinned,
+)
 
 import pgreuse
 from pgreuse.devcluster import DevCluster
@@ -172,6 +180,8 @@ def measure(args: argparse.Namespace, chosen: list[str], names: list[str]) -> di
                 targets[HANDOFF] = Target(HANDOFF, broker, "pgreuse", rpid)
                 targets[PROXY] = Target(PROXY, broker, "psycopg", rpid)
             targets[POOLED] = Target(POOLED, cluster.dsn(), "pool", 0)
+            # PostgreSQL and the poolers: the processes the one-client runs keep on their own CPU.
+            servers = [postmaster_pid(cluster), *(t.pooler_pid for t in targets.values() if t.pooler_pid)]
             for rnd in range(args.rounds):
                 for key in chosen:
                     if key == LEASE:
@@ -179,7 +189,7 @@ def measure(args: argparse.Namespace, chosen: list[str], names: list[str]) -> di
                             targets[DEDICATED],
                             targets[HANDOFF],
                             args.duration,
-                            [postmaster_pid(cluster), rpid],
+                            servers,
                         )
                         leases.append(
                             {
@@ -199,7 +209,7 @@ def measure(args: argparse.Namespace, chosen: list[str], names: list[str]) -> di
                     order = [n for n in names if not (n == POOLED and w.script == "connect")]
                     shift = rnd % len(order)
                     for name in order[shift:] + order[:shift]:
-                        r: Run = run(targets[name], w, args.duration)
+                        r: Run = _run(targets[name], w, args.duration, servers)
                         runs.append({"round": rnd, "workload": key, "target": name, **r._asdict()})
                         lat = f"{r.median_us:7.1f} us" if not math.isnan(r.median_us) else " " * 10
                         cpu = (
@@ -214,6 +224,17 @@ def measure(args: argparse.Namespace, chosen: list[str], names: list[str]) -> di
     finally:
         cluster.destroy()
     return {"meta": meta, "targets": names, "runs": runs, "lease": leases}
+
+
+def _run(target: Target, workload: Workload, duration: float, servers: list[int]) -> Run:
+    """One run; a one-client run with PostgreSQL and the poolers on the last CPU and the client on the
+    first, as on separate hosts. Unpinned, one client's rate moved by a fifth from run to run with
+    whether the scheduler put it on its backend's CPU (every target alike, but not in step)."""
+    if workload.procs * workload.threads != 1:
+        return run(target, workload, duration)
+    cpus = sorted(os.sched_getaffinity(0))
+    with servers_pinned(servers, cpus[-1]) as pinned:
+        return run(target, workload, duration, cpus[0] if pinned else -1)
 
 
 def summarize(data: dict[str, Any]) -> dict[str, Any]:
