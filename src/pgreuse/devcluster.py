@@ -8,17 +8,16 @@ everyone). The cluster is tuned for speed, not durability (``fsync=off``): never
 want. :meth:`DevCluster.destroy` is always safe to call, also after a failed start, and twice.
 
 When the process runs as root (CI containers), initdb and pg_ctl run as the ``postgres`` user
-through ``runuser``, because initdb refuses to run as root.
+through ``runuser``, because initdb refuses to run as root. Finding the programs, running them and
+killing a postmaster that will not stop are in :mod:`pgreuse.devcluster_commands`.
 """
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -31,6 +30,16 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from .devcluster_commands import (
+    _RUN_AS,
+    ClusterError,
+    _run_as_root,
+    find_pg_bindir,
+    kill_postmaster,
+    require_run_as_user,
+    run_program,
+)
+
 __all__ = ["PASSWORD_ROLES", "ClusterError", "DevCluster", "find_pg_bindir"]
 
 logger = logging.getLogger("pgreuse.devcluster")
@@ -42,59 +51,10 @@ PASSWORD_ROLES: Mapping[str, tuple[str, str]] = {
     "pwuser": ("pwpass", "password"),
 }
 
-_RUN_AS = "postgres"  # the OS user that owns the cluster when we are root
 _START_TIMEOUT = 60  # seconds, pg_ctl -t
 _STOP_TIMEOUT = 30  # seconds before a fast stop is escalated to an immediate one
 _PORT_ATTEMPTS = 5  # another process may grab the free port between probe and bind
 _BIND_FAILURE = re.compile(r"could not bind|could not create any TCP/IP sockets|already in use")
-_INSTALL_HINT = (
-    "install the PostgreSQL server (Debian/Ubuntu: apt-get install postgresql; "
-    "Fedora: dnf install postgresql-server; macOS: brew install postgresql) "
-    "or set PGREUSE_PG_BINDIR to the directory holding initdb, pg_ctl and postgres"
-)
-
-
-class ClusterError(RuntimeError):
-    """The throwaway cluster could not be found, created, started or stopped."""
-
-
-def _is_bindir(path: str) -> bool:
-    exes = ("initdb", "pg_ctl", "postgres")
-    return all(os.access(os.path.join(path, exe), os.X_OK) for exe in exes)
-
-
-def _version_key(path: str) -> tuple[int, ...]:
-    # /usr/lib/postgresql/<major>/bin: "9.6" < "10" < "15" needs numeric, not string, order.
-    version = os.path.basename(os.path.dirname(path))
-    return tuple(int(part) for part in re.findall(r"\d+", version))
-
-
-def find_pg_bindir() -> str:
-    """Return the directory holding ``initdb``, ``pg_ctl`` and ``postgres``.
-
-    Looks at ``$PGREUSE_PG_BINDIR``, then ``pg_ctl`` on ``PATH`` (symlinks resolved), then the
-    highest ``/usr/lib/postgresql/*/bin`` (Debian keeps the server binaries off ``PATH``).
-
-    Raises:
-        ClusterError: no PostgreSQL server binaries were found; the message says what to install.
-    """
-    explicit = os.environ.get("PGREUSE_PG_BINDIR")
-    if explicit:
-        if _is_bindir(explicit):
-            return explicit
-        raise ClusterError(
-            f"PGREUSE_PG_BINDIR={explicit!r} does not hold executable initdb, pg_ctl and postgres; "
-            f"point it at the server's bin directory (e.g. /usr/lib/postgresql/15/bin)"
-        )
-    on_path = shutil.which("pg_ctl")
-    if on_path:
-        candidate = os.path.dirname(os.path.realpath(on_path))
-        if _is_bindir(candidate):
-            return candidate
-    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=_version_key, reverse=True):
-        if _is_bindir(candidate):
-            return candidate
-    raise ClusterError(f"no PostgreSQL server binaries (initdb, pg_ctl) found: {_INSTALL_HINT}")
 
 
 def _free_port() -> int:
@@ -110,17 +70,6 @@ def _tail(path: str, lines: int = 30) -> str:
             return "".join(f.readlines()[-lines:])
     except OSError as exc:
         return f"(no server log at {path}: {exc})"
-
-
-def _clean_env() -> dict[str, str]:
-    # PGDATA, PGPORT, PGHOST... from the caller's shell must not redirect initdb or pg_ctl.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["LC_ALL"] = "C"
-    return env
-
-
-def _run_as_root() -> bool:
-    return os.geteuid() == 0
 
 
 def _conf_value(value: str) -> str:
@@ -158,16 +107,7 @@ class DevCluster:
             ClusterError: no server binaries, or initdb/start/setup failed (with the log tail).
         """
         bindir = find_pg_bindir()
-        if _run_as_root():
-            try:
-                import pwd  # noqa: PLC0415 -- Unix-only module, needed only in the root case
-
-                pwd.getpwnam(_RUN_AS)
-            except KeyError:
-                raise ClusterError(
-                    f"running as root, but there is no {_RUN_AS!r} OS user to run PostgreSQL as "
-                    f"(initdb refuses root): {_INSTALL_HINT}, or run as a non-root user"
-                ) from None
+        require_run_as_user()
         port = _free_port()
         # The socket path (<dir>/.s.PGSQL.<port>) must stay under 107 bytes: a short dir in /tmp,
         # never pytest's tmp_path or a long $TMPDIR.
@@ -264,7 +204,7 @@ class DevCluster:
             if result.returncode == 0 or not self.is_running():
                 return
             logger.warning("pg_ctl stop -m %s on %s failed: %s", m, self.datadir, result.stdout)
-        self._kill_postmaster()
+        kill_postmaster(self._pid_file, self.datadir)
 
     def restart(self) -> None:
         """Stop (fast) and start again on the same port and socket; existing connections break.
@@ -323,7 +263,7 @@ class DevCluster:
                 self.stop()
         except Exception:
             logger.exception("stopping the cluster in %s failed; deleting it anyway", self.datadir)
-            self._kill_postmaster()
+            kill_postmaster(self._pid_file, self.datadir)
         for path in (self.datadir, self.socket_dir):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -340,28 +280,8 @@ class DevCluster:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _command(self, exe: str, args: Sequence[str]) -> list[str]:
-        argv = [os.path.join(self.bindir, exe), *args]
-        if _run_as_root():
-            return ["runuser", "-u", _RUN_AS, "--", *argv]
-        return argv
-
-    def _run(self, exe: str, args: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
-        # cwd=/: the postgres user may not be able to enter the caller's cwd (e.g. /root).
-        return subprocess.run(
-            self._command(exe, args),
-            cwd="/",
-            env=_clean_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
     def _pg_ctl(self, args: Sequence[str], *, timeout: float) -> subprocess.CompletedProcess[str]:
-        return self._run("pg_ctl", ["-D", self.datadir, *args], timeout=timeout)
+        return run_program(self.bindir, "pg_ctl", ["-D", self.datadir, *args], timeout=timeout)
 
     def _initdb(self, max_connections: int, extra_conf: Mapping[str, str]) -> None:
         # Clients running as any user (the broker's tests) must reach the socket.
@@ -372,7 +292,7 @@ class DevCluster:
         args = ["-D", self.datadir, "-A", "trust", "-U", self.superuser]
         args += ["--no-sync", "-E", "UTF8", "--locale=C"]
         try:
-            result = self._run("initdb", args, timeout=120)
+            result = run_program(self.bindir, "initdb", args, timeout=120)
         except subprocess.TimeoutExpired as exc:
             raise ClusterError(f"initdb -D {self.datadir} timed out after 120 s") from exc
         if result.returncode != 0:
@@ -470,24 +390,3 @@ class DevCluster:
                 f"setting up roles and database {self.dbname!r} failed: {exc}\n"
                 f"--- {self.log_file} ---\n{_tail(self.log_file)}"
             ) from exc
-
-    def _kill_postmaster(self) -> None:
-        try:
-            with open(self._pid_file, encoding="ascii") as f:
-                pid = int(f.readline().strip())
-        except (OSError, ValueError):
-            return
-        logger.warning("killing postmaster %d of %s with SIGKILL", pid, self.datadir)
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        except PermissionError as exc:
-            raise ClusterError(f"cannot kill postmaster {pid} of {self.datadir}: {exc}") from exc
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.05)

@@ -13,7 +13,7 @@
 #define BAD_LENGTH 2
 #define UNSOLICITED_READY 4
 
-/* Keep in step with pgreuse.wire.frames.MAX_FRAME. */
+/* Keep in step with pgreuse.wire.protocol.MAX_FRAME. */
 #define MAX_FRAME (64 * 1024 * 1024)
 
 static inline int32_t

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable
 
 from .. import _cmodule
-from .frames import MAX_FRAME
+from .protocol import MAX_FRAME
 
 # Flags in scan_server's result.
 SAW_PARAMETER_STATUS = 1
