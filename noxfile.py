@@ -28,15 +28,11 @@ PSYCOPG_SENSITIVE_TESTS = ["tests/client", "tests/wire", "tests/integration/test
 # The proxy's message scanners and its session core have C versions (pgreuse.wire._speedups and
 # pgreuse.broker._proxycore, built by pip where a compiler is present) and Python references
 # (pgreuse.wire.scan, pgreuse.broker.proxy.PyProxySession): the whole suite runs on C, and the
-# newest pure-Python psycopg leg also runs the proxy tests on the Python references. The slot words
-# (pgreuse._slots) follow the same switch: without them nothing is claimed, so that leg also runs the
-# client tests with every transaction going through the broker's proxy.
-PURE_PYTHON_PROXY_TESTS = [
-    "tests/broker/test_proxy.py",
-    "tests/broker/test_proxy_hot_path.py",
-    "tests/broker/test_pgbench.py",
-    "tests/broker/test_tls.py",
-]
+# newest pure-Python psycopg leg also runs the broker's tests on the Python references. The slot
+# words (pgreuse._slots) follow the same switch: without them nothing is claimed, so that leg also runs
+# the client tests with every transaction going through the broker's proxy (what an install without a
+# compiler gets).
+PURE_PYTHON_PROXY_TESTS = ["tests/broker"]
 _SHOW_PSYCOPG = (
     "import psycopg; "
     "print('psycopg', psycopg.__version__, psycopg.pq.__impl__, 'libpq', psycopg.pq.version())"
