@@ -34,6 +34,7 @@ PSYCOPG_SENSITIVE_TESTS = ["tests/client", "tests/wire", "tests/integration/test
 PURE_PYTHON_PROXY_TESTS = [
     "tests/broker/test_proxy.py",
     "tests/broker/test_proxy_hot_path.py",
+    "tests/broker/test_proxy_hot_path_inproc.py",
     "tests/broker/test_pgbench.py",
     "tests/broker/test_tls.py",
 ]
