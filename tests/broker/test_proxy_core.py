@@ -8,10 +8,11 @@ several exchanges, client messages and server answers are cut at random places, 
 larger than the receive buffer, a SET's ParameterStatus makes the backend dirty (and the pool
 resets it), a named Parse is refused, a Flush arrives with nothing in flight, a notice follows the
 last ReadyForQuery in a later read, socket buffers are small enough for sends to stop short, a
-client quits before its answer, session mode, and scripts end with the server gone or garbled.
-After every step the bytes each side received, every field of both sessions and the pool's lending
-state (slot counts, the idle stack, the queue, the slot's lease fields, the counters noted for the
-table) must be identical, and the bytes must be what a direct connection would carry.
+client quits before its answer, session mode, and scripts end with the server gone or garbled
+(tests/proxy_scripts.py makes the scripts). After every step the bytes each side received, every
+field of both sessions and the pool's lending state (slot counts, the idle stack, the queue, the
+slot's lease fields, the counters noted for the table) must be identical, and the bytes must be
+what a direct connection would carry.
 
 (The broker-level proxy tests run against whichever implementation the environment selects: nox
 runs them on both.)
@@ -36,6 +37,7 @@ from pgreuse.broker import mirror, proxy
 from pgreuse.broker import pool as pool_module
 from pgreuse.wire.frames import frame
 from pgreuse.wire.states import CloseReason, SlotState
+from proxy_scripts import NOTICE, cuts, transaction
 
 pytestmark = pytest.mark.skipif(
     proxy.CORE != "c" and os.environ.get("PGREUSE_EXPECT_SCAN") != "c",
@@ -48,90 +50,8 @@ FIELDS = (
     "_c_writing", "_b_writing", "_rejecting", "_bfd",
 )  # fmt: skip
 STATS = ("xacts", "queries", "received", "sent", "denied", "broken")
-NOTICE = frame(b"N", b"SNOTICE\0C00000\0Mafter the transaction\0\0")
 SEEDS = 48
 SESSION_MODE_SEEDS = range(40, SEEDS)  # one client: in session mode the backend stays with it
-
-
-def _rows(rng: random.Random) -> bytes:
-    big = rng.random() < 0.1  # larger than the 256 KiB receive buffer: a message spans reads
-    size = 300_000 if big else rng.randrange(0, 40)
-    rows = b"".join(
-        frame(b"D", b"\0\x01" + size.to_bytes(4, "big") + rng.randbytes(size))
-        for _ in range(rng.randrange(4))
-    )
-    return frame(b"T", b"\0\x01a\0" + b"\0" * 6 + b"\0\0\0\x19\xff\xff\xff\xff\xff\xff\0\0") + rows
-
-
-def _exchange(rng: random.Random, status: bytes, named: bool = True) -> tuple[bytes, bytes, bool]:
-    """(client bytes, server answer, needs a backend) for one round trip ending at ``status``
-    (``named``: the exchange may be one that takes no backend)."""
-    kinds = ("simple", "big query", "extended", "pipelined", "error", "set", "flush", "quit behind",
-             "terminate", "named")  # fmt: skip
-    # The last two take no backend; a transaction ends with a ReadyForQuery, which terminate has not.
-    kind = rng.choice(
-        [k for k in kinds if (named or k not in kinds[-2:]) and (status == b"T" or k != "terminate")]
-    )
-    ready = frame(b"Z", status)
-    if kind == "terminate":  # alone (a forked child's on a shared socket): no answer, and more follows
-        return frame(b"X", b""), b"", True
-    if kind == "quit behind":  # Terminate in the query's write (the client stays: a forked child's)
-        return frame(b"Q", b"select 6\0") + frame(b"X", b""), frame(b"C", b"SELECT 1\0") + ready, True
-    if kind == "simple":
-        return frame(b"Q", b"select x\0"), _rows(rng) + frame(b"C", b"SELECT 1\0") + ready, True
-    if kind == "big query":  # more than a small socket buffer takes: forwarded in several sends
-        text = b"select '" + rng.randbytes(50_000).replace(b"\0", b"x") + b"'\0"
-        return frame(b"Q", text), frame(b"C", b"SELECT 1\0") + ready, True
-    if kind == "extended":
-        client = (frame(b"P", b"\0select $1\0\0\0") + frame(b"B", b"\0\0\0\0\0\0\0\0")
-                  + frame(b"D", b"P\0") + frame(b"E", b"\0\0\0\0\0") + frame(b"S", b""))  # fmt: skip
-        answer = frame(b"1", b"") + frame(b"2", b"") + _rows(rng) + frame(b"C", b"SELECT 1\0") + ready
-        return client, answer, True
-    if kind == "pipelined":  # two sync points in one write: two answers
-        client = frame(b"Q", b"select 1\0") + frame(b"Q", b"select 2\0")
-        answer = frame(b"C", b"SELECT 1\0") + frame(b"Z", b"T" if status == b"T" else b"I")
-        return client, answer + frame(b"C", b"SELECT 1\0") + ready, True
-    if kind == "error":
-        return frame(b"Q", b"oops\0"), frame(b"E", b"SERROR\0C42601\0Msyntax\0\0") + ready, True
-    if kind == "set":  # changes a reported parameter: the backend goes back dirty
-        answer = frame(b"S", b"DateStyle\0German\0") + frame(b"C", b"SET\0") + ready
-        return frame(b"Q", b"set datestyle = german\0"), answer, True
-    if kind == "flush":  # Flush then a query: the Flush alone needs no backend
-        return frame(b"H", b"") + frame(b"Q", b"select 3\0"), frame(b"C", b"SELECT 1\0") + ready, True
-    # A named Parse: refused by the broker outside a transaction (answered at Sync), forwarded inside.
-    client = frame(b"P", b"s1\0select 1\0\0\0") + frame(b"S", b"")
-    return client, frame(b"1", b"") + ready, False
-
-
-def _transaction(rng: random.Random, alone: bool, notice: bool) -> list[tuple[bytes, bytes, bool]]:
-    """Exchanges up to ReadyForQuery ``I``. Not ``alone`` (another client queues behind it): the
-    first one takes the backend (a refused one would leave it to the other client)."""
-    n = rng.choice((1, 1, 1, 2, 3))
-    txs = [_exchange(rng, b"T" if i < n - 1 else b"I", named=alone or i > 0) for i in range(n)]
-    if rng.random() < 0.15:
-        # The next statement's Parse sent along with this one's Sync: at ReadyForQuery 'I' the
-        # backend is still needed (what the client sent after the Sync is on it), until its Sync.
-        client, answer, needs_backend = txs[-1]
-        ahead = frame(b"P", b"\0select 2\0\0\0")
-        rest = frame(b"B", b"\0\0\0\0\0\0\0\0") + frame(b"E", b"\0\0\0\0\0") + frame(b"S", b"")
-        txs[-1] = (client + ahead, answer, needs_backend)
-        txs.append(
-            (rest, frame(b"1", b"") + frame(b"2", b"") + frame(b"C", b"SELECT 1\0") + frame(b"Z", b"I"), True)
-        )
-    if notice and rng.random() < 0.15:
-        # A notice after the last ReadyForQuery, cut from it (never exactly at the boundary: the
-        # backend would go back before the notice, and the pool's idle watch close it; so not
-        # with small buffers either, where a send may stop there).
-        client, answer, needs_backend = txs[-1]
-        txs[-1] = (client, answer + NOTICE, needs_backend)
-    return txs
-
-
-def _cuts(rng: random.Random, data: bytes, most: int, avoid: int = -1) -> list[bytes]:
-    """``data`` in up to ``most`` + 1 pieces, never cut at ``avoid``."""
-    points = [p for p in range(1, len(data)) if p != avoid]
-    chosen = sorted(rng.sample(points, min(len(points), rng.randrange(0, most + 1))))
-    return [data[a:b] for a, b in zip([0, *chosen], [*chosen, len(data)], strict=True)]
 
 
 def _drain(sock: socket.socket) -> bytes:
@@ -282,7 +202,7 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
         would start a transaction)."""
         session, outer = sessions[i]
         idle = session.backend is None and session._request is None and not session._want_lease
-        for part in _cuts(rng, data, 3):
+        for part in cuts(rng, data, 3):
             rest = part
             while rest:
                 with contextlib.suppress(BlockingIOError):
@@ -310,7 +230,7 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
     async def server_answers(i: int, answer: bytes) -> None:
         await reaches_server(i)
         boundary = len(answer) - len(NOTICE) if answer.endswith(NOTICE) else -1
-        for part in _cuts(rng, answer, 4, avoid=boundary):
+        for part in cuts(rng, answer, 4, avoid=boundary):
             rest = part
             while rest:  # a part may be larger than the socket takes at once
                 with contextlib.suppress(BlockingIOError):
@@ -324,7 +244,7 @@ async def _world(tmp: str, port: int, seed: int, reference: bool) -> list[Any]:
         first = rng.randrange(clients)
         order = [first, 1 - first] if clients == 2 and rng.random() < 0.5 else [first]
         notice = not (small or small_backend)
-        txs = {i: _transaction(rng, alone=len(order) == 1, notice=notice) for i in order}
+        txs = {i: transaction(rng, alone=len(order) == 1, notice=notice) for i in order}
         if rng.random() < 0.15:  # transitions logged: the pool's own methods lend and take back
             pool._debug = not pool._debug
         # Admin PAUSE: before the requests (they queue until RESUME), or while the first client

@@ -142,14 +142,13 @@ note_queued(PoolObject *pool, long long waited)
 }
 
 static int granted_impl(Session *self, PyObject *b, PyObject *request);
-static PyTypeObject SessionType;
 static PyObject *c_granted_descr; /* SessionType's granted, set at module init */
 
 /* The C granted() is the one ``client``'s class has (not an override in Python). */
 static int
 c_granted(PyObject *client)
 {
-    return PyObject_TypeCheck(client, &SessionType) &&
+    return PyObject_TypeCheck(client, &pxc_SessionType) &&
            _PyType_Lookup(Py_TYPE(client), a_granted) == c_granted_descr;
 }
 
@@ -172,9 +171,10 @@ pool_quiet(PoolObject *pool, int check_paused)
     return !pool->closing && !pool->debug && !(check_paused && pool->paused);
 }
 
-/* The backend lend_idle would lend now (borrowed), or NULL (*error: -1 if that is an error). */
-static BackendObject *
-lendable(PyObject *pool_obj, int *error)
+/* The backend lend_idle would lend now (borrowed), or NULL (*error: -1 if that is an error). Not
+ * static: the client's read callback asks it too (_proxyclient.c). */
+BackendObject *
+pxc_lendable(PyObject *pool_obj, int *error)
 {
     PoolObject *pool = AS_POOL(pool_obj);
     BackendObject *b;
@@ -206,7 +206,7 @@ lend_idle(Session *self, PyObject *pool_obj, PyObject *request)
     Py_ssize_t n;
     int r;
 
-    if ((b = lendable(pool_obj, &r)) == NULL)
+    if ((b = pxc_lendable(pool_obj, &r)) == NULL)
         return r ? -1 : 0;
     n = PyList_GET_SIZE(pool->idle);
     Py_INCREF(b);

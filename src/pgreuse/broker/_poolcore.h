@@ -49,7 +49,7 @@
 
 /* -- BackendCore ------------------------------------------------------------------------------- */
 
-typedef struct {
+typedef struct BackendObject { /* (tagged: _proxycore.h names it) */
     PyObject_HEAD
     long long lease_started_ns, leases, use_ns;
     char watched;

@@ -1,4 +1,4 @@
-# The C module built from _proxycore.c (optional): see pgreuse.broker.proxy.
+# The C module built from _proxycore.c and its parts (optional): see pgreuse.broker.proxy.
 from typing import Any
 
 class ProxyCounters:

@@ -1,7 +1,7 @@
 /*
  * The proxy's two message walks, shared by _speedups.c (the Python-callable scanners) and
- * _proxycore.c (the proxy session's read callbacks). The references are
- * pgreuse.wire.scan.scan_server_py and scan_client_py: these must do exactly what they do.
+ * broker/_proxyclient.c and _proxybackend.c (the proxy session's read callbacks). The references
+ * are pgreuse.wire.scan.scan_server_py and scan_client_py: these must do exactly what they do.
  */
 #ifndef PGREUSE_SCAN_H
 #define PGREUSE_SCAN_H

@@ -7,7 +7,7 @@
  * 1000-row result that is 1000 turns of a Python loop per transaction, and in C it is a few
  * nanoseconds each; a client's Parse/Bind/Describe/Execute/Sync is five.
  *
- * The walks themselves are in _scan.h, which _proxycore.c (the proxy session in C) shares.
+ * The walks themselves are in _scan.h, which the proxy session in C (broker/_proxycore.c) shares.
  *
  * Build is optional (pyproject.toml): without a compiler pgreuse runs the Python scanner, and
  * PGREUSE_PURE_PYTHON=1 selects it even when this module is built.
