@@ -7,7 +7,7 @@
  *   bits 32..63  holder: 0 = nobody (an IDLE slot any process may claim), 1 = the broker, >= 2 the
  *                id the broker gave one worker process's control channel
  *
- * The layout of the word and of the slot record around it is pgreuse/shm.py's; the constants below
+ * The layout of the word and of the slot record around it is pgreuse/shm_layout.py's; the constants below
  * must match it (tests/test_slots.py compares them). Every access is a sequentially consistent
  * atomic: a worker that releases a slot and then reads the proxy's queue length, and a broker that
  * publishes the queue length and then looks for an idle slot, must not both miss each other.
@@ -28,7 +28,7 @@
 #define SW_IDLE 2u
 #define SW_LENT 3u
 
-/* Offsets within one slot record (shm._SLOT) */
+/* Offsets within one slot record (shm_layout._SLOT) */
 #define REC_WORD 0
 #define REC_PARKING 8
 #define REC_HOLDER_PID 12

@@ -11,10 +11,11 @@ wants the pool's truth (read-only): ``pgreuse stats``, the telemetry of every wo
 * the wait queue where workers wait for a slot when none is idle (its layout is
   :mod:`pgreuse.slots`'s ``Q_*``: two tickets, the proxy's oldest wait, the wait limits, a ring).
 
-This module is the only one that knows offsets. Each slot record starts with its *slot word*
-(:mod:`pgreuse.slots`): the state, generation and holder, changed only by compare-and-swap. That word
-is the truth about who owns the slot: worker processes claim idle slots in it and give them back
-without asking the broker (DESIGN.md §4), so they map the table read-write. The other fields are
+This module and its parts, :mod:`.shm_layout` (the layout: sizes and offsets) and :mod:`.shm_readers`
+(a slot's word, the snapshot), are the only ones that know offsets. Each slot record starts with its
+*slot word* (:mod:`pgreuse.slots`): the state, generation and holder, changed only by compare-and-swap.
+That word is the truth about who owns the slot: worker processes claim idle slots in it and give them
+back without asking the broker (DESIGN.md §4), so they map the table read-write. The other fields are
 written with ``struct.pack_into`` by whoever owns the slot (the holder writes the parking key it
 serves, its pid, its lease start and its lease counts), so a reader may see a record mid-update; they
 are statistics and routing hints, never ownership. Pool-wide lease counters are added atomically
@@ -26,93 +27,64 @@ from __future__ import annotations
 import bisect
 import mmap
 import os
-import struct
 import time
 
 from . import slots as _slots
-from .slots import BROKER, Slots, SlotsAPI, holder_of, state_of
+from .shm_layout import (
+    _COUNTER,
+    _COUNTER_OFFSETS,
+    _COUNTERS_OFF,  # noqa: F401 - tests read the layout here
+    _F64,
+    _HEADER,
+    _HIST_OFF,
+    _I32,
+    _LEASES_OFF,
+    _LIMIT_OFF,
+    _MIN_SIZE_OFF,
+    _REASONS_OFF,
+    _SLOT,  # noqa: F401 - tests read the layout here
+    _SLOT_COUNTS,
+    _SLOT_COUNTS_OFF,
+    _SLOT_HOLDER,
+    _SLOT_HOLDER_OFF,
+    _SLOT_SIZE,
+    _SLOT_TAIL,
+    _SLOT_TAIL_OFF,
+    _SLOTS_OFF,
+    _WAIT_TIMEOUT_OFF,
+    CLOSED_GATE,
+    COUNTERS,
+    FLAG_CLAIMS,
+    LAYOUT_VERSION,
+    MAGIC,
+    WAIT_BOUNDS_NS,
+    TableError,
+    _queue_off,
+    table_path,
+    table_size,
+)
+from .shm_readers import TableReaders
+from .slots import BROKER, Slots, SlotsAPI, state_of
 from .slots import make as slot_word
-from .snapshot import WAIT_BUCKETS, SlotRecord, Snapshot
+from .snapshot import WAIT_BUCKETS
 from .wire.states import CloseReason, SlotState
 
-MAGIC = b"PGREUSE\0"
-# 2: counters "resets", "too_many"; 3: close reason "revoked"; 4: slot words, parking key, flags;
-# 5: the wait queue after the slots; 6: close reasons max_lifetime, max_idle; 7: pool_shrunk
-LAYOUT_VERSION = 7
-FLAG_CLAIMS = 1  # header flags: workers may claim idle slots (the broker has the atomics)
-# Added to the ``pending`` word while the pool is paused or closing: a worker claims only while the
-# word is 0, so nobody claims then; readers see the queue length alone (the low 32 bits).
-CLOSED_GATE = _slots.CLOSED_GATE
-
-COUNTERS: tuple[str, ...] = (
-    "leases",  # leases granted
-    "waits",  # leases that had to queue first
-    "wait_ns",  # total time spent queued, ns
-    "use_ns",  # total time backends spent lent, ns
-    "timeouts",  # requests denied after --wait-timeout
-    "unavailable",  # requests denied because PostgreSQL could not be reached
-    "backends_opened",
-    "backends_closed",
-    "connect_ns",  # total time spent opening backends, ns
-    "connect_failures",
-    "protocol_errors",  # clients dropped for malformed input
-    "pending",  # gauge: requests queued now
-    "clients",  # gauge: control channels (worker processes) now
-    "parked",  # gauge: parking connections now
-    "max_pending",  # high-water mark of pending
-    "resets",  # backends reset (DISCARD ALL) after a lease left session state behind
-    "too_many",  # requests denied at once because --max-waiting were already queued
-)
-
-_HEADER = struct.Struct("<8sIIQIIdd64s64sII")  # ... flags, --max-size now (0: the slot count)
-# The settings a reload may change, where _HEADER keeps them: min_size, wait_timeout, the live limit.
-_MIN_SIZE_OFF, _WAIT_TIMEOUT_OFF, _LIMIT_OFF = 28, 40, 180
-_F64 = struct.Struct("<d")
-_COUNTER = struct.Struct("<Q")
-_I32 = struct.Struct("<I")
-# word, parking, holder_pid, lease_started_ns, leases, use_ns, backend_pid, generation, close_reason,
-# dirty, opened_at: the word first and 8-aligned (slots.REC_* and _slotword.h name these offsets)
-_SLOT = struct.Struct("<QIIqQQIIBB6xd")
-_SLOT_TAIL = struct.Struct("<IIBB6xd")  # the broker's fields: backend_pid .. opened_at
-_SLOT_TAIL_OFF = 40
-_SLOT_COUNTS = struct.Struct("<QQ")  # leases, use_ns
-_SLOT_COUNTS_OFF = 24
-_SLOT_HOLDER = struct.Struct("<IIq")  # parking, holder_pid, lease_started_ns
-_SLOT_HOLDER_OFF = 8
-_N_REASONS = len(CloseReason)
-_COUNTERS_OFF = _HEADER.size
-_REASONS_OFF = _COUNTERS_OFF + len(COUNTERS) * 8
-# Byte offset of each counter: add()/set() run on every lease, a tuple.index() per call would scan.
-_COUNTER_OFFSETS: dict[str, int] = {name: _COUNTERS_OFF + i * 8 for i, name in enumerate(COUNTERS)}
-_LEASES_OFF = _COUNTER_OFFSETS["leases"]
-# add_lease_counts() finds waits, wait_ns and use_ns at 8, 16 and 24 bytes after leases, and the
-# table queue's wait (_slots.c) waits, wait_ns and timeouts at 8, 16 and 32
-assert COUNTERS[:5] == ("leases", "waits", "wait_ns", "use_ns", "timeouts")  # (and _slots.c)
-_SLOT_SIZE = _SLOT.size
-# The bounds in ns: wait_ns counts in bucket bisect_left(WAIT_BOUNDS_NS, wait_ns).
-WAIT_BOUNDS_NS = tuple(round(b * 1e9) for b in WAIT_BUCKETS)
-_HIST_OFF = _REASONS_OFF + _N_REASONS * 8
-_SLOTS_OFF = _HIST_OFF + (len(WAIT_BUCKETS) + 1) * 8
-assert _SLOTS_OFF % 8 == 0 and _SLOT.size == 64
+__all__ = [
+    "CLOSED_GATE",
+    "COUNTERS",
+    "FLAG_CLAIMS",
+    "LAYOUT_VERSION",
+    "MAGIC",
+    "WAIT_BOUNDS_NS",
+    "Table",
+    "TableError",
+    "retire",
+    "table_path",
+    "table_size",
+]
 
 
-class TableError(RuntimeError):
-    """The file is not a pgreuse table of this layout version."""
-
-
-def table_path(socket_dir: str, port: int) -> str:
-    return os.path.join(socket_dir, f"pgreuse.{port}.shm")
-
-
-def table_size(max_size: int) -> int:
-    return _queue_off(max_size) + _slots.Q_BYTES
-
-
-def _queue_off(max_size: int) -> int:
-    return _SLOTS_OFF + max_size * _SLOT.size
-
-
-class Table:
+class Table(TableReaders):
     """A mapped table. ``create()`` for the broker, ``open()`` for everyone else."""
 
     def __init__(self, path: str, mm: mmap.mmap, max_size: int, writable: bool, inode: int = 0) -> None:
@@ -334,15 +306,6 @@ class Table:
         _COUNTER.pack_into(self._mm, q + _slots.Q_TIMEOUT, int(wait_timeout * 1e9))
         _COUNTER.pack_into(self._mm, q + _slots.Q_CAP, cap)
 
-    def table_waiters(self) -> int:
-        """Workers waiting in the table's queue now (its ring's entries that say so)."""
-        ring = _queue_off(self.max_size) + _slots.Q_RING
-        return sum(
-            1
-            for k in range(_slots.QR)
-            if self._mm[ring + k * _slots.Q_ENTRY] == _slots.QE_WAITING  # (the state: low byte)
-        )
-
     def limit(self) -> int:
         """--max-size now (a reload may have lowered it below the table's slot count)."""
         return int(_I32.unpack_from(self._mm, _LIMIT_OFF)[0]) or self.max_size
@@ -379,56 +342,6 @@ class Table:
 
     def observe_wait(self, seconds: float) -> None:
         self.add_at(_HIST_OFF + bisect.bisect_left(WAIT_BUCKETS, seconds) * 8)  # first bound >= it
-
-    # -- readers ---------------------------------------------------------------------------------
-
-    def word(self, index: int) -> int:
-        """Slot ``index``'s word (an aligned 8-byte read: never torn)."""
-        return int(_COUNTER.unpack_from(self._mm, _SLOTS_OFF + index * _SLOT_SIZE)[0])
-
-    def snapshot(self) -> Snapshot:
-        mm = self._mm
-        (_m, _v, pid, gen, slot_count, min_size, started, wait_timeout, db, user, _flags, limit) = (
-            _HEADER.unpack_from(mm, 0)
-        )
-        max_size = limit or slot_count
-        counters = {
-            name: _COUNTER.unpack_from(mm, _COUNTERS_OFF + i * 8)[0] for i, name in enumerate(COUNTERS)
-        }
-        # The gauge: requests queued in the proxy, and workers waiting in the table's queue.
-        counters["pending"] = (counters["pending"] & (CLOSED_GATE - 1)) + self.table_waiters()
-        reasons = {
-            r.name.lower(): _COUNTER.unpack_from(mm, _REASONS_OFF + int(r) * 8)[0]
-            for r in CloseReason
-            if r is not CloseReason.NONE
-        }
-        hist = tuple(_COUNTER.unpack_from(mm, _HIST_OFF + i * 8)[0] for i in range(len(WAIT_BUCKETS) + 1))
-        slots = []
-        for i in range(self.max_size):
-            (word, parking, holder_pid, started_ns, leases, use_ns, bpid, generation, reason, dirty,
-             opened) = _SLOT.unpack_from(mm, _SLOTS_OFF + i * _SLOT_SIZE)  # fmt: skip
-            slots.append(
-                SlotRecord(
-                    i,
-                    state_of(word),
-                    CloseReason(reason),
-                    bool(dirty),
-                    generation,
-                    bpid,
-                    holder_pid,
-                    started_ns,
-                    leases,
-                    use_ns,
-                    opened,
-                    holder_of(word),
-                    parking,
-                )
-            )
-        return Snapshot(
-            pid, gen, max_size, min_size, started, wait_timeout,
-            db.rstrip(b"\0").decode(), user.rstrip(b"\0").decode(),
-            counters, reasons, hist, tuple(slots),
-        )  # fmt: skip
 
 
 def retire(path: str) -> list[tuple[int, float]]:

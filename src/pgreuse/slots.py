@@ -116,7 +116,7 @@ class SlotsAPI(Protocol):
 _Q = struct.Struct("<Q")
 _I = struct.Struct("<I")
 _q = struct.Struct("<q")
-# Offsets in a slot record (shm._SLOT); _slotword.h has the same.
+# Offsets in a slot record (shm_layout._SLOT); _slotword.h has the same.
 REC_WORD, REC_PARKING, REC_HOLDER_PID, REC_LEASE_START, REC_LEASES, REC_USE_NS = 0, 8, 12, 16, 24, 32
 
 
