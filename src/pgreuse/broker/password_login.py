@@ -57,10 +57,13 @@ class PasswordLogin:
     def __repr__(self) -> str:
         return f"<PasswordLogin users={len(self.secrets)}>"
 
-    async def check(self, sock: socket.socket, user: str, pending: bytes, timeout: float) -> bytes:
+    async def check(
+        self, sock: socket.socket, user: str, pending: bytes, timeout: float, *, limit: float | None = None
+    ) -> bytes:
         """Authenticate ``user`` on ``sock``; the bytes that came after its last SASL message.
 
-        ``timeout``: seconds for the whole exchange; 0 or less: no limit.
+        ``timeout``: seconds for the whole exchange; 0 or less: no limit. ``limit``: the setting the
+        error names when it runs out (``timeout`` is what is left of it), ``timeout`` by default.
 
         Raises:
             StartupRefused: 28P01 (wrong password, unknown user), 08P01 (a protocol violation, or no
@@ -91,7 +94,7 @@ class PasswordLogin:
             raise StartupRefused(
                 "08P01",
                 f"pgreuse broker: password authentication not done within --client-login-timeout "
-                f"({timeout:g} s); closing the connection",
+                f"({timeout if limit is None else limit:g} s); closing the connection",
                 why="authentication timed out",
             ) from None
         except ScramRefused as exc:

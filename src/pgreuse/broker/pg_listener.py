@@ -138,7 +138,9 @@ class PgListener(BrokerFields):
                     # --client-login-timeout covers the startup and the password exchange together.
                     left = max(login_deadline - loop.time(), 0.001) if self.config.client_login_timeout else 0
                     user = packet.params.get("user", "")
-                    pending = await self.passwords.check(sock, user, pending, left)
+                    pending = await self.passwords.check(
+                        sock, user, pending, left, limit=self.config.client_login_timeout
+                    )
                     authenticated = True
                 reply, parking = await self._startup(packet, peer_pid, authenticated)
                 started()
