@@ -213,13 +213,16 @@ def servers_pinned(roots: list[int], cpu: int) -> Iterator[bool]:
     try:
         for root in roots:
             for pid in _family(root):
-                try:
+                with suppress(OSError):  # (gone meanwhile)
                     saved[pid] = os.sched_getaffinity(pid)
                     os.sched_setaffinity(pid, {cpu})
-                except OSError:
-                    pass  # (gone meanwhile)
         yield True
     finally:
-        for pid, cpus in saved.items():
-            with suppress(OSError):
-                os.sched_setaffinity(pid, cpus)
+        # Children forked meanwhile (a backend PgBouncer opened during the block) inherited the pin:
+        # they get their parent's CPUs back too, or they would stay on one CPU for later runs.
+        for root in roots:
+            for pid in _family(root):
+                cpus = saved.get(pid) or saved.get(root)
+                if cpus:
+                    with suppress(OSError):
+                        os.sched_setaffinity(pid, cpus)
