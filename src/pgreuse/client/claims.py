@@ -28,6 +28,7 @@ CHECK_AFTER_NS = 10_000_000
 _monotonic_ns = time.monotonic_ns
 _dup2 = os.dup2
 POKE = control.encode(control.Poke())
+_CLEAN = control.Outcome.CLEAN
 
 
 class TableClaims:
@@ -182,15 +183,30 @@ class TableClaims:
                     return None
                 return self._swap_in(words, got, fd_number, waited_ns)
 
-    def give_back(self, slot: int, generation: int, bucket: int = 0) -> None:
-        """A clean end: the slot goes to the first worker waiting in the table, or back idle; the
-        broker hears of it only when its proxy has waiters (they get the slot now). ``bucket``:
-        the lease's wait in the histogram."""
+    def end_lease(  # noqa: PLR0917 - one call per transaction: no argument object
+        self, slot: int, generation: int, bucket: int, outcome: control.Outcome, home: int, fd_number: int
+    ) -> None:
+        """The end of a lease: the parking socket ``home`` goes back onto libpq's ``fd_number`` (-1:
+        libpq gave that number up when the backend failed, DESIGN.md §3 rule 4: never dup2 into a
+        number it gave up, it may belong to someone else by now). Then a clean slot goes to the first
+        worker waiting in the table, or back idle, and the broker hears of it only when its proxy has
+        waiters (they get the slot now); a dirty or broken one goes to the broker, which resets or
+        replaces the backend. ``bucket``: the lease's wait in the histogram."""
+        if home >= 0:
+            try:
+                _dup2(home, fd_number, inheritable=False)
+            except BaseException:
+                # libpq's fd still points at the backend: it is not clean for anyone else.
+                self.report(slot, generation, control.Outcome.BROKEN)
+                raise
+        if outcome is not _CLEAN:
+            self.report(slot, generation, outcome)
+            return
         table = self.table
         if table is None or table.slots is None:
             return
         pending = table.slots.release(slot, self.holder, generation & slots.GEN_MASK, bucket)
-        self._given_back[slot] = time.monotonic_ns()
+        self._given_back[slot] = _monotonic_ns()
         if pending < 0:
             # The word is not the one this process wrote: the broker flagged it (a cancel it
             # forwarded may still land: it resets the backend first) or took the slot back. Either

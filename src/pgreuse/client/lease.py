@@ -72,7 +72,9 @@ _OK = pq.ConnStatus.OK
 _IDLE = pq.TransactionStatus.IDLE
 _PIPELINE_OFF = pq.PipelineStatus.OFF
 _monotonic = time.monotonic
-_dup2 = os.dup2
+_CLEAN = control.Outcome.CLEAN
+_DIRTY = control.Outcome.DIRTY
+_BROKEN = control.Outcome.BROKEN
 
 
 class LeaseCore(Reusable, SessionState):
@@ -297,8 +299,14 @@ class LeaseCore(Reusable, SessionState):
             return False  # parameters to put back first (as _reported_raw(), written out)
         if held is None:
             self._proxied_over(None)  # a transaction through the proxy is over
+        elif self._session_dirty or held.watched:
+            self._give_back(broken=False, dirty=self._take_dirty())
         else:
-            self._give_back(broken=False, dirty=self._session_dirty and self._take_dirty())
+            # The usual end, without _give_back's cases: the status is OK, so libpq has its fd.
+            self._held = None
+            channel = self._channel
+            assert channel is not None
+            channel.end_lease(held.slot, held.generation, held.bucket, _CLEAN, self._home, held.fd_number)
         return True
 
     def _after_wait_steps(self) -> Generator[sql.SQL | sql.Composed, None, None]:
@@ -336,22 +344,10 @@ class LeaseCore(Reusable, SessionState):
                 libpq_fd = self.pgconn.socket
             except psycopg.OperationalError:
                 libpq_fd = -1
-        if libpq_fd == held.fd_number:
-            try:
-                _dup2(self._home, libpq_fd, inheritable=False)
-            except BaseException:
-                # libpq's fd still points at the backend: it is not clean for anyone else.
-                channel.report(held.slot, held.generation, control.Outcome.BROKEN)
-                raise
-        # else: libpq already closed that fd number when the backend failed (rule 4); never dup2
-        # into a number it gave up — it may belong to someone else by now.
-        if broken:
-            channel.report(held.slot, held.generation, control.Outcome.BROKEN)
-        elif dirty:
-            # the broker runs DISCARD ALL before lending it again
-            channel.report(held.slot, held.generation, control.Outcome.DIRTY)
-        else:
-            channel.give_back(held.slot, held.generation, held.bucket)
+        # A dirty backend: the broker runs DISCARD ALL before lending it again.
+        outcome = _BROKEN if broken else (_DIRTY if dirty else _CLEAN)
+        home = self._home if libpq_fd == held.fd_number else -1
+        channel.end_lease(held.slot, held.generation, held.bucket, outcome, home, held.fd_number)
         if held.watched:
             telemetry.lease_released(
                 self._pool_telemetry or self._telemetry(), held, held.span, broken=broken, dirty=dirty
