@@ -28,10 +28,6 @@ from .lease import (
 
 __all__ = ["Connection", "Cursor", "Lease", "connect"]
 
-# What super().wait() finds (no class between LeaseCore and psycopg defines wait()), looked up once:
-# it runs for every statement.
-_psycopg_wait = psycopg.Connection.wait
-
 
 class Cursor(StatementGuard, psycopg.Cursor[Any]):
     """psycopg's cursor, noting what each statement leaves in the session (see ``session.py``)."""
@@ -88,7 +84,7 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
         if self._held is None and not self._proxying:
             self._begin(gen)  # (a claim in the table, a wait there, or the proxy)
         try:
-            return _psycopg_wait(self, gen, *args, **kwargs)  # (super().wait, without the lookup)
+            return super().wait(gen, *args, **kwargs)
         except psycopg.Error as exc:
             mapped = self._refused(exc)
             if mapped is exc:
