@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import os
 import queue
 import statistics
 import threading
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import psycopg
 import psycopg_pool
-from _harness import cpu_seconds, servers_pinned
+from _harness import cpu_seconds, pin_self, servers_pinned
 
 import pgreuse
 
@@ -156,8 +155,7 @@ def _client_thread(
 
 
 def _client_process(target: Target, workload: Workload, sync: _Sync, client_cpu: int) -> None:
-    if client_cpu >= 0:
-        os.sched_setaffinity(0, {client_cpu})  # the servers are on another (servers_pinned)
+    pin_self(client_cpu)
     pool = None
     if target.kind == "pool" and workload.script != "connect":
         pool = psycopg_pool.ConnectionPool(
@@ -244,8 +242,7 @@ def _side_by_side_child(
     dedicated: Target, handoff: Target, duration: float, block: int, *, client_cpu: int, results: Messages
 ) -> None:
     try:
-        if client_cpu >= 0:
-            os.sched_setaffinity(0, {client_cpu})  # the servers are on another (servers_pinned)
+        pin_self(client_cpu)
         conns = [_connect(dedicated, autocommit=True), _connect(handoff, autocommit=True)]
         per_block: list[list[float]] = [[], []]
         for conn in conns:  # warm up
@@ -302,9 +299,7 @@ def side_by_side(
     """
     ctx = mp.get_context("fork")
     results: Messages = ctx.Queue()
-    cpus = sorted(os.sched_getaffinity(0))
-    with servers_pinned(servers, cpus[-1]) as pinned:
-        client_cpu = cpus[0] if pinned else -1
+    with servers_pinned(servers) as client_cpu:
         proc = ctx.Process(
             target=_side_by_side_child,
             args=(dedicated, handoff, duration, block),

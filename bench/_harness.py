@@ -197,18 +197,21 @@ def _family(root: int) -> list[int]:
 
 
 @contextmanager
-def servers_pinned(roots: list[int], cpu: int) -> Iterator[bool]:
-    """Pin the processes under ``roots`` (PostgreSQL's postmaster, the broker) to ``cpu`` for the
-    block, and put their CPU sets back after; yields False (pins nothing) on a machine with one CPU.
+def servers_pinned(roots: list[int]) -> Iterator[int]:
+    """Pin the processes under ``roots`` (PostgreSQL's postmaster, the poolers) to this process's
+    last CPU for the block, and put their CPU sets back after; yields the CPU the client should pin
+    itself to (:func:`pin_self`), or -1 (nothing pinned) on a machine with one CPU.
 
     A client that measures its own CPU time per statement is charged for how its wake-ups meet the
     server's: sharing a CPU with the backend, or not, moved the measure by 20 µs from one run to the
-    next. With the servers on one CPU and the client on another (the caller pins itself), the
-    difference between two connections repeats within a microsecond or two.
+    next. With the servers on one CPU and the client on another, the difference between two
+    connections repeats within a microsecond or two.
     """
-    if len(os.sched_getaffinity(0)) < 2:
-        yield False
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        yield -1
         return
+    cpu = cpus[-1]
     saved: dict[int, set[int]] = {}
     try:
         for root in roots:
@@ -216,13 +219,19 @@ def servers_pinned(roots: list[int], cpu: int) -> Iterator[bool]:
                 with suppress(OSError):  # (gone meanwhile)
                     saved[pid] = os.sched_getaffinity(pid)
                     os.sched_setaffinity(pid, {cpu})
-        yield True
+        yield cpus[0]
     finally:
         # Children forked meanwhile (a backend PgBouncer opened during the block) inherited the pin:
         # they get their parent's CPUs back too, or they would stay on one CPU for later runs.
         for root in roots:
             for pid in _family(root):
-                cpus = saved.get(pid) or saved.get(root)
-                if cpus:
+                restore = saved.get(pid) or saved.get(root)
+                if restore:
                     with suppress(OSError):
-                        os.sched_setaffinity(pid, cpus)
+                        os.sched_setaffinity(pid, restore)
+
+
+def pin_self(cpu: int) -> None:
+    """Run this process on ``cpu`` (what :func:`servers_pinned` yields); -1: leave it as it is."""
+    if cpu >= 0:
+        os.sched_setaffinity(0, {cpu})

@@ -232,9 +232,8 @@ def _run(target: Target, workload: Workload, duration: float, servers: list[int]
     whether the scheduler put it on its backend's CPU (every target alike, but not in step)."""
     if workload.procs * workload.threads != 1:
         return run(target, workload, duration)
-    cpus = sorted(os.sched_getaffinity(0))
-    with servers_pinned(servers, cpus[-1]) as pinned:
-        return run(target, workload, duration, cpus[0] if pinned else -1)
+    with servers_pinned(servers) as client_cpu:
+        return run(target, workload, duration, client_cpu)
 
 
 def summarize(data: dict[str, Any]) -> dict[str, Any]:

@@ -92,14 +92,6 @@ class TableClaims:
         claim = words.claim
         with self._lock:
             got = claim(self.holder, self._start, self._gens, parking, self.pid)
-            if got >= 0 and _monotonic_ns() - self._given_back[got] < CHECK_AFTER_NS:
-                # The usual case, with _swap_in's work written out (a call less per transaction).
-                try:
-                    _dup2(self._fds[got], fd_number, inheritable=False)
-                except BaseException:
-                    self._unswap(words, got)
-                    raise
-                return got, self._full[got], self._pids[got], 0
             for _attempt in range(len(self._fds)):
                 if got <= -3:
                     # An idle slot of a generation whose fd has not been read yet: read, retry.
@@ -111,7 +103,7 @@ class TableClaims:
                     if got <= -3:
                         self._want(-3 - got)
                     break
-                if time.monotonic_ns() - self._given_back[got] >= CHECK_AFTER_NS:
+                if _monotonic_ns() - self._given_back[got] >= CHECK_AFTER_NS:
                     gen = self._gens[got]  # (a drain that finds the broker's end forgets them)
                     seen = slots.check(self._fds[got], self.sock.fileno())
                     if seen & slots.CONTROL_READABLE:
@@ -139,13 +131,10 @@ class TableClaims:
         try:
             _dup2(self._fds[got], fd_number, inheritable=False)
         except BaseException:
-            self._unswap(words, got)
+            # Nothing was sent on it: it goes back as it was.
+            words.release(got, self.holder, self._gens[got], 0)
             raise
         return got, self._full[got], self._pids[got], waited_ns
-
-    def _unswap(self, words: slots.SlotsAPI, got: int) -> None:
-        # The dup2 failed: nothing was sent on the backend, so the slot goes back as it was.
-        words.release(got, self.holder, self._gens[got], 0)
 
     def _wait_turn(
         self, table: shm.Table, words: slots.SlotsAPI, parking: int, fd_number: int

@@ -33,7 +33,7 @@ from .guard import ServerCursorGuard, broker_socket_dir_and_port, check_prepare_
 from .held import Lease, _Held
 from .parked import Reusable
 from .session import LISTEN_REFUSED
-from .session_state import REPORTED_RAW, SessionState
+from .session_state import SessionState
 
 logger = logging.getLogger("pgreuse.client")
 
@@ -191,8 +191,7 @@ class LeaseCore(Reusable, SessionState):
     def _begin(self, gen: Any) -> None:
         """The first ``wait()`` of a transaction (the caller checked that nothing is held and nothing
         goes through the proxy now): claim a backend for it, or send it to the proxy. Generators that
-        only look at the connection's state need no backend. (One function, not a chain of them:
-        this runs once per transaction, and each Python call on the way costs.)"""
+        only look at the connection's state need no backend."""
         code = getattr(gen, "gi_code", None)
         if code is not None and code.co_name in STATE_ONLY_GENERATORS and self._state_only():
             return
@@ -295,18 +294,12 @@ class LeaseCore(Reusable, SessionState):
             return False
         if pgconn.transaction_status != _IDLE or pgconn.pipeline_status != _PIPELINE_OFF:
             return True  # mid-transaction: the backend stays
-        if tuple(map(pgconn.parameter_status, REPORTED_RAW)) != self._baseline_raw:
-            return False  # parameters to put back first (as _reported_raw(), written out)
+        if self._reported_raw() != self._baseline_raw:
+            return False  # parameters to put back first
         if held is None:
             self._proxied_over(None)  # a transaction through the proxy is over
-        elif self._session_dirty or held.watched:
-            self._give_back(broken=False, dirty=self._take_dirty())
         else:
-            # The usual end, without _give_back's cases: the status is OK, so libpq has its fd.
-            self._held = None
-            channel = self._channel
-            assert channel is not None
-            channel.end_lease(held.slot, held.generation, held.bucket, _CLEAN, self._home, held.fd_number)
+            self._give_back(broken=False, dirty=self._take_dirty())
         return True
 
     def _after_wait_steps(self) -> Generator[sql.SQL | sql.Composed, None, None]:
