@@ -171,7 +171,7 @@ Slots_add(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
  * queue (the caller queues behind them); -2 if the proxy has waiters (they go first); -3 - i if
  * slot i is idle but its fd is missing here (and no other could be claimed). The winner writes the
  * parking key it serves and its lease start into the record. */
-static PyObject *
+PyObject *
 Slots_claim(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned long holder, parking, pid;
@@ -230,7 +230,7 @@ Slots_claim(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
  * IDLE(0) when nobody waits there or the proxy's oldest waiter came first. Returns the proxy's queue
  * length when the slot went idle while the proxy has waiters (the caller pokes the broker), 0 when
  * it is idle or granted, -1 when the slot was no longer this holder's (the broker revoked it). */
-static PyObject *
+PyObject *
 Slots_release(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t i, bucket;
@@ -287,7 +287,7 @@ Slots_release(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
  * Bit 1: the backend's peer hung up, or something waits to be read on it (PostgreSQL ended the
  * session while it idled in the table, or sent a FATAL before it did): not fit to lend. Bit 2: the
  * control channel has something to read (an fd the broker pushed, or its end: the broker died). */
-static PyObject *
+PyObject *
 check_fds(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     struct pollfd p[2];
@@ -373,7 +373,8 @@ PyInit__slots(void)
     m = PyModule_Create(&slots_module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Slots", (PyObject *)&SlotsType) < 0) {
+    if (PyModule_AddObjectRef(m, "Slots", (PyObject *)&SlotsType) < 0 ||
+        hot_add_type(m, &SlotsType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

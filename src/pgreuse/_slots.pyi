@@ -6,3 +6,36 @@ from pgreuse.slots import SlotsAPI
 
 Slots: type[SlotsAPI]
 check: Callable[[int, int], int]
+
+class Hot:
+    """The C hot path of one connection's leases (pgreuse.client.hot)."""
+
+    slot: int
+    generation: int
+    backend_pid: int
+    started: float
+    fd_number: int
+    waited: float
+    bucket: int
+    watched: bool
+    span: object
+    def __init__(
+        self,
+        slots: SlotsAPI,
+        channel: object,
+        pgconn: object,
+        fd_number: int,
+        home: int,
+        parking: int,
+        baseline: tuple[bytes | None, ...],
+        names: tuple[bytes, ...],
+        state_only: frozenset[str],
+        watched: Callable[[], bool],
+        check_after_ns: int,
+        /,
+    ) -> None: ...
+    def begin(self, conn: object, gen: object, /) -> int: ...
+    def end(self, conn: object, /) -> bool: ...
+
+HOT_LEASED: int
+HOT_NOTHING: int

@@ -67,6 +67,14 @@ worker_holder(SlotsObject *self, PyObject *arg, unsigned long *holder)
     return 0;
 }
 
+/* _slots.c: claim, release and the fd check, also called by _slothot.c */
+PyObject *Slots_claim(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *Slots_release(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *check_fds(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+
+/* _slothot.c: the per-connection hot path (adds the Hot type to the module) */
+int hot_add_type(PyObject *module, PyTypeObject *slots_type);
+
 /* _slotwait.c: the wait queue's methods */
 PyObject *Slots_hand_over(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *Slots_enqueue(SlotsObject *self, PyObject *arg);

@@ -12,10 +12,11 @@ from pgreuse.client.session import Verdict, classify_sql
 
 
 @pytest.fixture(params=["claimed", "proxied"])
-def one_backend(make_broker, request):  # type: ignore[no-untyped-def]
+def one_backend(make_broker, request, lease_path):  # type: ignore[no-untyped-def]
     """Every connection shares the same single backend: a leak would show at once. Each test runs
     with transactions that claim it, and with transactions that go through the broker's proxy
-    (the pgreuse client tells the broker what leaves session state before it sends it)."""
+    (the pgreuse client tells the broker what leaves session state before it sends it), and with
+    the C hot path of the lease and without it (``lease_path``)."""
     return make_broker("--max-size", "1", *(["--no-handoff"] if request.param == "proxied" else []))
 
 

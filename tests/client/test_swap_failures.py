@@ -19,7 +19,7 @@ from broker_process import needs_claims
 from pgreuse.client import claims
 from pgreuse.wire.states import CloseReason, SlotState
 
-pytestmark = needs_claims
+pytestmark = [needs_claims, pytest.mark.usefixtures("lease_path")]
 
 
 def _failing_dup2(monkeypatch: pytest.MonkeyPatch, *, fail_when: Any) -> list[tuple[int, int]]:
@@ -37,15 +37,30 @@ def _failing_dup2(monkeypatch: pytest.MonkeyPatch, *, fail_when: Any) -> list[tu
     return calls
 
 
-def test_a_failed_swap_in_gives_the_slot_back_as_it_was(broker, monkeypatch):
+def _closed_fd() -> int:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    return r
+
+
+def test_a_failed_swap_in_gives_the_slot_back_as_it_was(broker, monkeypatch, lease_path):
     with broker.connect(autocommit=True) as conn:
         conn.execute("select 1")  # (the parking connection's first claim is done)
         before = broker.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="the first lease back")
         home = conn._home
         calls = _failing_dup2(monkeypatch, fail_when=lambda src, dst: src != home)
-        with pytest.raises(OSError, match="planted"):
-            conn.execute("select 2")
-        assert calls, "the swap-in's dup2 was not reached"
+        fds = conn._channel._fds
+        saved = list(fds)
+        if lease_path == "c":
+            # The C hot path calls dup3 itself: every cached backend fd is a closed number now.
+            fds[:] = [_closed_fd() if fd >= 0 else fd for fd in fds]
+        try:
+            with pytest.raises(OSError, match="planted" if lease_path == "python" else "Bad file"):
+                conn.execute("select 2")
+        finally:
+            fds[:] = saved
+        assert calls or lease_path == "c", "the swap-in's dup2 was not reached"
         after = broker.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="the slot back")
         # The same backends, none replaced: nothing was sent on the one claimed.
         assert [s.backend_pid for s in after.slots] == [s.backend_pid for s in before.slots]
@@ -54,14 +69,22 @@ def test_a_failed_swap_in_gives_the_slot_back_as_it_was(broker, monkeypatch):
 
 
 def test_a_failed_swap_out_reports_the_backend_broken(broker, monkeypatch):
+    # (With the C hot path, its own swap-out fails first, on a closed home number, and the Python
+    # path takes the end over: it is the one that reports.)
     with broker.connect(autocommit=True) as conn:
         conn.execute("select 1")
         before = broker.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="the first lease back")
         home = conn._home
         calls = _failing_dup2(monkeypatch, fail_when=lambda src, dst: src == home)
         pid = 0
-        with pytest.raises(OSError, match="planted"), conn.transaction():  # (fails at its COMMIT)
-            (pid,) = conn.execute("select pg_backend_pid()").fetchone()
+        saved = os.dup(home)
+        try:
+            with pytest.raises(OSError, match="planted"), conn.transaction():  # (at its COMMIT)
+                (pid,) = conn.execute("select pg_backend_pid()").fetchone()
+                os.close(home)
+        finally:
+            os.dup2(saved, home, inheritable=False)
+            os.close(saved)
         assert calls, "the swap-out's dup2 was not reached"
         assert pid in {s.backend_pid for s in before.slots}
         assert conn.lease is None

@@ -79,19 +79,24 @@ class TableClaims:
     # event loop must not block, so an async connection's transaction goes through the proxy.
     waits_in_table = False
 
-    def claim_into(self, parking: int, fd_number: int) -> tuple[int, int, int, int] | None:
+    def claim_into(self, parking: int, fd_number: int, claimed: int = -1) -> tuple[int, int, int, int] | None:
         """Claim an idle slot, or wait in the table's queue for one, and ``dup2`` its socket onto
         ``fd_number``: ``(slot, generation, backend_pid, waited ns)``, or ``None`` when the
-        transaction should go through the proxy."""
+        transaction should go through the proxy. ``claimed``: a slot the C hot path claimed and
+        left to this one (it was not given back here lately: it is checked first)."""
         table = self.table
-        if table is None or table.slots is None or self._dead is not None:
+        if table is None or table.slots is None:
+            return None
+        words = table.slots
+        if self._dead is not None:
+            if claimed >= 0:
+                words.release(claimed, self.holder, self._gens[claimed], 0)
             return None
         if self._outbox:
             self._flush()  # (a dirty or broken end the broker must hear of)
-        words = table.slots
         claim = words.claim
         with self._lock:
-            got = claim(self.holder, self._start, self._gens, parking, self.pid)
+            got = claimed if claimed >= 0 else claim(self.holder, self._start, self._gens, parking, self.pid)
             for _attempt in range(len(self._fds)):
                 if got <= -3:
                     # An idle slot of a generation whose fd has not been read yet: read, retry.
@@ -196,6 +201,12 @@ class TableClaims:
             return
         pending = table.slots.release(slot, self.holder, generation & slots.GEN_MASK, bucket)
         self._given_back[slot] = _monotonic_ns()
+        if pending:
+            self._released(slot, generation, pending)
+
+    def _released(self, slot: int, generation: int, pending: int) -> None:
+        """After a clean slot went back (here or in the C hot path, ``pgreuse._slots.Hot``) and its
+        release said the broker must hear of it (``pending``: Slots.release's answer)."""
         if pending < 0:
             # The word is not the one this process wrote: the broker flagged it (a cancel it
             # forwarded may still land: it resets the backend first) or took the slot back. Either

@@ -21,6 +21,7 @@ from psycopg import pq
 from .channel import Channel, channel_for
 from .guard import StatementGuard, check_prepare_threshold
 from .held import Lease
+from .hot import LEASED
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
     LeaseCore,
@@ -80,9 +81,13 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
     # -- the swap point ---------------------------------------------------------------------------
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-        # (This runs for every statement: the checks on the attributes spare calls when idle.)
+        # (This runs for every statement: the checks on the attributes spare calls when idle. The
+        # C hot path does the usual claim and the usual clean end; anything else, or all of it
+        # without the C module, is the Python path's.)
         if self._held is None and not self._proxying:
-            self._begin(gen)  # (a claim in the table, a wait there, or the proxy)
+            got = self._hot.begin(self, gen)
+            if got != LEASED:
+                self._begin(gen, got)  # (a claim in the table, a wait there, or the proxy)
         try:
             return super().wait(gen, *args, **kwargs)
         except psycopg.Error as exc:
@@ -91,7 +96,11 @@ class Connection(LeaseCore, psycopg.Connection[Any]):
                 raise
             raise mapped from exc
         finally:
-            if (self._held is not None or self._proxying) and not self._after_wait_done():
+            if (
+                (self._held is not None or self._proxying)
+                and not self._hot.end(self)
+                and not self._after_wait_done()
+            ):
                 self._after_wait_steps_run()
 
     def _after_wait(self) -> None:

@@ -32,7 +32,3 @@ class _Held:
     bucket: int = 0  # the wait's bucket in the table's histogram
     watched: bool = False  # telemetry records this lease (asked once, at the grant)
     span: telemetry.LeaseSpan | None = None
-
-    @property
-    def lease(self) -> Lease:
-        return Lease(self.slot, self.generation, self.backend_pid, self.waited, self.started)

@@ -28,6 +28,7 @@ from psycopg.conninfo import conninfo_to_dict
 from .. import errors, telemetry
 from ..shm import WAIT_BOUNDS_NS
 from ..wire import control
+from . import hot
 from .channel import ChannelBase
 from .guard import ServerCursorGuard, broker_socket_dir_and_port, check_prepare_threshold, guarded
 from .held import Lease, _Held
@@ -36,20 +37,6 @@ from .session import LISTEN_REFUSED
 from .session_state import SessionState
 
 logger = logging.getLogger("pgreuse.client")
-
-# psycopg generators that only check the connection's state when it is idle and outside a
-# pipeline: running them needs no backend, so no lease is taken for them (Django sets autocommit on
-# every new connection; commit() and rollback() with no transaction open return at once).
-STATE_ONLY_GENERATORS = frozenset(
-    {
-        "_set_autocommit_gen",
-        "_set_isolation_level_gen",
-        "_set_read_only_gen",
-        "_set_deferrable_gen",
-        "_commit_gen",
-        "_rollback_gen",
-    }
-)
 
 # Kept for compatibility of connect(lease_timeout=...): a transaction that waits for a backend waits
 # in the broker's proxy, which answers within its --wait-timeout.
@@ -85,7 +72,10 @@ class LeaseCore(Reusable, SessionState):
         _pipeline: Any
         _prepared: Any
 
+    # A _Held, or the connection's C hot path (pgreuse._slots.Hot) while it holds a lease: both
+    # carry the same fields.
     _held: _Held | None = None
+    _hot: hot.HotAPI = hot.COLD  # the usual lease start and end in C, or nothing
     _channel: ChannelBase | None = None
     _owner_pid: int = 0
     _home: int = -1  # a dup of the parking socket, swapped back onto libpq's fd at every release
@@ -133,8 +123,20 @@ class LeaseCore(Reusable, SessionState):
         self._baseline = self._reported()
         self._baseline_raw = self._reported_raw()
         self._home = os.dup(self.pgconn.socket)
+        self._heat()
+
+    def _heat(self) -> None:
+        """Give this connection the C hot path (``hot.py``) if its channel claims in a C table."""
+        channel = self._channel
+        self._hot = hot.for_connection(self, channel) if channel is not None else hot.COLD
+
+    def _cool(self) -> None:
+        """No C hot path from now on: it names this connection's libpq connection and home socket,
+        which are going (closed, or kept for another connection)."""
+        self._hot = hot.COLD
 
     def _close_home(self) -> None:
+        self._cool()
         home, self._home = self._home, -1
         if home >= 0:
             os.close(home)
@@ -174,7 +176,9 @@ class LeaseCore(Reusable, SessionState):
         """The backend claimed right now, or ``None``: between transactions, and in a transaction
         that goes through the broker's proxy (:attr:`proxied`)."""
         held = self._held
-        return held.lease if held else None
+        if held is None:
+            return None
+        return Lease(held.slot, held.generation, held.backend_pid, held.waited, held.started)
 
     @property
     def proxied(self) -> bool:
@@ -188,12 +192,18 @@ class LeaseCore(Reusable, SessionState):
 
     # -- before a wait ----------------------------------------------------------------------------
 
-    def _begin(self, gen: Any) -> None:
+    def _begin(self, gen: Any, claimed: int = -1) -> None:
         """The first ``wait()`` of a transaction (the caller checked that nothing is held and nothing
         goes through the proxy now): claim a backend for it, or send it to the proxy. Generators that
-        only look at the connection's state need no backend."""
+        only look at the connection's state need no backend. ``claimed``: a slot the C hot path
+        claimed and left to this path (after the same checks as below)."""
         code = getattr(gen, "gi_code", None)
-        if code is not None and code.co_name in STATE_ONLY_GENERATORS and self._state_only():
+        if (
+            claimed < 0
+            and code is not None
+            and code.co_name in hot.STATE_ONLY_GENERATORS
+            and self._state_only()
+        ):
             return
         if _pids[0] != self._owner_pid:
             raise errors.WrongProcess(
@@ -212,7 +222,7 @@ class LeaseCore(Reusable, SessionState):
         # (who go first), the table's queue is full, or an asyncio connection found nothing idle.
         fd_number = pgconn.socket
         try:
-            got = channel.claim_into(pgconn.backend_pid, fd_number)
+            got = channel.claim_into(pgconn.backend_pid, fd_number, claimed)
         except errors.PoolTimeout as exc:
             limit = channel.table.wait_limit() if channel.table is not None else 0.0
             telemetry.lease_denied(self._telemetry(), exc, limit)
@@ -253,6 +263,7 @@ class LeaseCore(Reusable, SessionState):
 
         Make it report closed/broken, as psycopg does for a lost server, so frameworks open a new one.
         """
+        self._cool()
         self.pgconn.finish()
 
     def _telemetry(self) -> telemetry.PoolTelemetry | None:
@@ -373,5 +384,6 @@ class LeaseCore(Reusable, SessionState):
             b.close()
             os.dup2(a.fileno(), self.pgconn.socket, inheritable=False)
             a.close()
+        self._cool()
         self._held = None
         self._proxying = False

@@ -187,6 +187,8 @@ class Reusable:
 
         def _idle_now(self) -> bool: ...
         def _reported_raw(self) -> tuple[bytes | None, ...]: ...
+        def _heat(self) -> None: ...
+        def _cool(self) -> None: ...
 
     _park_key: Hashable | None = None  # the connect() arguments it was made with
     _cancel_sent: bool = False
@@ -241,6 +243,7 @@ class Reusable:
         if context:
             conn._adapters = AdaptersMap(context.adapters)
         conn.prepare_threshold = None
+        conn._heat()
         return conn
 
     def _park(self) -> bool:
@@ -268,6 +271,7 @@ class Reusable:
         if not parked_connections.keep(key, kept):
             return False
         self._home = -1
+        self._cool()  # (its C hot path names the kept libpq connection)
         self._channel = None  # (the kept connection holds its place on the channel now)
         self._closed = True
         self.pgconn = closed_pgconn()

@@ -17,7 +17,7 @@ from .session import LISTEN_REFUSED, REPORTED_PARAMETERS, Verdict, changed_param
 
 logger = logging.getLogger("pgreuse.client")
 
-_REPORTED_RAW = tuple(name.encode() for name in REPORTED_PARAMETERS)
+REPORTED_RAW = tuple(name.encode() for name in REPORTED_PARAMETERS)
 
 
 class SessionState:
@@ -44,7 +44,7 @@ class SessionState:
         return out
 
     def _reported_raw(self) -> tuple[bytes | None, ...]:
-        return tuple(map(self.pgconn.parameter_status, _REPORTED_RAW))
+        return tuple(map(self.pgconn.parameter_status, REPORTED_RAW))
 
     def _note_statement(self, query: bytes) -> None:
         verdict = classify_sql(query)
