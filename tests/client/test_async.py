@@ -1,4 +1,5 @@
-"""The asyncio connection: same lease rules as the sync one, on asyncio and on uvloop."""
+"""The asyncio connection: same lease rules as the sync one, on asyncio and on uvloop, with the C
+hot path of the lease and without it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pgreuse
 from broker_process import CLAIMS, held
 from pgreuse.wire.states import SlotState
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("lease_path")]
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])

@@ -13,7 +13,9 @@ import time
 from typing import Any
 
 import psycopg
+import pytest
 
+import pgreuse
 from broker_process import needs_claims
 from pgreuse.client import hot
 from pgreuse.client.claims import CHECK_AFTER_NS
@@ -141,5 +143,21 @@ def test_the_hot_path_takes_the_usual_statement(broker, monkeypatch):
         monkeypatch.setattr(conn, "_after_wait_done", lambda: calls.append("end") or done())
         for _ in range(5):
             assert conn.execute("select 2").fetchone() == (2,)
+        assert calls == []
+        assert conn.lease is None
+
+
+@pytest.mark.anyio
+async def test_the_async_connection_takes_the_hot_path_too(broker, monkeypatch):
+    async with await pgreuse.connect_async(broker.conninfo, autocommit=True) as conn:
+        await conn.execute("select 1")
+        await conn.execute("select 1")
+        calls: list[str] = []
+        begin, done = conn._begin, conn._after_wait_done
+        monkeypatch.setattr(conn, "_begin", lambda *a: calls.append("begin") or begin(*a))
+        monkeypatch.setattr(conn, "_after_wait_done", lambda: calls.append("end") or done())
+        for _ in range(5):
+            cur = await conn.execute("select 2")
+            assert await cur.fetchone() == (2,)
         assert calls == []
         assert conn.lease is None

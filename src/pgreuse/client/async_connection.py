@@ -23,6 +23,7 @@ from psycopg import pq
 
 from .async_channel import AsyncChannel, async_channel_for
 from .guard import StatementGuard, check_prepare_threshold
+from .hot import LEASED
 from .lease import (
     DEFAULT_LEASE_TIMEOUT,
     LeaseCore,
@@ -86,7 +87,9 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
 
     async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         if self._held is None and not self._proxying:
-            self._begin(gen)  # (never waits: a claim in the table, or the proxy)
+            got = self._hot.begin(self, gen)  # (the usual claim, in C: see hot.py)
+            if got != LEASED:
+                self._begin(gen, got)  # (never waits: a claim in the table, or the proxy)
         try:
             return await super().wait(gen, *args, **kwargs)
         except psycopg.Error as exc:
@@ -95,7 +98,7 @@ class AsyncConnection(LeaseCore, psycopg.AsyncConnection[Any]):
                 raise
             raise mapped from exc
         finally:
-            if self._held is not None or self._proxying:
+            if (self._held is not None or self._proxying) and not self._hot.end(self):
                 await self._after_wait()
 
     async def _after_wait(self) -> None:
