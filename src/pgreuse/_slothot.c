@@ -17,6 +17,8 @@
  *                       NOTHING (-1): nothing done, the Python path starts from scratch;
  *                       i >= 0: slot i is claimed (not checked, not swapped): the Python path goes on
  *                       from there.
+ *   adopt(conn, slot, generation, backend_pid, waited_ns, bucket): hold a lease the Python path
+ *                       made (after a wait in the table, a check), so that its end runs here too.
  *   end(conn) -> True: nothing left to do (mid-transaction, or given back clean); False: the Python
  *                path settles the lease (nothing was done).
  * While it is conn._held, it carries the fields of pgreuse.client.held._Held.
@@ -109,6 +111,108 @@ lock_call(HotObject *self, PyObject *method, PyObject *arg)
     return t;
 }
 
+/* The claimed (or granted) slot ``got``'s socket ``fd`` onto libpq's fd number, with the channel's
+ * lock held (released here): as claims.TableClaims._swap_in. Then this object holds the lease. */
+static PyObject *
+swap_in(HotObject *self, PyObject *conn, Py_ssize_t got, long fd, int64_t now, long long waited_ns)
+{
+    Py_ssize_t bucket = 0, nb = PyTuple_GET_SIZE(self->bounds);
+
+    if (dup3((int)fd, (int)self->fd_number, O_CLOEXEC) < 0) {
+        /* nothing was sent on it: it goes back as it was */
+        PyObject *rel[4], *res;
+        int err = errno;
+
+        rel[0] = PyLong_FromSsize_t(got);
+        rel[1] = self->claim_args[0];
+        rel[2] = PyList_GET_ITEM(self->claim_args[2], got);
+        rel[3] = PyLong_FromLong(0);
+        res = rel[0] && rel[3] ? Slots_release(self->slots, rel, 4) : NULL;
+        Py_XDECREF(rel[0]);
+        Py_XDECREF(rel[3]);
+        Py_XDECREF(res);
+        lock_call(self, s_release, NULL);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (lock_call(self, s_release, NULL) < 0)
+        return NULL;
+    /* bisect.bisect_left(WAIT_BOUNDS_NS, waited_ns), as LeaseCore._begin */
+    while (waited_ns && bucket < nb && PyLong_AsLongLong(PyTuple_GET_ITEM(self->bounds, bucket)) < waited_ns)
+        bucket++;
+    self->slot = got;
+    self->generation = PyLong_AsLong(PyList_GET_ITEM(self->full, got));
+    self->backend_pid = PyLong_AsLong(PyList_GET_ITEM(self->pids, got));
+    self->started = (double)now / 1e9; /* time.monotonic()'s clock */
+    self->waited = (double)waited_ns / 1e9;
+    self->bucket = bucket;
+    self->watched_flag = 0;
+    Py_SETREF(self->span, Py_NewRef(Py_None));
+    if (PyErr_Occurred() || PyObject_SetAttr(conn, s_held, (PyObject *)self) < 0)
+        return NULL;
+    return PyLong_FromLong(HOT_LEASED);
+}
+
+/* Nothing idle: wait in the table's queue, as claims.TableClaims._wait_turn, for the usual outcome
+ * (a slot whose fd this process has). Any other outcome of the wait goes back as its (got,
+ * waited_ns) tuple, which the Python path goes on from; a full queue as NOTHING. */
+static PyObject *
+wait_turn(HotObject *self, PyObject *conn)
+{
+    PyObject *ticket, *r, *res, *wargs[5];
+    Py_ssize_t got;
+    long long waited_ns;
+    long have, fd;
+    int locked;
+
+    if (!(ticket = Slots_enqueue(self->slots, self->claim_args[0])))
+        return NULL;
+    if (PyLong_AsLong(ticket) < 0) {
+        Py_DECREF(ticket);
+        return PyErr_Occurred() ? NULL : PyLong_FromLong(HOT_NOTHING); /* full: the proxy */
+    }
+    r = Slots_rescue(self->slots, self->claim_args[0]); /* a slot freed as the ticket was published */
+    if (r != NULL) {
+        Py_DECREF(r);
+        r = PyObject_CallMethodNoArgs(self->channel, s_poke_if_room);
+    }
+    if (r == NULL) {
+        Py_DECREF(ticket);
+        return NULL;
+    }
+    Py_DECREF(r);
+    wargs[0] = ticket;
+    wargs[1] = self->claim_args[0];
+    wargs[2] = self->claim_args[3];
+    wargs[3] = self->claim_args[4];
+    wargs[4] = self->control_fd_obj;
+    res = Slots_wait(self->slots, wargs, 5); /* (without the GIL) */
+    Py_DECREF(ticket);
+    if (res == NULL)
+        return NULL;
+    got = PyLong_AsSsize_t(PyTuple_GET_ITEM(res, 0));
+    waited_ns = PyLong_AsLongLong(PyTuple_GET_ITEM(res, 1));
+    if (PyErr_Occurred()) {
+        Py_DECREF(res);
+        return NULL;
+    }
+    if (got < 0)
+        return res; /* a timeout, the control channel, a cancel: the Python path's */
+    if ((locked = lock_call(self, s_acquire, NULL)) != 1) {
+        Py_DECREF(res);
+        return locked < 0 ? NULL : PyErr_Format(PyExc_RuntimeError, "the channel lock refused");
+    }
+    have = PyLong_AsLong(PyList_GET_ITEM(self->claim_args[2], got));
+    fd = PyLong_AsLong(PyList_GET_ITEM(self->fds, got));
+    if (PyErr_Occurred() || have != (long)SW_GEN(sw_load(sq_word(&self->slots->t, got)))) {
+        /* a backend newer than the fd this process holds: the Python path passes it on */
+        lock_call(self, s_release, NULL);
+        return PyErr_Occurred() ? (Py_DECREF(res), NULL) : res;
+    }
+    Py_DECREF(res);
+    return swap_in(self, conn, got, fd, sw_now_ns(), waited_ns);
+}
+
 PyObject *
 Hot_begin(HotObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -140,7 +244,9 @@ Hot_begin(HotObject *self, PyObject *const *args, Py_ssize_t nargs)
             goto fail;
         if (lock_call(self, s_release, NULL) < 0)
             return NULL;
-        return PyLong_FromLong(HOT_NOTHING); /* nothing idle, waiters first, an fd to read... */
+        if (got == -1 && self->waits)
+            return wait_turn(self, conn); /* nothing idle, or workers wait: queue behind them */
+        return PyLong_FromLong(HOT_NOTHING); /* the proxy's waiters first, an fd to read... */
     }
     now = sw_now_ns();
     given_back = PyLong_AsLongLong(PyList_GET_ITEM(self->given_back, got));
@@ -153,39 +259,43 @@ Hot_begin(HotObject *self, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         return PyLong_FromSsize_t(got);
     }
-    if (dup3((int)fd, (int)self->fd_number, O_CLOEXEC) < 0) {
-        /* nothing was sent on it: it goes back as it was (as claims.TableClaims._swap_in) */
-        PyObject *rel[4], *res;
-        int err = errno;
-
-        rel[0] = PyLong_FromSsize_t(got);
-        rel[1] = self->claim_args[0];
-        rel[2] = PyList_GET_ITEM(self->claim_args[2], got);
-        rel[3] = PyLong_FromLong(0);
-        res = rel[0] && rel[3] ? Slots_release(self->slots, rel, 4) : NULL;
-        Py_XDECREF(rel[0]);
-        Py_XDECREF(rel[3]);
-        Py_XDECREF(res);
-        lock_call(self, s_release, NULL);
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    if (lock_call(self, s_release, NULL) < 0)
-        return NULL;
-    self->slot = got;
-    self->generation = PyLong_AsLong(PyList_GET_ITEM(self->full, got));
-    self->backend_pid = PyLong_AsLong(PyList_GET_ITEM(self->pids, got));
-    self->started = (double)now / 1e9; /* time.monotonic()'s clock */
-    self->waited = 0.0;
-    self->bucket = 0;
-    self->watched_flag = 0;
-    Py_SETREF(self->span, Py_NewRef(Py_None));
-    if (PyErr_Occurred() || PyObject_SetAttr(conn, s_held, (PyObject *)self) < 0)
-        return NULL;
-    return PyLong_FromLong(HOT_LEASED);
+    return swap_in(self, conn, got, fd, now, 0);
 fail:
     lock_call(self, s_release, NULL);
     return NULL;
+}
+
+/* adopt(conn, slot, generation, backend_pid, waited_ns, bucket) -> True: a lease the Python path
+ * made (after a wait in the table, or a check of a slot not used lately) is held by this object from
+ * now on, so that its clean end runs here too. */
+PyObject *
+Hot_adopt(HotObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    long long waited_ns;
+
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "adopt(conn, slot, generation, backend_pid, waited_ns, bucket)");
+        return NULL;
+    }
+    self->slot = PyLong_AsSsize_t(args[1]);
+    self->generation = PyLong_AsLong(args[2]);
+    self->backend_pid = PyLong_AsLong(args[3]);
+    waited_ns = PyLong_AsLongLong(args[4]);
+    self->bucket = PyLong_AsSsize_t(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (self->slot < 0 || self->slot >= self->slots->n || self->bucket < 0 ||
+        self->bucket >= N_BUCKETS)
+        return PyErr_Format(PyExc_ValueError, "adopt: slot %zd or bucket %zd out of range",
+                            self->slot, self->bucket);
+    self->started = (double)sw_now_ns() / 1e9;
+    self->waited = (double)waited_ns / 1e9;
+    self->watched_flag = 0;
+    Py_SETREF(self->span, Py_NewRef(Py_None));
+    if (PyObject_SetAttr(args[0], s_held, (PyObject *)self) < 0)
+        return NULL;
+    Py_RETURN_TRUE;
 }
 
 /* 1 if every reported parameter is what it was when the connection opened, 0 if not, -1 on error */

@@ -18,6 +18,8 @@ typedef struct {
     PyObject *claim_args[5]; /* holder, start, generations, parking, pid: Slots.claim's */
     PyObject *fds, *full, *pids, *given_back;
     PyObject *baseline, *names, *state_only, *watched;
+    PyObject *control_fd_obj, *bounds; /* the control socket's fd; WAIT_BOUNDS_NS (a tuple) */
+    int waits;                         /* the channel waits in the table (sync connections) */
     long control_fd, owner_pid, home;
     long long check_after_ns;
     /* the lease held now: client.held._Held's fields */
@@ -34,9 +36,10 @@ extern long hot_pid; /* getpid(), kept right across fork() */
 extern PyObject *s_dead, *s_outbox, *s_lock, *s_holder, *s_start, *s_gens, *s_pid, *s_fds, *s_full,
     *s_pids, *s_given_back, *s_sock, *s_fileno, *s_gi_code, *s_co_name, *s_status, *s_txn_status,
     *s_pipeline_status, *s_parameter_status, *s_acquire, *s_release, *s_held, *s_session_dirty,
-    *s_released;
+    *s_released, *s_poke_if_room, *s_waits_in_table;
 
 PyObject *Hot_begin(HotObject *self, PyObject *const *args, Py_ssize_t nargs);
+PyObject *Hot_adopt(HotObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *Hot_end(HotObject *self, PyObject *conn);
 
 #endif

@@ -20,7 +20,7 @@ after_fork_child(void)
 PyObject *s_dead, *s_outbox, *s_lock, *s_holder, *s_start, *s_gens, *s_pid, *s_fds, *s_full,
     *s_pids, *s_given_back, *s_sock, *s_fileno, *s_gi_code, *s_co_name, *s_status, *s_txn_status,
     *s_pipeline_status, *s_parameter_status, *s_acquire, *s_release, *s_held, *s_session_dirty,
-    *s_released;
+    *s_released, *s_poke_if_room, *s_waits_in_table;
 
 static int
 Hot_traverse(HotObject *self, visitproc visit, void *arg)
@@ -41,6 +41,8 @@ Hot_traverse(HotObject *self, visitproc visit, void *arg)
     Py_VISIT(self->state_only);
     Py_VISIT(self->watched);
     Py_VISIT(self->span);
+    Py_VISIT(self->control_fd_obj);
+    Py_VISIT(self->bounds);
     return 0;
 }
 
@@ -63,6 +65,8 @@ Hot_clear(HotObject *self)
     Py_CLEAR(self->state_only);
     Py_CLEAR(self->watched);
     Py_CLEAR(self->span);
+    Py_CLEAR(self->control_fd_obj);
+    Py_CLEAR(self->bounds);
     return 0;
 }
 
@@ -80,14 +84,14 @@ static int
 Hot_init(HotObject *self, PyObject *args, PyObject *Py_UNUSED(kwds))
 {
     PyObject *slots, *channel, *pgconn, *baseline, *names, *state_only, *watched, *sock = NULL;
-    PyObject *parking, *fileno = NULL;
+    PyObject *parking, *fileno = NULL, *bounds, *waits;
     long fd_number, home;
     long long check_after;
 
-    if (!PyArg_ParseTuple(args, "O!OOllOO!O!O!OL", slots_type, &slots, &channel, &pgconn,
-                          &fd_number, &home,
-                          &parking, &PyTuple_Type, &baseline, &PyTuple_Type, &names,
-                          &PyFrozenSet_Type, &state_only, &watched, &check_after))
+    if (!PyArg_ParseTuple(args, "O!OOllOO!O!O!OLO!", slots_type, &slots, &channel, &pgconn,
+                          &fd_number, &home, &parking, &PyTuple_Type, &baseline, &PyTuple_Type,
+                          &names, &PyFrozenSet_Type, &state_only, &watched, &check_after,
+                          &PyTuple_Type, &bounds))
         return -1;
     if (PyTuple_GET_SIZE(baseline) != PyTuple_GET_SIZE(names)) {
         PyErr_SetString(PyExc_ValueError, "Hot: baseline and names differ in length");
@@ -122,7 +126,15 @@ Hot_init(HotObject *self, PyObject *args, PyObject *Py_UNUSED(kwds))
         return -1;
     }
     self->claim_args[3] = Py_NewRef(parking);
+    self->bounds = Py_NewRef(bounds);
+    if (!(waits = PyObject_GetAttr(channel, s_waits_in_table)))
+        return -1;
+    self->waits = PyObject_IsTrue(waits);
+    Py_DECREF(waits);
+    if (self->waits < 0)
+        return -1;
     self->control_fd = PyLong_AsLong(fileno);
+    self->control_fd_obj = Py_NewRef(fileno);
     self->fd_number = fd_number;
     Py_DECREF(fileno);
     Py_DECREF(sock);
@@ -138,6 +150,7 @@ Hot_init(HotObject *self, PyObject *args, PyObject *Py_UNUSED(kwds))
 
 static PyMethodDef Hot_methods[] = {
     {"begin", (PyCFunction)(void (*)(void))Hot_begin, METH_FASTCALL, NULL},
+    {"adopt", (PyCFunction)(void (*)(void))Hot_adopt, METH_FASTCALL, NULL},
     {"end", (PyCFunction)Hot_end, METH_O, NULL},
     {NULL},
 };
@@ -176,13 +189,13 @@ hot_add_type(PyObject *module, PyTypeObject *slots)
         "_dead", "_outbox", "_lock", "holder", "_start", "_gens", "pid", "_fds", "_full", "_pids",
         "_given_back", "sock", "fileno", "gi_code", "co_name", "status", "transaction_status",
         "pipeline_status", "parameter_status", "acquire", "release", "_held", "_session_dirty",
-        "_released",
+        "_released", "_poke_if_room", "waits_in_table",
     };
     PyObject **slots_for[] = {
         &s_dead, &s_outbox, &s_lock, &s_holder, &s_start, &s_gens, &s_pid, &s_fds, &s_full,
         &s_pids, &s_given_back, &s_sock, &s_fileno, &s_gi_code, &s_co_name, &s_status,
         &s_txn_status, &s_pipeline_status, &s_parameter_status, &s_acquire, &s_release, &s_held,
-        &s_session_dirty, &s_released,
+        &s_session_dirty, &s_released, &s_poke_if_room, &s_waits_in_table,
     };
 
     for (size_t k = 0; k < sizeof(names) / sizeof(names[0]); k++)

@@ -79,15 +79,20 @@ class TableClaims:
     # event loop must not block, so an async connection's transaction goes through the proxy.
     waits_in_table = False
 
-    def claim_into(self, parking: int, fd_number: int, claimed: int = -1) -> tuple[int, int, int, int] | None:
+    def claim_into(
+        self, parking: int, fd_number: int, claimed: int | tuple[int, int] = -1
+    ) -> tuple[int, int, int, int] | None:
         """Claim an idle slot, or wait in the table's queue for one, and ``dup2`` its socket onto
         ``fd_number``: ``(slot, generation, backend_pid, waited ns)``, or ``None`` when the
-        transaction should go through the proxy. ``claimed``: a slot the C hot path claimed and
-        left to this one (it was not given back here lately: it is checked first)."""
+        transaction should go through the proxy. ``claimed``: what the C hot path left to this
+        one: a slot it claimed (not given back here lately: it is checked first), or the outcome
+        of its wait in the table's queue."""
         table = self.table
         if table is None or table.slots is None:
             return None
         words = table.slots
+        if isinstance(claimed, tuple):
+            return self._wait_turn(table, words, parking, fd_number, claimed)
         if self._dead is not None:
             if claimed >= 0:
                 words.release(claimed, self.holder, self._gens[claimed], 0)
@@ -141,22 +146,35 @@ class TableClaims:
             raise
         return got, self._full[got], self._pids[got], waited_ns
 
+    def _poke_if_room(self) -> None:
+        """A worker queues in the table: the broker opens backends for the table's waiters when it
+        hears of them (and has room for more)."""
+        if self.table is not None and self.table.room_to_grow():
+            with contextlib.suppress(errors.BrokerUnavailable):
+                self._try_send(POKE)
+
     def _wait_turn(
-        self, table: shm.Table, words: slots.SlotsAPI, parking: int, fd_number: int
+        self,
+        table: shm.Table,
+        words: slots.SlotsAPI,
+        parking: int,
+        fd_number: int,
+        waited: tuple[int, int] | None = None,
     ) -> tuple[int, int, int, int] | None:
         """Wait in the table's queue (FIFO) until a worker that frees a slot hands it here: no
         broker in between. ``None``: the queue is full or the broker cancelled the wait (pause,
-        shutdown): the proxy takes the transaction."""
+        shutdown): the proxy takes the transaction. ``waited``: the C hot path waited, and this is
+        the ``(got, waited ns)`` it leaves to this path."""
         while True:
-            ticket = words.enqueue(self.holder)
-            if ticket < 0:
-                return None
-            words.rescue(self.holder)  # a slot freed as this ticket was published
-            if table.room_to_grow():
-                # The broker opens backends for the table's waiters when it hears of them.
-                with contextlib.suppress(errors.BrokerUnavailable):
-                    self._try_send(POKE)
-            got, waited_ns = words.wait(ticket, self.holder, parking, self.pid, self.sock.fileno())
+            if waited is not None:
+                (got, waited_ns), waited = waited, None
+            else:
+                ticket = words.enqueue(self.holder)
+                if ticket < 0:
+                    return None
+                words.rescue(self.holder)  # a slot freed as this ticket was published
+                self._poke_if_room()
+                got, waited_ns = words.wait(ticket, self.holder, parking, self.pid, self.sock.fileno())
             if got == slots.Q_TIMEOUT_PASSED:
                 limit = table.wait_limit()
                 raise errors.PoolTimeout(errors.wait_timeout_message(limit, table.limit()))

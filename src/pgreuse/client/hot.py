@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import _cmodule, telemetry
-from ..shm import Table
+from ..shm import WAIT_BOUNDS_NS, Table
 from .claims import CHECK_AFTER_NS
 from .session_state import REPORTED_RAW
 
@@ -39,15 +39,23 @@ STATE_ONLY_GENERATORS = frozenset(
 
 
 class HotAPI(Protocol):
-    def begin(self, conn: Any, gen: Any, /) -> int: ...
+    def begin(self, conn: Any, gen: Any, /) -> int | tuple[int, int]: ...
+    def adopt(  # noqa: PLR0917 - the C type's signature
+        self, conn: Any, slot: int, generation: int, backend_pid: int, waited_ns: int, bucket: int, /
+    ) -> bool: ...
     def end(self, conn: Any, /) -> bool: ...
 
 
 class _Cold:
     """No hot path: every lease's start and end runs the Python path."""
 
-    def begin(self, conn: Any, gen: Any, /) -> int:
+    def begin(self, conn: Any, gen: Any, /) -> int | tuple[int, int]:
         return NOTHING
+
+    def adopt(  # noqa: PLR0917 - the C type's signature
+        self, conn: Any, slot: int, generation: int, backend_pid: int, waited_ns: int, bucket: int, /
+    ) -> bool:
+        return False
 
     def end(self, conn: Any, /) -> bool:
         return False
@@ -71,6 +79,6 @@ def for_connection(conn: Any, channel: ChannelBase) -> HotAPI:
     hot: HotAPI = _slots.Hot(
         words, channel, pgconn, pgconn.socket, conn._home, pgconn.backend_pid,
         conn._baseline_raw, REPORTED_RAW, STATE_ONLY_GENERATORS, telemetry.watched,
-        CHECK_AFTER_NS,
+        CHECK_AFTER_NS, tuple(WAIT_BOUNDS_NS),
     )  # fmt: skip
     return hot

@@ -192,14 +192,15 @@ class LeaseCore(Reusable, SessionState):
 
     # -- before a wait ----------------------------------------------------------------------------
 
-    def _begin(self, gen: Any, claimed: int = -1) -> None:
+    def _begin(self, gen: Any, claimed: int | tuple[int, int] = hot.NOTHING) -> None:
         """The first ``wait()`` of a transaction (the caller checked that nothing is held and nothing
         goes through the proxy now): claim a backend for it, or send it to the proxy. Generators that
-        only look at the connection's state need no backend. ``claimed``: a slot the C hot path
-        claimed and left to this path (after the same checks as below)."""
+        only look at the connection's state need no backend. ``claimed``: what the C hot path left
+        to this path after the same checks as below (a slot it claimed, or the outcome of its wait
+        in the table's queue: ``TableClaims.claim_into``)."""
         code = getattr(gen, "gi_code", None)
         if (
-            claimed < 0
+            claimed == hot.NOTHING
             and code is not None
             and code.co_name in hot.STATE_ONLY_GENERATORS
             and self._state_only()
@@ -242,11 +243,15 @@ class LeaseCore(Reusable, SessionState):
                 channel.dirty(pgconn.backend_pid)
             return
         slot, generation, backend_pid, waited_ns = got
+        bucket = bisect.bisect_left(WAIT_BOUNDS_NS, waited_ns) if waited_ns else 0
+        watched = telemetry.watched()
+        if not watched and self._hot.adopt(self, slot, generation, backend_pid, waited_ns, bucket):
+            return  # (the C hot path holds it, and gives it back at a clean end)
         held = self._held = _Held(slot, generation, backend_pid, _monotonic(), fd_number)
         if waited_ns:
             held.waited = waited_ns / 1e9
-            held.bucket = bisect.bisect_left(WAIT_BOUNDS_NS, waited_ns)
-        if telemetry.watched():
+            held.bucket = bucket
+        if watched:
             held.watched = True
             held.span = telemetry.lease_granted(self._pool_telemetry or self._telemetry(), held)
 
