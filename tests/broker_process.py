@@ -15,6 +15,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 import pgreuse
+from pgreuse.client import hot
 from pgreuse.client.channel import broker_accepts
 from pgreuse.shm import Table, TableError, table_path
 from pgreuse.slots import ATOMIC, NOBODY
@@ -198,3 +199,12 @@ def held(conn: object) -> bool:
 needs_claims = pytest.mark.skipif(
     not CLAIMS, reason="PGREUSE_PURE_PYTHON=1: nothing is claimed, every transaction goes through the proxy"
 )
+
+
+@pytest.fixture(params=["c", "python"])
+def lease_path(request, monkeypatch):  # type: ignore[no-untyped-def]
+    """Run the test with the C hot path of the lease (``pgreuse._slots.Hot``) and without it (the
+    Python path alone, its reference): what a user sees must be the same."""
+    if request.param == "python":
+        monkeypatch.setattr(hot, "for_connection", lambda conn, channel: hot.COLD)
+    return request.param

@@ -1,1 +1,1 @@
-from broker_process import broker, make_broker  # noqa: F401 - fixtures
+from broker_process import broker, lease_path, make_broker  # noqa: F401 - fixtures

@@ -124,7 +124,7 @@ def test_claims_survive_holders_killed_at_random_points(make_broker, pg, tmp_pat
     assert claimed > snap.counters["leases"] / 2  # the claim path is what was hammered
 
 
-def test_no_thread_starves_when_32_threads_share_4_backends(make_broker):
+def test_no_thread_starves_when_32_threads_share_4_backends(make_broker, lease_path):
     # Claims and the proxy's FIFO together: when the proxy has waiters a new transaction queues
     # behind them, so no thread keeps losing the race for a backend.
     broker = make_broker("--max-size", "4", "--min-size", "4", "--wait-timeout", "30")

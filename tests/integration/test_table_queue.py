@@ -14,12 +14,14 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 import pgreuse
 from broker_process import needs_claims
 from pgreuse import shm, slots
 from pgreuse.wire.states import SlotState
 
-pytestmark = needs_claims
+pytestmark = [needs_claims, pytest.mark.usefixtures("lease_path")]
 
 
 def _wait_in_thread(conn: pgreuse.Connection) -> tuple[threading.Thread, dict[str, Any]]:
