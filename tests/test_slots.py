@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +69,7 @@ def _step(rng: random.Random, words: slots.SlotsAPI, peer: slots.SlotsAPI) -> tu
     op = rng.choice(
         ["store", "cas", "cas", "pending", "claim", "claim", "claim", "release", "release", "add",
          "enqueue", "enqueue", "hand_over", "rescue", "wait", "wait", "cancel_waiters", "skip",
-         "proxy_oldest"]
+         "proxy_oldest", "linger", "take_lingering"]
     )  # fmt: skip
     tail = _qget(peer, slots.Q_TAIL)
     if op == "store":
@@ -99,10 +100,26 @@ def _step(rng: random.Random, words: slots.SlotsAPI, peer: slots.SlotsAPI) -> tu
         return op, words.cancel_waiters(rng.choice([0, 2, 3]))
     if op == "skip":
         return op, words.skip(_qget(peer, slots.Q_HEAD))
+    if op == "linger":
+        # A holder keeps slot i for its next transaction: a stamp long past (waiters take it), or
+        # one a minute ahead (young for the whole script, on both sides).
+        young = rng.random() < 0.5
+        _set_linger(peer, i, slots.linger_stamp(_T0 + (60_000_000_000 if young else -1_000_000_000)))
+        return op, None
+    if op == "take_lingering":
+        return op, words.take_lingering()
     if op == "proxy_oldest":
         _qset(peer, slots.Q_PROXY_OLDEST, rng.choice([0, 1, 1 << 62]))
         return op, None
     return op, words.add(shm._COUNTER_OFFSETS[rng.choice(["leases", "timeouts", "resets"])], rng.randrange(5))
+
+
+_T0 = time.monotonic_ns()  # (the same stamps on both sides of a comparison)
+
+
+def _set_linger(words: Any, i: int, stamp: int) -> None:
+    mm = words._mm if isinstance(words, slots.PySlots) else _MAPS[id(words)]
+    struct.pack_into("<I", mm, shm._SLOTS_OFF + i * shm._SLOT_SIZE + slots.REC_LINGER, stamp)
 
 
 def _qget(words: Any, off: int) -> int:
@@ -211,6 +228,36 @@ class _NoCap(slots.PySlots):
         return super().enqueue(holder)
 
 
+class _StealsTheYoung(slots.PySlots):
+    def take_lingering(self) -> int:
+        # a flipped comparison: a slot whose holder may still come back is taken from it
+        for i in range(self.n):
+            off = self._rec(i) + slots.REC_LINGER
+            if struct.unpack_from("<I", self._mm, off)[0]:
+                struct.pack_into("<I", self._mm, off, slots.linger_stamp(_T0 - 1_000_000_000))
+        return super().take_lingering()
+
+
+class _LeavesTheStamp(slots.PySlots):
+    def hand_over(self, index: int, owned: int) -> int:
+        # a dropped step: a lingering slot is handed on, and its stamp (cleared just before)
+        # comes back, so that it is handed on again
+        off = self._rec(index) + slots.REC_LINGER
+        result = super().hand_over(index, owned)
+        if self._taking:
+            struct.pack_into("<I", self._mm, off, slots.linger_stamp(_T0 - 1_000_000_000))
+        return result
+
+    _taking = False
+
+    def _take_lingering(self) -> tuple[int, bool]:
+        self._taking = True
+        try:
+            return super()._take_lingering()
+        finally:
+            self._taking = False
+
+
 MUTANTS: list[Callable[..., slots.PySlots]] = [
     _IgnoresQueue,
     _ClaimsAnyGeneration,
@@ -219,6 +266,8 @@ MUTANTS: list[Callable[..., slots.PySlots]] = [
     _GrantsTheGone,
     _ProxyLast,
     _NoCap,
+    _StealsTheYoung,
+    _LeavesTheStamp,
 ]
 
 

@@ -28,6 +28,11 @@ typedef struct {
     double started, waited;
     char watched_flag;
     PyObject *span;
+    /* linger (see _slothot.c): the slot is kept for this connection's next transaction */
+    int lingering;
+    uint32_t linger_mark;   /* the REC_LINGER stamp it wrote */
+    int64_t tenure;         /* since when it holds the slot without a hand-over */
+    int64_t last_end, gap;  /* its last lease's end; how long it then took to begin the next */
 } HotObject;
 
 extern long hot_pid; /* getpid(), kept right across fork() */
@@ -41,5 +46,7 @@ extern PyObject *s_dead, *s_outbox, *s_lock, *s_holder, *s_start, *s_gens, *s_pi
 PyObject *Hot_begin(HotObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *Hot_adopt(HotObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *Hot_end(HotObject *self, PyObject *conn);
+PyObject *Hot_unlinger(HotObject *self, PyObject *unused);
+long long hot_unlinger(HotObject *self);
 
 #endif

@@ -74,6 +74,8 @@ static void
 Hot_dealloc(HotObject *self)
 {
     PyObject_GC_UnTrack(self);
+    if (self->slots != NULL)
+        hot_unlinger(self); /* (the broker's janitor pokes its waiters if need be) */
     Hot_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -152,6 +154,7 @@ static PyMethodDef Hot_methods[] = {
     {"begin", (PyCFunction)(void (*)(void))Hot_begin, METH_FASTCALL, NULL},
     {"adopt", (PyCFunction)(void (*)(void))Hot_adopt, METH_FASTCALL, NULL},
     {"end", (PyCFunction)Hot_end, METH_O, NULL},
+    {"unlinger", (PyCFunction)Hot_unlinger, METH_NOARGS, NULL},
     {NULL},
 };
 
@@ -165,6 +168,8 @@ static PyMemberDef Hot_members[] = {
     {"bucket", T_PYSSIZET, offsetof(HotObject, bucket), 0, NULL},
     {"watched", T_BOOL, offsetof(HotObject, watched_flag), 0, NULL},
     {"span", T_OBJECT, offsetof(HotObject, span), 0, NULL},
+    {"lingering", T_INT, offsetof(HotObject, lingering), READONLY,
+     "the slot is kept for this connection's next transaction"},
     {NULL},
 };
 

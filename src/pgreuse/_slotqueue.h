@@ -25,6 +25,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <stdint.h>
 #include <linux/futex.h>
 #include <poll.h>
 #include <sched.h>
@@ -251,6 +252,34 @@ sq_skip(const sq_table *t, uint64_t ticket)
     return 1;
 }
 
+/* Lingering slots (REC_LINGER, see _slotword.h) of holders that did not come back within
+ * LINGER_STEAL_NS go to the table's first waiter, as their release would have: 1 if one did.
+ * *next gets when the youngest of the others is due (unchanged if none lingers). */
+static inline int
+sq_take_lingering(const sq_table *t, int64_t now, int64_t *next)
+{
+    ptrdiff_t i;
+    int took = 0;
+
+    for (i = 0; i < t->n; i++) {
+        uint32_t *stamp = (uint32_t *)(t->base + t->slots_off + i * t->slot_size + REC_LINGER);
+        uint32_t v = sw_load32(stamp);
+        int64_t age;
+        if (!v)
+            continue;
+        age = linger_age(v, now);
+        if (age >= LINGER_STEAL_NS) {
+            uint64_t w = sw_load(sq_word(t, i));
+            /* (the holder swaps the stamp to 0 before it uses the slot again: one of us wins) */
+            if (SW_STATE(w) == SW_LENT && sw_cas32(stamp, v, 0) && sq_hand_over(t, i, w) >= 0)
+                took = 1;
+        } else if (now + LINGER_STEAL_NS - age < *next) {
+            *next = now + LINGER_STEAL_NS - age;
+        }
+    }
+    return took;
+}
+
 /* Wait for ticket ``ticket`` (call without the GIL): the slot granted (its word then LENT to
  * ``holder``), or SQ_CANCELLED, SQ_TIMEOUT, SQ_CONTROL, SQ_LOST. Wakes every 100 ms to look at the
  * control channel (``control_fd``: readable when the broker died) and at idle slots. */
@@ -266,6 +295,13 @@ sq_wait(const sq_table *t, uint64_t ticket, uint32_t holder, int64_t deadline, i
         if (sq_is(e, ticket, QE_GRANTED)) {
             ptrdiff_t i = (ptrdiff_t)QE_VALUE(e);
             int spins;
+            uint64_t h2;
+            int64_t due = INT64_MAX;
+            /* The next waiter watches the lingering slots now (only the first one sleeps with a
+             * timeout for them): wake it if there are any. */
+            sq_take_lingering(t, sw_now_ns(), &due);
+            if (due != INT64_MAX && sq_first(t, &h2))
+                sq_wake(sq_entry(t, h2));
             /* The releaser stores LENT(holder) right after the grant; the broker may have taken
              * the slot back first (a revoked lease, or the releaser died in between: the broker
              * closes what the dead held): then it is not ours. */
@@ -301,8 +337,14 @@ sq_wait(const sq_table *t, uint64_t ticket, uint32_t holder, int64_t deadline, i
         }
         {
             struct timespec ts;
+            uint64_t h;
+            int64_t now = sw_now_ns(), due = INT64_MAX;
+            if (sq_take_lingering(t, now, &due))
+                continue; /* handed to the first waiter: maybe this one */
             if (left > 100000000)
                 left = 100000000;
+            if (due - now < left && sq_first(t, &h) && h == ticket)
+                left = due - now > 0 ? due - now : 1;
             ts.tv_sec = left / 1000000000;
             ts.tv_nsec = left % 1000000000;
             syscall(SYS_futex, (uint32_t *)entry, FUTEX_WAIT, (uint32_t)waiting, &ts, NULL, 0);

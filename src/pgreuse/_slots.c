@@ -235,8 +235,7 @@ Slots_release(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t i, bucket;
     unsigned long holder, gen;
-    uint64_t lent, pending, ticket, first;
-    int64_t used;
+    uint64_t lent;
     char *rec;
 
     if (nargs != 4) {
@@ -255,32 +254,12 @@ Slots_release(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     lent = SW_MAKE(SW_LENT, gen, holder);
     if (sw_load((uint64_t *)(rec + REC_WORD)) != lent)
         return PyLong_FromLong(-1);
-    used = sw_now_ns() - *(int64_t *)(rec + REC_LEASE_START);
-    if (used < 0)
-        used = 0;
+    slots_count_lease(self, i, bucket, sw_now_ns());
     /* the record is the holder's alone until it hands the slot on */
-    *(uint64_t *)(rec + REC_LEASES) += 1;
-    *(uint64_t *)(rec + REC_USE_NS) += (uint64_t)used;
     *(uint32_t *)(rec + REC_PARKING) = 0;
     *(uint32_t *)(rec + REC_HOLDER_PID) = 0;
     *(int64_t *)(rec + REC_LEASE_START) = 0;
-    /* the pool's counters are everyone's: atomic adds */
-    sw_add(word_at(self, self->leases_off), 1);
-    sw_add(word_at(self, self->use_ns_off), (uint64_t)used);
-    sw_add(word_at(self, self->hist0_off + bucket * 8), 1);
-    pending = sw_load(word_at(self, self->pending_off));
-    if (pending) {
-        /* FIFO across both queues: the proxy's oldest waiter against the table's first */
-        int64_t oldest = (int64_t)sw_load(sq_q(&self->t, Q_PROXY_OLDEST));
-        first = sq_first(&self->t, &ticket);
-        if (!first || (pending & CLOSED_GATE) || oldest == 0 ||
-            oldest <= (int64_t)sw_load(sq_entry(&self->t, ticket) + 1)) {
-            if (!sw_cas((uint64_t *)(rec + REC_WORD), lent, SW_MAKE(SW_IDLE, gen, 0)))
-                return PyLong_FromLong(-1);
-            return PyLong_FromUnsignedLongLong(pending);
-        }
-    }
-    return PyLong_FromLong(sq_hand_over(&self->t, i, lent) < 0 ? -1 : 0);
+    return PyLong_FromLongLong(slots_give(self, i, lent));
 }
 
 /* check(backend_fd, control_fd) -> int: one poll() with no wait, before a claimed backend is used.
@@ -339,6 +318,7 @@ static PyMethodDef Slots_methods[] = {
     {"hand_over", (PyCFunction)(void (*)(void))Slots_hand_over, METH_FASTCALL, NULL},
     {"enqueue", (PyCFunction)Slots_enqueue, METH_O, NULL},
     {"rescue", (PyCFunction)Slots_rescue, METH_O, NULL},
+    {"take_lingering", (PyCFunction)Slots_take_lingering, METH_NOARGS, NULL},
     {"wait", (PyCFunction)(void (*)(void))Slots_wait, METH_FASTCALL, NULL},
     {"cancel_waiters", (PyCFunction)Slots_cancel_waiters, METH_O, NULL},
     {"skip", (PyCFunction)Slots_skip, METH_O, NULL},

@@ -19,6 +19,7 @@ class Hot:
     bucket: int
     watched: bool
     span: object
+    lingering: int
     def __init__(
         self,
         slots: SlotsAPI,
@@ -40,6 +41,7 @@ class Hot:
         self, conn: object, slot: int, generation: int, backend_pid: int, waited_ns: int, bucket: int, /
     ) -> bool: ...
     def end(self, conn: object, /) -> bool: ...
+    def unlinger(self) -> None: ...
 
 HOT_LEASED: int
 HOT_NOTHING: int

@@ -48,6 +48,48 @@ check(SlotsObject *self, Py_ssize_t i)
     return 0;
 }
 
+/* Count the lease of slot ``i`` that ends at ``now`` (its wait in histogram bucket ``bucket``): in
+ * its record (the holder's alone until it hands the slot on) and in the pool's counters. */
+static inline void
+slots_count_lease(SlotsObject *self, Py_ssize_t i, Py_ssize_t bucket, int64_t now)
+{
+    char *rec = record(self, i);
+    int64_t used = now - *(int64_t *)(rec + REC_LEASE_START);
+
+    if (used < 0)
+        used = 0;
+    *(uint64_t *)(rec + REC_LEASES) += 1;
+    *(uint64_t *)(rec + REC_USE_NS) += (uint64_t)used;
+    /* the pool's counters are everyone's: atomic adds */
+    sw_add(word_at(self, self->leases_off), 1);
+    sw_add(word_at(self, self->use_ns_off), (uint64_t)used);
+    sw_add(word_at(self, self->hist0_off + bucket * 8), 1);
+}
+
+/* The holder gives slot ``i`` (its word ``lent``) on: to the first worker waiting in the table, or
+ * back IDLE(0) when nobody waits there or the proxy's oldest waiter came first. The proxy's queue
+ * length when it went idle while the proxy has waiters (the caller pokes the broker), 0 when it is
+ * idle or granted, -1 when the slot was no longer the holder's. */
+static inline long long
+slots_give(SlotsObject *self, Py_ssize_t i, uint64_t lent)
+{
+    uint64_t pending = sw_load(word_at(self, self->pending_off)), ticket, first;
+
+    if (pending) {
+        /* FIFO across both queues: the proxy's oldest waiter against the table's first */
+        int64_t oldest = (int64_t)sw_load(sq_q(&self->t, Q_PROXY_OLDEST));
+        first = sq_first(&self->t, &ticket);
+        if (!first || (pending & CLOSED_GATE) || oldest == 0 ||
+            oldest <= (int64_t)sw_load(sq_entry(&self->t, ticket) + 1)) {
+            if (!sw_cas((uint64_t *)(record(self, i) + REC_WORD), lent,
+                        SW_MAKE(SW_IDLE, SW_GEN(lent), 0)))
+                return -1;
+            return (long long)pending;
+        }
+    }
+    return sq_hand_over(&self->t, i, lent) < 0 ? -1 : 0;
+}
+
 /* Parse a worker's holder id (0 and 1 are nobody and the broker) of an open table: 0, or -1 with
  * the error set. */
 static inline int
@@ -79,6 +121,7 @@ int hot_add_type(PyObject *module, PyTypeObject *slots_type);
 PyObject *Slots_hand_over(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *Slots_enqueue(SlotsObject *self, PyObject *arg);
 PyObject *Slots_rescue(SlotsObject *self, PyObject *arg);
+PyObject *Slots_take_lingering(SlotsObject *self, PyObject *unused);
 PyObject *Slots_wait(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *Slots_cancel_waiters(SlotsObject *self, PyObject *arg);
 PyObject *Slots_waiting(SlotsObject *self, PyObject *unused);

@@ -91,6 +91,19 @@ Slots_wait(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
     return Py_BuildValue("(LL)", (long long)got, (long long)(now - since));
 }
 
+/* take_lingering() -> 0 or 1: hand lingering slots whose holders did not come back within
+ * LINGER_STEAL_NS to the table's first waiter, or back idle (the broker's janitor, for its own
+ * waiters and a pause) */
+PyObject *
+Slots_take_lingering(SlotsObject *self, PyObject *unused)
+{
+    int64_t due = INT64_MAX;
+    (void)unused;
+    if (!self->has_view)
+        return PyErr_Format(PyExc_ValueError, "the slot table is closed");
+    return PyLong_FromLong(sq_take_lingering(&self->t, sw_now_ns(), &due));
+}
+
 /* cancel_waiters(holder) -> n: cancel (and wake) every waiter of the table (holder 0) or one
  * holder's */
 PyObject *

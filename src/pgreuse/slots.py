@@ -104,6 +104,7 @@ class SlotsAPI(Protocol):
     def hand_over(self, index: int, owned: int, /) -> int: ...
     def enqueue(self, holder: int, /) -> int: ...
     def rescue(self, holder: int, /) -> None: ...
+    def take_lingering(self) -> int: ...
     def wait(
         self, ticket: int, holder: int, parking: int, pid: int, control_fd: int, /
     ) -> tuple[int, int]: ...
@@ -118,6 +119,21 @@ _I = struct.Struct("<I")
 _q = struct.Struct("<q")
 # Offsets in a slot record (shm_layout._SLOT); _slotword.h has the same.
 REC_WORD, REC_PARKING, REC_HOLDER_PID, REC_LEASE_START, REC_LEASES, REC_USE_NS = 0, 8, 12, 16, 24, 32
+# In the record's padding: nonzero while the holder keeps the slot for its next transaction
+# ("linger": pgreuse._slots.Hot); a waiter takes it once LINGER_STEAL_NS old (_slotword.h).
+REC_LINGER = 52
+LINGER_STEAL_NS = 200_000
+
+
+def linger_stamp(now_ns: int) -> int:
+    """A REC_LINGER stamp for ``now_ns`` (1024 ns units, 32 bits, never 0)."""
+    return ((now_ns >> 10) & 0xFFFFFFFF) or 1
+
+
+def linger_age(stamp: int, now_ns: int) -> int:
+    """How old ``stamp`` is at ``now_ns``, ns (negative: later than now; wraps after 36 minutes)."""
+    d = (linger_stamp(now_ns) - stamp) & 0xFFFFFFFF
+    return (d - (1 << 32) if d >= 1 << 31 else d) << 10
 
 
 class PySlots:
@@ -280,6 +296,30 @@ class PySlots:
         _Q.pack_into(self._mm, off, entry(QE_WAITING, holder, tail))
         return tail
 
+    def take_lingering(self) -> int:
+        """Lingering slots of holders that did not come back within LINGER_STEAL_NS go to the
+        table's first waiter (or back idle), as their release would have: 1 if one did."""
+        return self._take_lingering()[0]
+
+    def _take_lingering(self) -> tuple[int, bool]:
+        """take_lingering(), and whether a younger one still lingers (sq_take_lingering's due)."""
+        now = time.monotonic_ns()
+        took, young = 0, False
+        for i in range(self.n):
+            off = self._rec(i) + REC_LINGER
+            v = int(_I.unpack_from(self._mm, off)[0])
+            if not v:
+                continue
+            if linger_age(v, now) < LINGER_STEAL_NS:
+                young = True
+                continue
+            w = self.load(i)
+            if state_of(w) is SlotState.LENT:
+                _I.pack_into(self._mm, off, 0)
+                if self.hand_over(i, w) >= 0:
+                    took = 1
+        return took, young
+
     def rescue(self, holder: int) -> None:
         _check_worker(holder)
         for i in range(self.n):
@@ -317,6 +357,9 @@ class PySlots:
         since = self._since(ticket)
         deadline = since + self._qget(Q_TIMEOUT)
         while True:
+            e = self._entry(ticket)
+            if e == entry(QE_GRANTED, (e >> 8) & 0xFFFFFFFF, ticket) and self._take_lingering()[1]:
+                self._first()  # (as the C wait does once granted: it wakes the next waiter)
             got = self.poll_turn(ticket, holder)
             if got not in (NONE_IDLE, _PENDING):
                 break
@@ -328,6 +371,8 @@ class PySlots:
                 if self.cancel(ticket, holder):
                     got = Q_TIMEOUT_PASSED
                     break
+                continue
+            if self.take_lingering():
                 continue
             time.sleep(0.001)
             if self.poll_turn(ticket, holder) == NONE_IDLE:

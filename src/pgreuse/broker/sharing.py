@@ -304,6 +304,10 @@ class SharedSlots(PoolFields):
         limit_ns = int(self.config.max_lease_time * 1e9)
         live = {getattr(c, "holder", 0) for c in self.workers}
         self._skip_unpublished_ticket(now_ns)
+        # A slot a worker kept for its next transaction ("linger") and did not come back for: to
+        # the table's waiters, or idle for the proxy's (the table's waiters take it sooner).
+        if self.claims:
+            self.table.slots.take_lingering()  # type: ignore[union-attr]
         for b in list(self.shared):
             word = self.table.word(b.index)
             lent = slots.state_of(word) is _LENT

@@ -44,6 +44,7 @@ class HotAPI(Protocol):
         self, conn: Any, slot: int, generation: int, backend_pid: int, waited_ns: int, bucket: int, /
     ) -> bool: ...
     def end(self, conn: Any, /) -> bool: ...
+    def unlinger(self) -> None: ...
 
 
 class _Cold:
@@ -59,6 +60,9 @@ class _Cold:
 
     def end(self, conn: Any, /) -> bool:
         return False
+
+    def unlinger(self) -> None:
+        pass
 
 
 COLD: HotAPI = _Cold()

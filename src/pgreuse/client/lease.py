@@ -132,8 +132,10 @@ class LeaseCore(Reusable, SessionState):
 
     def _cool(self) -> None:
         """No C hot path from now on: it names this connection's libpq connection and home socket,
-        which are going (closed, or kept for another connection)."""
-        self._hot = hot.COLD
+        which are going (closed, or kept for another connection). A slot it kept for the next
+        transaction goes back now."""
+        hot_path, self._hot = self._hot, hot.COLD
+        hot_path.unlinger()
 
     def _close_home(self) -> None:
         self._cool()
