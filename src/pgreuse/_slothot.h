@@ -46,7 +46,12 @@ extern PyObject *s_dead, *s_outbox, *s_lock, *s_holder, *s_start, *s_gens, *s_pi
 PyObject *Hot_begin(HotObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *Hot_adopt(HotObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *Hot_end(HotObject *self, PyObject *conn);
+
+/* _slotlinger.c */
 PyObject *Hot_unlinger(HotObject *self, PyObject *unused);
 long long hot_unlinger(HotObject *self);
+int hot_unlingered(HotObject *self, long long pending);
+PyObject *hot_resume(HotObject *self, PyObject *conn);
+int hot_linger(HotObject *self, int64_t now);
 
 #endif

@@ -139,6 +139,7 @@ def test_the_hot_path_takes_the_usual_statement(broker, monkeypatch):
     monkeypatch.setattr(hot, "CHECK_AFTER_NS", 10**10)
     with broker.connect(autocommit=True) as conn:
         conn.execute("select 1")
+        broker.settle()
         conn.execute("select 1")
         calls: list[str] = []
         begin, done = conn._begin, conn._after_wait_done
@@ -155,6 +156,7 @@ async def test_the_async_connection_takes_the_hot_path_too(broker, monkeypatch):
     monkeypatch.setattr(hot, "CHECK_AFTER_NS", 10**10)  # (as above)
     async with await pgreuse.connect_async(broker.conninfo, autocommit=True) as conn:
         await conn.execute("select 1")
+        broker.settle()  # (an async transaction that finds nothing idle goes through the proxy)
         await conn.execute("select 1")
         calls: list[str] = []
         begin, done = conn._begin, conn._after_wait_done

@@ -34,6 +34,14 @@ def _waiter_turn(broker: Any, box: list[float]) -> None:
         box.append(time.monotonic() - t0)
 
 
+def _pressure(broker: Any, busy: threading.Thread, waits: list[float], until: float = 10.0) -> None:
+    """Waiters one after another, each queueing for the backend, until ``busy`` stops (a busy
+    connection lingers only while somebody waits; on a loaded machine it may take a few turns)."""
+    deadline = time.monotonic() + until
+    while busy.is_alive() and time.monotonic() < deadline:
+        _waiter_turn(broker, waits)
+
+
 def _contended(
     broker: Any, end_lingering: bool = False
 ) -> tuple[Any, threading.Event, threading.Thread, list[bool]]:
@@ -54,7 +62,8 @@ def test_a_waiter_gets_its_turn_while_a_busy_connection_lingers(make_broker):
     a, stop, t, lingered = _contended(broker)
     try:
         waits: list[float] = []
-        for _ in range(5):
+        deadline = time.monotonic() + 10
+        while (len(waits) < 5 or not lingered) and time.monotonic() < deadline:
             _waiter_turn(broker, waits)
         # The busy connection kept its backend between statements (it lingered), yet each waiter
         # got it within the quantum and a steal, with room for a busy machine.
@@ -69,17 +78,15 @@ def test_a_waiter_gets_its_turn_while_a_busy_connection_lingers(make_broker):
 def test_a_backend_its_holder_does_not_come_back_for_goes_to_the_waiter(make_broker):
     broker = make_broker("--max-size", "1")
     # The busy connection runs until a statement ends lingering (somebody waits), then its thread
-    # moves on, keeping the backend: the waiter takes it after LINGER_STEAL_NS, not when the
-    # holder comes back (it never does here).
+    # moves on, keeping the backend: the waiter then queued takes it after LINGER_STEAL_NS, not
+    # when the holder comes back (it never does here).
     a, stop, t, lingered = _contended(broker, end_lingering=True)
     waits: list[float] = []
-    w = threading.Thread(target=_waiter_turn, args=(broker, waits))
-    w.start()
     try:
-        t.join(10)
+        _pressure(broker, t, waits)
+        t.join(1)
         assert lingered and a._hot.lingering
-        w.join(5)
-        assert waits and waits[0] < 1.0, waits
+        assert waits and max(waits) < 1.0, waits
         broker.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="the backend back")
         assert a.execute("select 2").fetchone() == (2,)  # (and the holder goes on, with a claim)
     finally:
@@ -89,18 +96,12 @@ def test_a_backend_its_holder_does_not_come_back_for_goes_to_the_waiter(make_bro
 
 def test_closing_a_lingering_connection_gives_its_backend_back(make_broker):
     broker = make_broker("--max-size", "1")
-    a, stop, t, lingered = _contended(broker)
+    a, _stop, t, lingered = _contended(broker, end_lingering=True)
     waits: list[float] = []
-    w = threading.Thread(target=_waiter_turn, args=(broker, waits))
-    w.start()
-    deadline = time.monotonic() + 10
-    while not lingered and time.monotonic() < deadline:
-        time.sleep(0.001)
-    stop.set()
-    t.join()
-    a.close()  # (lingering or not: nothing of it stays held)
-    w.join(timeout=5)
-    assert lingered and waits
+    _pressure(broker, t, waits)
+    t.join(1)
+    assert lingered and a._hot.lingering
+    a.close()  # (the backend goes back at once, whether a waiter took it already or not)
     snap = broker.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="nothing lent")
     assert snap.count(SlotState.IDLE) == 1
     with broker.connect(autocommit=True) as c:
@@ -116,28 +117,30 @@ def test_no_linger_without_waiters(broker):
 
 
 def test_a_holder_whose_lingering_backend_was_taken_waits_its_turn(make_broker):
-    """The holder and the waiter that took its lingering backend never both use it."""
+    """The holder and whoever took its lingering backend never both use it."""
     broker = make_broker("--max-size", "1")
     a, stop, t, lingered = _contended(broker, end_lingering=True)
+    waits: list[float] = []
+    _pressure(broker, t, waits)  # (the last of them took the backend the busy one left lingering)
+    t.join(1)
+    assert lingered and a._hot.lingering
     has_it, done = threading.Event(), threading.Event()
 
-    def waiter() -> None:
+    def holder() -> None:
         with broker.connect() as b, b.transaction():
             b.execute("select 1")
             has_it.set()
             done.wait(10)
 
-    w = threading.Thread(target=waiter)
+    w = threading.Thread(target=holder)
     w.start()
     try:
-        t.join(10)  # (its last statement ended lingering)
-        assert lingered and a._hot.lingering
-        assert has_it.wait(5), "the waiter never got the backend the busy one left lingering"
+        assert has_it.wait(5), "nobody got the backend the busy one left lingering"
         finished: list[float] = []
         late = threading.Thread(target=lambda: (a.execute("select 2"), finished.append(time.monotonic())))
         late.start()
         time.sleep(0.3)
-        assert not finished, "the holder went on with a backend the waiter holds"
+        assert not finished, "the former holder went on with a backend somebody else holds"
         released = time.monotonic()
         done.set()
         late.join(5)
