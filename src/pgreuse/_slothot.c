@@ -229,6 +229,8 @@ Hot_begin(HotObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     conn = args[0];
+    if (!self->slots->has_view)
+        return PyLong_FromLong(HOT_NOTHING); /* (the table was closed: nothing to read there) */
     self->gap = sw_now_ns() - self->last_end; /* (the application's time between two leases) */
     r = may_begin(self, args[1]);
     if (self->lingering) {
@@ -343,7 +345,7 @@ Hot_end(HotObject *self, PyObject *conn)
     if (!(held = PyObject_GetAttr(conn, s_held)))
         return NULL;
     Py_DECREF(held);
-    if (held != (PyObject *)self || hot_pid != self->owner_pid)
+    if (held != (PyObject *)self || hot_pid != self->owner_pid || !self->slots->has_view)
         Py_RETURN_FALSE; /* the Python path's lease, or a transaction through the proxy */
     if ((r = attr_is(self->pgconn, s_status, 0)) != 1)
         return r < 0 ? NULL : Py_NewRef(Py_False);

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from broker_process import needs_claims
-from pgreuse.client import claims
+from pgreuse.client import claims, hot
 from pgreuse.wire.states import CloseReason, SlotState
 
-pytestmark = [needs_claims, pytest.mark.usefixtures("lease_path")]
+pytestmark = needs_claims
 
 
 def _failing_dup2(monkeypatch: pytest.MonkeyPatch, *, fail_when: Any) -> list[tuple[int, int]]:
@@ -54,7 +54,7 @@ def test_a_failed_swap_in_gives_the_slot_back_as_it_was(broker, monkeypatch, lea
         saved = list(fds)
         if lease_path == "c":
             # The C hot path calls dup3 itself: every cached backend fd is a closed number now.
-            fds[:] = [_closed_fd() if fd >= 0 else fd for fd in fds]
+            fds[:] = [_closed_fd() + 100_000 if fd >= 0 else fd for fd in fds]  # (EBADF)
         try:
             with pytest.raises(OSError, match="planted" if lease_path == "python" else "Bad file"):
                 conn.execute("select 2")
@@ -68,23 +68,21 @@ def test_a_failed_swap_in_gives_the_slot_back_as_it_was(broker, monkeypatch, lea
         assert conn.execute("select 3").fetchone() == (3,)  # and the connection goes on
 
 
-def test_a_failed_swap_out_reports_the_backend_broken(broker, monkeypatch):
-    # (With the C hot path, its own swap-out fails first, on a closed home number, and the Python
-    # path takes the end over: it is the one that reports.)
+def test_a_failed_swap_out_reports_the_backend_broken(broker, monkeypatch, lease_path):
+    # (With the C hot path, its own swap-out fails first, on a home number that names nothing, and
+    # the Python path takes the end over: it is the one that reports.)
     with broker.connect(autocommit=True) as conn:
         conn.execute("select 1")
         before = broker.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="the first lease back")
         home = conn._home
         calls = _failing_dup2(monkeypatch, fail_when=lambda src, dst: src == home)
+        if lease_path == "c":
+            conn._home = _closed_fd() + 100_000  # (past any fd this process has: EBADF)
+            conn._hot = hot.for_connection(conn, conn._channel)
+            conn._home = home
         pid = 0
-        saved = os.dup(home)
-        try:
-            with pytest.raises(OSError, match="planted"), conn.transaction():  # (at its COMMIT)
-                (pid,) = conn.execute("select pg_backend_pid()").fetchone()
-                os.close(home)
-        finally:
-            os.dup2(saved, home, inheritable=False)
-            os.close(saved)
+        with pytest.raises(OSError, match="planted"), conn.transaction():  # (fails at its COMMIT)
+            (pid,) = conn.execute("select pg_backend_pid()").fetchone()
         assert calls, "the swap-out's dup2 was not reached"
         assert pid in {s.backend_pid for s in before.slots}
         assert conn.lease is None

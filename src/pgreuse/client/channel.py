@@ -105,17 +105,20 @@ class ChannelBase(TableClaims):
             self._dead = self._dead or "closed"
             self._forget_fds()
         self.sock.close()
-        if self.table is not None:
-            self.table.close()
-            self.table = None
+        # Not table.close(): a thread of this process may still wait in its queue (without the
+        # GIL), or a connection's C hot path hold its words; the mapping goes when the last of them
+        # lets go of it (pgreuse._slots.Slots holds it while it lives).
+        self.table = None
 
     def _forget_fds(self) -> None:
         for i, fd in enumerate(self._fds):
             if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+                # (forgotten before it is closed: os.close() lets go of the GIL, and a number
+                # closed but still listed could be swapped in by another thread once reused)
                 self._fds[i] = -1
                 self._gens[i] = slots.NOT_HELD
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     # -- the Welcome ------------------------------------------------------------------------------
 
