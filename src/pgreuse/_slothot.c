@@ -111,6 +111,29 @@ lock_call(HotObject *self, PyObject *method, PyObject *arg)
     return t;
 }
 
+/* After a lease's end at ``now`` (0: not a clean end of this process's own; ``pending``: the
+ * release's answer, see slots_give): this process gave the slot back lately
+ * (claims.TableClaims._given_back), and the broker hears what it must (TableClaims._released: a
+ * revoked slot, or the proxy's waiters). 0, or -1 on error. */
+int
+hot_released(HotObject *self, long long pending, int64_t now)
+{
+    PyObject *stamp, *res;
+
+    if (now) {
+        if (!(stamp = PyLong_FromLongLong(now)))
+            return -1;
+        if (PyList_SetItem(self->given_back, self->slot, stamp) < 0)
+            return -1;
+    }
+    if (pending == 0)
+        return 0;
+    res = PyObject_CallMethod(self->channel, "_released", "nlL", self->slot, self->generation,
+                              pending);
+    Py_XDECREF(res);
+    return res ? 0 : -1;
+}
+
 /* The claimed (or granted) slot ``got``'s socket ``fd`` onto libpq's fd number, with the channel's
  * lock held (released here): as claims.TableClaims._swap_in. Then this object holds the lease. */
 static PyObject *
@@ -120,17 +143,10 @@ swap_in(HotObject *self, PyObject *conn, Py_ssize_t got, long fd, int64_t now, l
 
     if (dup3((int)fd, (int)self->fd_number, O_CLOEXEC) < 0) {
         /* nothing was sent on it: it goes back as it was */
-        PyObject *rel[4], *res;
         int err = errno;
+        long gen = PyLong_AsLong(PyList_GET_ITEM(self->claim_args[2], got));
 
-        rel[0] = PyLong_FromSsize_t(got);
-        rel[1] = self->claim_args[0];
-        rel[2] = PyList_GET_ITEM(self->claim_args[2], got);
-        rel[3] = PyLong_FromLong(0);
-        res = rel[0] && rel[3] ? Slots_release(self->slots, rel, 4) : NULL;
-        Py_XDECREF(rel[0]);
-        Py_XDECREF(rel[3]);
-        Py_XDECREF(res);
+        slots_release_lent(self->slots, got, SW_MAKE(SW_LENT, gen, self->holder), 0, 1, now);
         lock_call(self, s_release, NULL);
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -239,7 +255,7 @@ Hot_begin(HotObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (resumed == NULL || PyLong_AsLong(resumed) == HOT_LEASED)
                 return resumed;
             Py_DECREF(resumed);
-        } else if (hot_unlingered(self, hot_unlinger(self)) < 0) {
+        } else if (hot_released(self, hot_unlinger(self), 0) < 0) {
             return NULL;
         }
     }
@@ -337,8 +353,7 @@ parameters_unchanged(HotObject *self)
 PyObject *
 Hot_end(HotObject *self, PyObject *conn)
 {
-    PyObject *held, *v, *rel[4], *pending_obj, *stamp;
-    long pending;
+    PyObject *held, *v;
     int64_t now;
     int r;
 
@@ -369,29 +384,9 @@ Hot_end(HotObject *self, PyObject *conn)
     self->last_end = now;
     if ((r = hot_linger(self, now)) != 0)
         return r < 0 ? NULL : Py_NewRef(Py_True); /* kept for the next transaction */
-    rel[0] = PyLong_FromSsize_t(self->slot);
-    rel[1] = self->claim_args[0];
-    rel[2] = PyLong_FromLong(self->generation & 0xFFFFFFL);
-    rel[3] = PyLong_FromSsize_t(self->bucket);
-    pending_obj = rel[0] && rel[2] && rel[3] ? Slots_release(self->slots, rel, 4) : NULL;
-    Py_XDECREF(rel[0]);
-    Py_XDECREF(rel[2]);
-    Py_XDECREF(rel[3]);
-    if (pending_obj == NULL)
+    if (hot_released(self, slots_release_lent(self->slots, self->slot, hot_lent(self), self->bucket,
+                                              1, now),
+                     now) < 0)
         return NULL;
-    pending = PyLong_AsLong(pending_obj);
-    Py_DECREF(pending_obj);
-    if (!(stamp = PyLong_FromLongLong(now)))
-        return NULL;
-    if (PyList_SetItem(self->given_back, self->slot, stamp) < 0)
-        return NULL;
-    if (pending != 0) {
-        /* the broker must hear of it (a revoked slot, or the proxy's waiters): Python sends */
-        PyObject *res = PyObject_CallMethod(self->channel, "_released", "nll", self->slot,
-                                            self->generation, pending);
-        if (res == NULL)
-            return NULL;
-        Py_DECREF(res);
-    }
     Py_RETURN_TRUE;
 }

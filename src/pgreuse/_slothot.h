@@ -20,6 +20,7 @@ typedef struct {
     PyObject *baseline, *names, *state_only, *watched;
     PyObject *control_fd_obj, *bounds; /* the control socket's fd; WAIT_BOUNDS_NS (a tuple) */
     int waits;                         /* the channel waits in the table (sync connections) */
+    uint32_t holder;                   /* the channel's holder id (claim_args[0]) */
     long control_fd, owner_pid, home;
     long long check_after_ns;
     /* the lease held now: client.held._Held's fields */
@@ -35,6 +36,13 @@ typedef struct {
     int64_t last_end, gap;  /* its last lease's end; how long it then took to begin the next */
 } HotObject;
 
+/* The slot word while this connection holds its slot */
+static inline uint64_t
+hot_lent(const HotObject *self)
+{
+    return SW_MAKE(SW_LENT, (unsigned long)self->generation & 0xFFFFFFul, self->holder);
+}
+
 extern long hot_pid; /* getpid(), kept right across fork() */
 
 /* attribute names, interned once (_slothottype.c) */
@@ -43,6 +51,8 @@ extern PyObject *s_dead, *s_outbox, *s_lock, *s_holder, *s_start, *s_gens, *s_pi
     *s_pipeline_status, *s_parameter_status, *s_acquire, *s_release, *s_held, *s_session_dirty,
     *s_released, *s_poke_if_room, *s_waits_in_table;
 
+/* _slothot.c */
+int hot_released(HotObject *self, long long pending, int64_t now);
 PyObject *Hot_begin(HotObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *Hot_adopt(HotObject *self, PyObject *const *args, Py_ssize_t nargs);
 PyObject *Hot_end(HotObject *self, PyObject *conn);
@@ -50,7 +60,6 @@ PyObject *Hot_end(HotObject *self, PyObject *conn);
 /* _slotlinger.c */
 PyObject *Hot_unlinger(HotObject *self, PyObject *unused);
 long long hot_unlinger(HotObject *self);
-int hot_unlingered(HotObject *self, long long pending);
 PyObject *hot_resume(HotObject *self, PyObject *conn);
 int hot_linger(HotObject *self, int64_t now);
 

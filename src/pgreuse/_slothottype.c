@@ -128,6 +128,9 @@ Hot_init(HotObject *self, PyObject *args, PyObject *Py_UNUSED(kwds))
         return -1;
     }
     self->claim_args[3] = Py_NewRef(parking);
+    self->holder = (uint32_t)PyLong_AsUnsignedLong(self->claim_args[0]);
+    if (PyErr_Occurred())
+        return -1;
     self->bounds = Py_NewRef(bounds);
     if (!(waits = PyObject_GetAttr(channel, s_waits_in_table)))
         return -1;

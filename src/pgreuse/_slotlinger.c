@@ -27,9 +27,7 @@ may_linger(HotObject *self, int64_t now)
 
     return self->waits && self->gap < LINGER_STEAL_NS && now - self->tenure < LINGER_QUANTUM_NS &&
            sw_load(word_at(t, t->pending_off)) == 0 && sq_first(&t->t, &ticket) &&
-           sw_load(sq_word(&t->t, self->slot)) ==
-               SW_MAKE(SW_LENT, self->generation & 0xFFFFFFL,
-                       PyLong_AsUnsignedLong(self->claim_args[0]));
+           sw_load(sq_word(&t->t, self->slot)) == hot_lent(self);
 }
 
 /* Give up the slot this connection lingers on (as a release would): the release's answer (0,
@@ -38,44 +36,21 @@ may_linger(HotObject *self, int64_t now)
 long long
 hot_unlinger(HotObject *self)
 {
-    char *rec;
-    uint64_t lent;
-
     if (!self->lingering || hot_pid != self->owner_pid || self->slots == NULL ||
-        !self->slots->has_view || self->claim_args[0] == NULL)
+        !self->slots->has_view)
         return 0; /* (a forked child's copy: the parent's to give up; or cleared by the GC) */
     self->lingering = 0;
-    rec = record(self->slots, self->slot);
-    if (!sw_cas32((uint32_t *)(rec + REC_LINGER), self->linger_mark, 0))
+    if (!sw_cas32((uint32_t *)(record(self->slots, self->slot) + REC_LINGER), self->linger_mark, 0))
         return 0; /* a waiter took it */
-    lent = SW_MAKE(SW_LENT, self->generation & 0xFFFFFFL, PyLong_AsUnsignedLong(self->claim_args[0]));
-    if (sw_load((uint64_t *)(rec + REC_WORD)) != lent)
-        return -1;
-    *(uint32_t *)(rec + REC_PARKING) = 0;
-    *(uint32_t *)(rec + REC_HOLDER_PID) = 0;
-    *(int64_t *)(rec + REC_LEASE_START) = 0;
-    return slots_give(self->slots, self->slot, lent);
-}
-
-/* after hot_unlinger: the broker hears what it must (see claims.TableClaims._released) */
-int
-hot_unlingered(HotObject *self, long long pending)
-{
-    PyObject *res;
-
-    if (pending == 0)
-        return 0;
-    res = PyObject_CallMethod(self->channel, "_released", "nlL", self->slot, self->generation,
-                              pending);
-    Py_XDECREF(res);
-    return res ? 0 : -1;
+    /* (counted when it began to linger) */
+    return slots_release_lent(self->slots, self->slot, hot_lent(self), 0, 0, 0);
 }
 
 /* unlinger(): give up a lingering slot now (the connection closes, parks, or goes to the proxy) */
 PyObject *
 Hot_unlinger(HotObject *self, PyObject *Py_UNUSED(unused))
 {
-    if (hot_unlingered(self, hot_unlinger(self)) < 0)
+    if (hot_released(self, hot_unlinger(self), 0) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -86,17 +61,15 @@ PyObject *
 hot_resume(HotObject *self, PyObject *conn)
 {
     char *rec = record(self->slots, self->slot);
-    uint64_t lent =
-        SW_MAKE(SW_LENT, self->generation & 0xFFFFFFL, PyLong_AsUnsignedLong(self->claim_args[0]));
     int64_t now;
     long fd;
 
     self->lingering = 0;
     if (!sw_cas32((uint32_t *)(rec + REC_LINGER), self->linger_mark, 0))
         return PyLong_FromLong(HOT_NOTHING); /* a waiter took it */
-    if (sw_load((uint64_t *)(rec + REC_WORD)) != lent) {
+    if (sw_load((uint64_t *)(rec + REC_WORD)) != hot_lent(self)) {
         /* the broker took it back meanwhile: it must hear that the lease is over */
-        if (hot_unlingered(self, -1) < 0)
+        if (hot_released(self, -1, 0) < 0)
             return NULL;
         return PyLong_FromLong(HOT_NOTHING);
     }
@@ -105,10 +78,10 @@ hot_resume(HotObject *self, PyObject *conn)
     if (fd == -1 && PyErr_Occurred())
         return NULL;
     if (dup3((int)fd, (int)self->fd_number, O_CLOEXEC) < 0) {
+        /* it goes on as if it had not lingered: given back (counted when it began to linger) */
         int err = errno;
-        self->lingering = 1;
-        sw_store32((uint32_t *)(rec + REC_LINGER), self->linger_mark);
-        if (hot_unlingered(self, hot_unlinger(self)) < 0)
+        if (hot_released(self, slots_release_lent(self->slots, self->slot, hot_lent(self), 0, 0, 0),
+                         0) < 0)
             return NULL;
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -129,16 +102,13 @@ int
 hot_linger(HotObject *self, int64_t now)
 {
     char *rec;
-    PyObject *stamp;
 
     if (!may_linger(self, now))
         return 0;
     rec = record(self->slots, self->slot);
     slots_count_lease(self->slots, self->slot, self->bucket, now);
     *(int64_t *)(rec + REC_LEASE_START) = now;
-    if (!(stamp = PyLong_FromLongLong(now)))
-        return -1;
-    if (PyList_SetItem(self->given_back, self->slot, stamp) < 0)
+    if (hot_released(self, 0, now) < 0) /* (given back lately, as far as the claim path goes) */
         return -1;
     self->linger_mark = linger_stamp(now);
     self->lingering = 1;

@@ -235,8 +235,6 @@ Slots_release(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_ssize_t i, bucket;
     unsigned long holder, gen;
-    uint64_t lent;
-    char *rec;
 
     if (nargs != 4) {
         PyErr_SetString(PyExc_TypeError, "release(index, holder, generation, bucket)");
@@ -250,16 +248,8 @@ Slots_release(SlotsObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (bucket < 0 || bucket >= N_BUCKETS)
         return PyErr_Format(PyExc_ValueError, "histogram bucket %zd does not exist", bucket);
-    rec = record(self, i);
-    lent = SW_MAKE(SW_LENT, gen, holder);
-    if (sw_load((uint64_t *)(rec + REC_WORD)) != lent)
-        return PyLong_FromLong(-1);
-    slots_count_lease(self, i, bucket, sw_now_ns());
-    /* the record is the holder's alone until it hands the slot on */
-    *(uint32_t *)(rec + REC_PARKING) = 0;
-    *(uint32_t *)(rec + REC_HOLDER_PID) = 0;
-    *(int64_t *)(rec + REC_LEASE_START) = 0;
-    return PyLong_FromLongLong(slots_give(self, i, lent));
+    return PyLong_FromLongLong(
+        slots_release_lent(self, i, SW_MAKE(SW_LENT, gen, holder), bucket, 1, sw_now_ns()));
 }
 
 /* check(backend_fd, control_fd) -> int: one poll() with no wait, before a claimed backend is used.

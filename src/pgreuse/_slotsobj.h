@@ -90,6 +90,26 @@ slots_give(SlotsObject *self, Py_ssize_t i, uint64_t lent)
     return sq_hand_over(&self->t, i, lent) < 0 ? -1 : 0;
 }
 
+/* The holder of slot ``i`` (its word ``lent``) is done with it: count the lease (``count``: it ends
+ * at ``now``; 0 for one counted already, when it began to linger), clear the holder's fields of the
+ * record (its alone until it hands the slot on), and give the slot on. slots_give's answer, or -1
+ * when the word is not ``lent`` any more (the broker took the slot back). */
+static inline long long
+slots_release_lent(SlotsObject *self, Py_ssize_t i, uint64_t lent, Py_ssize_t bucket, int count,
+                   int64_t now)
+{
+    char *rec = record(self, i);
+
+    if (sw_load((uint64_t *)(rec + REC_WORD)) != lent)
+        return -1;
+    if (count)
+        slots_count_lease(self, i, bucket, now);
+    *(uint32_t *)(rec + REC_PARKING) = 0;
+    *(uint32_t *)(rec + REC_HOLDER_PID) = 0;
+    *(int64_t *)(rec + REC_LEASE_START) = 0;
+    return slots_give(self, i, lent);
+}
+
 /* Parse a worker's holder id (0 and 1 are nobody and the broker) of an open table: 0, or -1 with
  * the error set. */
 static inline int

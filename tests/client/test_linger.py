@@ -42,6 +42,17 @@ def _pressure(broker: Any, busy: threading.Thread, waits: list[float], until: fl
         _waiter_turn(broker, waits)
 
 
+def _left_lingering(broker: Any) -> Any:
+    """A connection that ran statements while others waited, until one ended lingering, and whose
+    thread then moved on (as an application's to other work): the backend is left lingering, and
+    the waiter then queued will take it."""
+    a, _stop, t, lingered = _contended(broker, end_lingering=True)
+    _pressure(broker, t, [])
+    t.join(1)
+    assert lingered and a._hot.lingering
+    return a
+
+
 def _contended(
     broker: Any, end_lingering: bool = False
 ) -> tuple[Any, threading.Event, threading.Thread, list[bool]]:
@@ -80,7 +91,7 @@ def test_a_backend_its_holder_does_not_come_back_for_goes_to_the_waiter(make_bro
     # The busy connection runs until a statement ends lingering (somebody waits), then its thread
     # moves on, keeping the backend: the waiter then queued takes it after LINGER_STEAL_NS, not
     # when the holder comes back (it never does here).
-    a, stop, t, lingered = _contended(broker, end_lingering=True)
+    a, _stop, t, lingered = _contended(broker, end_lingering=True)
     waits: list[float] = []
     try:
         _pressure(broker, t, waits)
@@ -90,17 +101,12 @@ def test_a_backend_its_holder_does_not_come_back_for_goes_to_the_waiter(make_bro
         broker.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="the backend back")
         assert a.execute("select 2").fetchone() == (2,)  # (and the holder goes on, with a claim)
     finally:
-        stop.set()
         a.close()
 
 
 def test_closing_a_lingering_connection_gives_its_backend_back(make_broker):
     broker = make_broker("--max-size", "1")
-    a, _stop, t, lingered = _contended(broker, end_lingering=True)
-    waits: list[float] = []
-    _pressure(broker, t, waits)
-    t.join(1)
-    assert lingered and a._hot.lingering
+    a = _left_lingering(broker)
     a.close()  # (the backend goes back at once, whether a waiter took it already or not)
     snap = broker.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="nothing lent")
     assert snap.count(SlotState.IDLE) == 1
@@ -119,11 +125,7 @@ def test_no_linger_without_waiters(broker):
 def test_a_holder_whose_lingering_backend_was_taken_waits_its_turn(make_broker):
     """The holder and whoever took its lingering backend never both use it."""
     broker = make_broker("--max-size", "1")
-    a, stop, t, lingered = _contended(broker, end_lingering=True)
-    waits: list[float] = []
-    _pressure(broker, t, waits)  # (the last of them took the backend the busy one left lingering)
-    t.join(1)
-    assert lingered and a._hot.lingering
+    a = _left_lingering(broker)  # (and the last waiter took it)
     has_it, done = threading.Event(), threading.Event()
 
     def holder() -> None:
@@ -147,6 +149,45 @@ def test_a_holder_whose_lingering_backend_was_taken_waits_its_turn(make_broker):
         assert finished and finished[0] >= released
     finally:
         done.set()
-        stop.set()
         w.join()
         a.close()
+
+
+def test_each_transaction_is_counted_once_lingering_or_not(make_broker):
+    """A lingering lease is counted when it begins to linger, not again when it is resumed, taken
+    by a waiter or given back: the pool's lease count is the number of transactions."""
+    broker = make_broker("--max-size", "1")
+    a = broker.connect(autocommit=True)
+    a.execute("select 1")
+    broker.settle()
+    before = broker.snapshot().counters["leases"]
+    done: list[int] = []
+    stop = threading.Event()
+
+    lingered: list[bool] = []
+
+    def busy() -> None:
+        n = 0
+        while not stop.is_set():
+            a.execute("select 1")
+            n += 1
+            if a._hot.lingering:
+                lingered.append(True)
+        done.append(n)
+
+    t = threading.Thread(target=busy)
+    t.start()
+    waits: list[float] = []
+    try:
+        deadline = time.monotonic() + 10
+        while (len(waits) < 20 or not lingered) and time.monotonic() < deadline:
+            _waiter_turn(broker, waits)
+    finally:
+        stop.set()
+        t.join()
+    assert lingered
+    a.close()  # (gives back a backend it still lingers on)
+    expected = before + done[0] + len(waits)
+    broker.wait_for(lambda s: s.count(SlotState.LENT) == 0, what="nothing lent")
+    snap = broker.wait_for(lambda s: s.counters["leases"] >= expected, what="every lease counted")
+    assert snap.counters["leases"] == expected
